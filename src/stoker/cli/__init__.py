@@ -1,0 +1,1 @@
+"""The `stoker` command line: parse, call the daemon, render. No business logic here."""

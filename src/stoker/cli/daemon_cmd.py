@@ -1,0 +1,67 @@
+"""`stoker daemon status|stop`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from stoker.cli.connect import layout_for, try_client
+from stoker.cli.render import print_json
+from stoker.errors import Unavailable
+
+
+def register(sub: Any) -> None:
+    d = sub.add_parser("daemon", help="the stokerd daemon")
+    dsub = d.add_subparsers(dest="daemon_command", metavar="DAEMON_COMMAND")
+    d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
+    p = dsub.add_parser("status", help="pid, socket, DNS listener, versions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=daemon_status)
+    p = dsub.add_parser("stop", help="stop the daemon (running VMs keep running)")
+    p.set_defaults(func=daemon_stop)
+
+
+def daemon_status(args: argparse.Namespace) -> int:
+    with try_client(args) as c:
+        st = c.call("daemon.status") if c is not None else None
+    if st is None:
+        layout = layout_for(args)
+        if args.json:
+            print_json({"running": False, "socket": str(layout.socket_path)})
+        else:
+            print(f"stokerd is not running (socket {layout.socket_path})")
+        return 1
+    st = {"running": True, **st}
+    if args.json:
+        print_json(st)
+        return 0
+    net = st.get("network", {})
+    print(f"stokerd {st['version']} running, pid {st['pid']}, up {st['uptime_s']}s")
+    print(f"socket:     {st['socket']}")
+    print(f"state dir:  {st['state_dir']}")
+    print(f"config:     {st['config'] or '(defaults)'}")
+    print(f"bridge:     {net.get('bridge')} {net.get('cidr')} (gateway {net.get('gateway')})")
+    print(f"dns:        {net.get('dns_listen') or '(not listening)'}")
+    return 0
+
+
+def daemon_stop(args: argparse.Namespace) -> int:
+    with try_client(args) as c:
+        if c is None:
+            print("stokerd is not running")
+            return 0
+        pid = c.call("daemon.stop")["pid"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            import os
+
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stokerd (pid {pid}) stopped; running VMs were left running")
+            return 0
+        except PermissionError:
+            pass
+        time.sleep(0.05)
+    raise Unavailable(f"stokerd (pid {pid}) did not stop within 10s")

@@ -1,0 +1,75 @@
+"""Entry point: argparse tree, one module per command group, lazy imports throughout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from stoker import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stoker.cli import completion, daemon_cmd, doctor, image, kernel, vm
+
+    ap = argparse.ArgumentParser(
+        prog="stoker",
+        description="A clean Linux microVM with your repository inside, in one command.",
+    )
+    ap.add_argument("--config", help="config file (default ~/.config/stoker/config.toml)")
+    ap.add_argument("--system", action="store_true", help="talk to the system-wide stokerd")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("version", help="print CLI and daemon versions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_version)
+    vm.register(sub)
+    image.register(sub)
+    kernel.register(sub)
+    daemon_cmd.register(sub)
+    doctor.register(sub)
+    completion.register(sub)
+    return ap
+
+
+def _version(args: argparse.Namespace) -> int:
+    from stoker.cli.connect import try_client
+    from stoker.cli.render import print_json
+
+    daemon_version = None
+    with try_client(args) as c:
+        if c is not None:
+            daemon_version = c.call("daemon.status")["version"]
+    if args.json:
+        print_json({"cli": __version__, "daemon": daemon_version})
+    else:
+        print(f"stoker {__version__}")
+        print(f"stokerd {daemon_version or '(not running)'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        ap.print_help(sys.stderr)
+        return 2
+    from stoker.errors import StokerError
+
+    try:
+        return func(args)
+    except StokerError as e:
+        print(f"stoker: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stoker: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

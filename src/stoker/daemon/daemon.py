@@ -1,0 +1,205 @@
+"""`Daemon`: the composition root. Infrastructure plus four services; dispatch forwards.
+
+No VM, image, workspace or network behaviour lives here. `METHODS` maps each RPC name
+to its parameter schema and the service method that serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stoker import __version__
+from stoker.config import Config, config_path, load_config
+from stoker.daemon import api
+from stoker.daemon.capabilities import Capability, CapabilityHooks
+from stoker.daemon.host_network import HostNetwork
+from stoker.daemon.image_service import ImageService
+from stoker.daemon.vm_service import VMService
+from stoker.daemon.wiring import wire_services
+from stoker.daemon.workspace_service import WorkspaceService
+from stoker.errors import MethodNotFound
+from stoker.layout import Layout
+from stoker.rpc.protocol import PROTOCOL_VERSION, to_jsonable
+from stoker.rpc.server import RequestContext, RPCServer
+from stoker.runner import Runner
+from stoker.store import Store
+
+Handler = Callable[[Any, RequestContext], Awaitable[Any]]
+
+
+@dataclass
+class Method:
+    params: type[api.Params]
+    handler: Handler
+
+
+@dataclass
+class Daemon:
+    """Shared infrastructure and pointers to the four services."""
+
+    layout: Layout | None = None
+    config: Config | None = None
+    store: Store | None = None
+    runner: Runner = field(default_factory=Runner)
+    logger: logging.Logger | None = None
+    listener: RPCServer | None = None
+    net: HostNetwork | None = None
+    images: ImageService | None = None
+    ws: WorkspaceService | None = None
+    vm: VMService | None = None
+    hooks: CapabilityHooks | None = None
+    capabilities: list[Capability] | None = None
+    started_at: float = field(default_factory=time.time)
+    _stop: asyncio.Event | None = None
+    _bg: list[asyncio.Task[None]] = field(default_factory=list)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, layout: Layout, config_file: str | None = None, runner: Runner | None = None
+    ) -> Daemon:
+        """Load config, open the store, wire services, reconcile. Does not serve yet."""
+        path, explicit = config_path(config_file, layout.config_file)
+        config = load_config(path, required=explicit)
+        layout.ensure()
+        logger = logging.getLogger("stoker")
+        store = Store(layout.db_path)
+        d = cls(layout=layout, config=config, store=store, logger=logger)
+        if runner is not None:
+            d.runner = runner
+        wire_services(d)
+        from stoker.daemon.reconcile import reconcile
+
+        await reconcile(d)
+        return d
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Listen on the socket and run background loops until `stop()`."""
+        assert self.layout is not None and self.net is not None
+        self._stop = asyncio.Event()
+        await self.net.start()
+        self.listener = RPCServer(self.layout.socket_path, self.dispatch)
+        await self.listener.start()
+        if ready is not None:
+            ready()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def close(self) -> None:
+        """Stop serving. Running VMs are left alone: they outlive the daemon."""
+        for t in self._bg:
+            t.cancel()
+        if self._bg:
+            await asyncio.wait(self._bg, timeout=2.0)
+        self._bg.clear()
+        if self.listener is not None:
+            await self.listener.close()
+            self.listener = None
+        if self.net is not None:
+            await self.net.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # --- dispatch ----------------------------------------------------------------------
+
+    def methods(self) -> dict[str, Method]:
+        """The RPC method table: each entry forwards to one service method."""
+        assert self.vm is not None and self.images is not None
+        vm, images = self.vm, self.images
+
+        async def daemon_status(p: api.NoParams, ctx: RequestContext) -> Any:
+            return self.status()
+
+        async def operations_list(p: api.NoParams, ctx: RequestContext) -> Any:
+            return [
+                {
+                    "id": op.id,
+                    "kind": op.kind,
+                    "target": op.target,
+                    "stage": op.stage,
+                    "state": "done" if op.done else "running",
+                    "error": op.error,
+                    "age_s": round(time.time() - op.started_at, 1),
+                }
+                for op in vm.create_ops.list()
+            ]
+
+        async def vm_list(p: api.ListParams, ctx: RequestContext) -> Any:
+            return await vm.list_vms()
+
+        async def vm_show(p: api.VMRef, ctx: RequestContext) -> Any:
+            return await vm.show_vm(p.ref)
+
+        async def image_list(p: api.ListParams, ctx: RequestContext) -> Any:
+            return await images.list_images()
+
+        async def kernel_list(p: api.ListParams, ctx: RequestContext) -> Any:
+            return await images.list_kernels()
+
+        async def daemon_stop(p: api.NoParams, ctx: RequestContext) -> Any:
+            asyncio.get_running_loop().call_later(0.05, self.stop)
+            return {"stopping": True, "pid": os.getpid()}
+
+        return {
+            "daemon.status": Method(api.NoParams, daemon_status),
+            "daemon.stop": Method(api.NoParams, daemon_stop),
+            "daemon.operations.list": Method(api.NoParams, operations_list),
+            "vm.list": Method(api.ListParams, vm_list),
+            "vm.show": Method(api.VMRef, vm_show),
+            "image.list": Method(api.ListParams, image_list),
+            "kernel.list": Method(api.ListParams, kernel_list),
+        }
+
+    async def dispatch(self, method: str, params: dict[str, Any], ctx: RequestContext) -> Any:
+        table = self._table()
+        m = table.get(method)
+        if m is None:
+            raise MethodNotFound(
+                f"unknown method {method!r}: this stokerd ({__version__}) serves "
+                f"{', '.join(sorted(table))}"
+            )
+        p = api.validate(m.params, method, params)
+        return to_jsonable(await m.handler(p, ctx))
+
+    def _table(self) -> dict[str, Method]:
+        t: dict[str, Method] | None = getattr(self, "_method_cache", None)
+        if t is None:
+            t = self.methods()
+            object.__setattr__(self, "_method_cache", t)
+        return t
+
+    def status(self) -> dict[str, Any]:
+        """Daemon facts for `stoker daemon status`."""
+        assert self.layout is not None and self.net is not None
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "socket": str(self.layout.socket_path),
+            "state_dir": str(self.layout.state_dir),
+            "config": str(self.config.path) if self.config and self.config.path else None,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "network": self.net.status(),
+        }
+
+    def spawn_background(self, coro: Awaitable[None], name: str) -> None:
+        async def runner() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await coro
+
+        self._bg.append(asyncio.ensure_future(runner()))

@@ -1,0 +1,94 @@
+"""`stokerd`: run the daemon in the foreground (the CLI detaches it in dev mode)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from typing import IO
+
+from stoker import __version__
+from stoker.errors import StokerError
+from stoker.layout import Layout
+
+
+def _take_lock(layout: Layout) -> IO[str]:
+    """One stokerd per socket: an exclusive flock held for the process's life."""
+    layout.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = open(layout.lock_path, "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        raise StokerError(
+            f"another stokerd (pid {pid}) is already serving {layout.socket_path}: "
+            "use `stoker daemon stop` first"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    from stoker.daemon.daemon import Daemon
+
+    layout = Layout.resolve(system=args.system)
+    lock = _take_lock(layout)
+    # The socket file may be left over from a killed daemon: we hold the lock, so it is
+    # stale and the server replaces it.
+    d = await Daemon.open(layout, args.config)
+    if d.config is not None:
+        logging.getLogger().setLevel(d.config.log_level.upper())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop)
+    log = logging.getLogger("stoker")
+
+    def ready() -> None:
+        layout.pid_path.write_text(str(os.getpid()))
+        log.info("stokerd %s serving %s (pid %d)", __version__, layout.socket_path, os.getpid())
+
+    try:
+        await d.serve(ready)
+    finally:
+        try:
+            layout.pid_path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("stokerd stopped")
+        lock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stokerd", description="stoker daemon")
+    ap.add_argument("--system", action="store_true", help="use /etc, /var/lib, /run paths")
+    ap.add_argument("--config", help="config file (default: the layout's config.toml)")
+    ap.add_argument("--log-level", default=os.environ.get("STOKER_LOG_LEVEL", "info"))
+    ap.add_argument("--version", action="version", version=f"stokerd {__version__}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Never die with the terminal or the CLI that started us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return asyncio.run(_amain(args))
+    except StokerError as e:
+        print(f"stokerd: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Startup reconcile: rehydrate handles, reap VMs whose VMM died, republish DNS."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stoker.daemon.daemon import Daemon
+
+
+async def reconcile(d: Daemon) -> None:
+    """Bring recorded state in line with what is really running on the host."""
+    assert d.vm is not None
+    await d.vm.reconcile()

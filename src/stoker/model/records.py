@@ -1,0 +1,134 @@
+"""Plain records that travel between the store, the services and the RPC edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class VMState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass
+class VMSpec:
+    """Sizing and options of one VM; changes apply at next start."""
+
+    vcpu: int
+    memory_mib: int
+    disk_size: int  # bytes, the /root work disk
+    overlay_size: int  # bytes, the per-VM copy-on-write root disk
+    nat: bool = False
+
+
+@dataclass
+class Workspace:
+    """What `workspace prepare` shipped into a VM."""
+
+    guest_path: str
+    host_path: str
+    head: str
+    branch: str | None = None
+    prepared_at: str | None = None
+
+
+@dataclass
+class Teardown:
+    """Durable identity of everything a running VM holds on the host."""
+
+    tap: str | None = None
+    vmm: str | None = None
+    vmm_pid: int | None = None
+    api_socket: str | None = None
+    loops: list[str] = field(default_factory=list)
+    dm_names: list[str] = field(default_factory=list)
+    nat: bool = False
+
+
+@dataclass
+class VMRecord:
+    """One VM as the store keeps it."""
+
+    id: str
+    name: str
+    state: VMState
+    image: str
+    spec: VMSpec
+    guest_ip: str
+    dns_name: str
+    vm_dir: str
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    last_error: str | None = None
+    workspace: Workspace | None = None
+    teardown: Teardown = field(default_factory=Teardown)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+
+@dataclass
+class Kernel:
+    """A guest kernel: ELF vmlinux (Firecracker) and/or bzImage (QEMU), optional initrd."""
+
+    name: str
+    version: str
+    arch: str
+    dir: str
+    vmlinux: str | None
+    bzimage: str | None
+    initrd: str | None
+    modules_dir: str | None
+    source: str
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Image:
+    """A root filesystem plus its kernel reference and optional /root work seed."""
+
+    name: str
+    managed: bool
+    rootfs: str
+    work_seed: str | None
+    kernel: str | None
+    source: str
+    size: int
+    created_at: str
+    digest: str | None = None
+    has_sshd: bool = True
+    init: str = "systemd"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Operation:
+    """A long-running operation (create, pull, build, prepare) as reported to users."""
+
+    id: str
+    kind: str
+    target: str
+    state: str
+    stage: str
+    created_at: str
+    updated_at: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""RPC: newline-delimited JSON over a unix socket. Wire format, client, server."""

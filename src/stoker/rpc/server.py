@@ -1,0 +1,252 @@
+"""Asyncio unix-socket RPC server: framing, peer checks, limits, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stoker.errors import (
+    Cancelled,
+    InvalidRequest,
+    PermissionDenied,
+    RequestTooLarge,
+    StokerError,
+)
+from stoker.rpc.protocol import MAX_REQUEST_BYTES, encode
+
+log = logging.getLogger("stoker.rpc")
+
+
+@dataclass
+class RequestContext:
+    """Per-request handle given to handlers: who asked, and a way to stream progress."""
+
+    peer_uid: int
+    peer_pid: int
+    _writer: asyncio.StreamWriter | None = None
+    _rid: Any = None
+    progress_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def progress(self, stage: str, message: str = "", **fields: Any) -> None:
+        """Stream one progress event to the caller (dropped if it has gone)."""
+        event = {"stage": stage, "message": message, **fields}
+        self.progress_log.append(event)
+        w = self._writer
+        if w is None or w.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            w.write(encode({"id": self._rid, "progress": event}))
+
+
+Dispatch = Callable[[str, dict[str, Any], RequestContext], Awaitable[Any]]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class RPCServer:
+    """Serves `dispatch` on a unix socket; one request at a time per connection."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        dispatch: Dispatch,
+        allowed_uids: set[int] | None = None,
+        max_request: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        self.socket_path = socket_path
+        self._dispatch = dispatch
+        self.allowed_uids = allowed_uids if allowed_uids is not None else {os.getuid(), 0}
+        self.max_request = max_request
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_conn, path=str(self.socket_path), limit=self.max_request + 1
+            )
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.wait(self._conns, timeout=2.0)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            await self._serve_conn(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial or None if e.partial.strip() else None
+        except asyncio.LimitOverrunError:
+            raise RequestTooLarge(
+                f"request is larger than {self.max_request} bytes: send less data per call"
+            ) from None
+        return line
+
+    async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, uid, _ = peer_credentials(sock)
+        if uid not in self.allowed_uids:
+            log.warning("refused connection from pid %d uid %d", pid, uid)
+            writer.write(
+                encode(
+                    {
+                        "id": None,
+                        "error": {
+                            "code": PermissionDenied.code,
+                            "message": f"uid {uid} may not use this stokerd (it serves uids "
+                            f"{sorted(self.allowed_uids)}): run stoker as the daemon's user",
+                        },
+                    }
+                )
+            )
+            await writer.drain()
+            return
+
+        pending: asyncio.Task[bytes | None] | None = None
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(self._read_request(reader))
+            try:
+                line = await pending
+            except RequestTooLarge as e:
+                writer.write(encode({"id": None, "error": _err(e)}))
+                await writer.drain()
+                return  # the stream is out of sync: drop the connection
+            pending = None
+            if line is None:
+                return
+            rid, method, params, bad = _parse(line)
+            if bad is not None:
+                writer.write(encode({"id": rid, "error": _err(bad)}))
+                await writer.drain()
+                continue
+            ctx = RequestContext(peer_uid=uid, peer_pid=pid, _writer=writer, _rid=rid)
+            handler = asyncio.ensure_future(self._dispatch(method, params, ctx))
+            # Watch for the next line (or EOF) while the handler runs: EOF means the
+            # client went away, and its request is cancelled.
+            pending = asyncio.ensure_future(self._read_request(reader))
+            done, _ = await asyncio.wait({handler, pending}, return_when=asyncio.FIRST_COMPLETED)
+            if handler not in done:
+                eof = False
+                if pending in done:
+                    try:
+                        eof = pending.result() is None
+                    except RequestTooLarge:
+                        eof = True
+                if eof:
+                    log.info("client of %s disconnected: cancelling the request", method)
+                    handler.cancel()
+                    with contextlib.suppress(BaseException):
+                        await handler
+                    return
+                await asyncio.wait({handler})
+            try:
+                result = handler.result()
+                msg: dict[str, Any] = {"id": rid, "result": result}
+            except StokerError as e:
+                msg = {"id": rid, "error": _err(e)}
+            except asyncio.CancelledError:
+                msg = {"id": rid, "error": _err(Cancelled(f"{method} was cancelled"))}
+            except Exception as e:
+                log.exception("%s failed", method)
+                msg = {
+                    "id": rid,
+                    "error": {
+                        "code": "internal",
+                        "message": f"{method} failed unexpectedly: {type(e).__name__}: {e} "
+                        "(see the daemon log)",
+                    },
+                }
+            if writer.is_closing():
+                return
+            try:
+                writer.write(encode(msg))
+            except (TypeError, ValueError) as e:
+                writer.write(
+                    encode(
+                        {
+                            "id": rid,
+                            "error": {"code": "internal", "message": f"unserialisable result: {e}"},
+                        }
+                    )
+                )
+            await writer.drain()
+            if pending.done():
+                try:
+                    nxt = pending.result()
+                except RequestTooLarge as e:
+                    writer.write(encode({"id": None, "error": _err(e)}))
+                    await writer.drain()
+                    return
+                if nxt is None:
+                    return
+                # Re-queue the already-read line.
+                fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+                fut.set_result(nxt)
+                pending = fut  # type: ignore[assignment]
+
+
+def _err(e: StokerError) -> dict[str, Any]:
+    return {"code": e.code, "message": e.message, "detail": e.detail}
+
+
+def _parse(line: bytes) -> tuple[Any, str, dict[str, Any], StokerError | None]:
+    try:
+        msg = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, "", {}, InvalidRequest(f"request is not valid JSON: {e}")
+    if not isinstance(msg, dict):
+        return None, "", {}, InvalidRequest("request must be a JSON object")
+    rid = msg.get("id")
+    method = msg.get("method")
+    if not isinstance(method, str) or not method:
+        return rid, "", {}, InvalidRequest('request has no "method" string')
+    params = msg.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return rid, method, {}, InvalidRequest('"params" must be a JSON object')
+    return rid, method, params, None

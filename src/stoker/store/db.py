@@ -1,0 +1,372 @@
+"""SQLite store. WAL, busy timeout and foreign keys on every connection."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from stoker.errors import AlreadyExists, Conflict, NotFound, StateError
+from stoker.model.records import (
+    Image,
+    Kernel,
+    Operation,
+    Teardown,
+    VMRecord,
+    VMSpec,
+    VMState,
+    Workspace,
+)
+from stoker.store.migrations import MIGRATIONS
+
+SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_MS = 5000
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Store:
+    """Durable state. Methods are synchronous and short; a lock serialises writers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = self._connect(path)
+        self._migrate()
+
+    # --- connection and schema ---------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                str(path),
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateError(f"state store {path}: could not enable WAL (got {mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as e:
+            raise StateError(
+                f"state store {path} is not a readable SQLite database ({e}): move it aside "
+                "and restart stokerd to start with empty state; nothing was overwritten"
+            ) from None
+        return conn
+
+    def _migrate(self) -> None:
+        c = self._conn
+        try:
+            with self._lock:
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+                )
+                row = c.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+                current = int(row[0] or 0)
+                if current > SCHEMA_VERSION:
+                    raise StateError(
+                        f"state store {self.path} has schema version {current}, newer than this "
+                        f"stoker understands ({SCHEMA_VERSION}): upgrade stoker; nothing was "
+                        "changed"
+                    )
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    c.execute("BEGIN IMMEDIATE")
+                    try:
+                        for stmt in _split(MIGRATIONS[version - 1]):
+                            c.execute(stmt)
+                        c.execute(
+                            "INSERT INTO schema_migrations(version, applied_at) VALUES (?, ?)",
+                            (version, now()),
+                        )
+                        c.execute("COMMIT")
+                    except BaseException:
+                        c.execute("ROLLBACK")
+                        raise
+        except sqlite3.DatabaseError as e:
+            raise StateError(
+                f"state store {self.path} is corrupt or unreadable ({e}): move it aside and "
+                "restart stokerd; nothing was overwritten"
+            ) from None
+
+    def schema_version(self) -> int:
+        row = self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, args).fetchall())
+
+    # --- VMs ---------------------------------------------------------------------------
+
+    def insert_vm(self, vm: VMRecord) -> None:
+        try:
+            with self.tx() as c:
+                c.execute(
+                    "INSERT INTO vms(id, name, state, image, spec, guest_ip, dns_name, vm_dir, "
+                    "last_error, workspace, teardown, created_at, updated_at, started_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    _vm_row(vm),
+                )
+        except sqlite3.IntegrityError as e:
+            msg = str(e)
+            if "vms.name" in msg:
+                raise AlreadyExists(f"a VM named {vm.name!r} already exists") from None
+            if "vms.guest_ip" in msg:
+                raise Conflict(f"guest IP {vm.guest_ip} is already in use") from None
+            if "FOREIGN KEY" in msg:
+                raise NotFound(
+                    f"image {vm.image!r} not found: run `stoker image pull {vm.image}`"
+                ) from None
+            raise
+
+    def update_vm(self, vm: VMRecord) -> None:
+        vm.updated_at = now()
+        with self.tx() as c:
+            row = _vm_row(vm)
+            cur = c.execute(
+                "UPDATE vms SET name=?, state=?, image=?, spec=?, guest_ip=?, dns_name=?, "
+                "vm_dir=?, last_error=?, workspace=?, teardown=?, created_at=?, updated_at=?, "
+                "started_at=? WHERE id=?",
+                (*row[1:], row[0]),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm.name!r} no longer exists")
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+
+    def get_vm(self, vm_id: str) -> VMRecord | None:
+        rows = self._query("SELECT * FROM vms WHERE id=?", (vm_id,))
+        return _vm_from(rows[0]) if rows else None
+
+    def list_vms(self) -> list[VMRecord]:
+        return [_vm_from(r) for r in self._query("SELECT * FROM vms ORDER BY created_at, name")]
+
+    def used_ips(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT guest_ip FROM vms")}
+
+    # --- kernels -----------------------------------------------------------------------
+
+    def upsert_kernel(self, k: Kernel) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO kernels(name, version, arch, dir, vmlinux, bzimage, initrd, "
+                "modules_dir, source, created_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET version=excluded.version, arch=excluded.arch, "
+                "dir=excluded.dir, vmlinux=excluded.vmlinux, bzimage=excluded.bzimage, "
+                "initrd=excluded.initrd, modules_dir=excluded.modules_dir, "
+                "source=excluded.source, created_at=excluded.created_at",
+                (
+                    k.name,
+                    k.version,
+                    k.arch,
+                    k.dir,
+                    k.vmlinux,
+                    k.bzimage,
+                    k.initrd,
+                    k.modules_dir,
+                    k.source,
+                    k.created_at,
+                ),
+            )
+
+    def get_kernel(self, name: str) -> Kernel | None:
+        rows = self._query("SELECT * FROM kernels WHERE name=?", (name,))
+        return Kernel(**dict(rows[0])) if rows else None
+
+    def list_kernels(self) -> list[Kernel]:
+        return [Kernel(**dict(r)) for r in self._query("SELECT * FROM kernels ORDER BY name")]
+
+    def delete_kernel(self, name: str) -> None:
+        try:
+            with self.tx() as c:
+                c.execute("DELETE FROM kernels WHERE name=?", (name,))
+        except sqlite3.IntegrityError:
+            users = [i.name for i in self.list_images() if i.kernel == name]
+            raise Conflict(
+                f"kernel {name!r} is used by image(s) {', '.join(users)}: delete those first"
+            ) from None
+
+    # --- images ------------------------------------------------------------------------
+
+    def upsert_image(self, im: Image) -> None:
+        try:
+            with self.tx() as c:
+                c.execute(
+                    "INSERT INTO images(name, managed, rootfs, work_seed, kernel, source, size, "
+                    "digest, has_sshd, init, meta, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(name) DO UPDATE SET managed=excluded.managed, "
+                    "rootfs=excluded.rootfs, work_seed=excluded.work_seed, kernel=excluded.kernel,"
+                    " source=excluded.source, size=excluded.size, digest=excluded.digest, "
+                    "has_sshd=excluded.has_sshd, init=excluded.init, meta=excluded.meta, "
+                    "created_at=excluded.created_at",
+                    (
+                        im.name,
+                        int(im.managed),
+                        im.rootfs,
+                        im.work_seed,
+                        im.kernel,
+                        im.source,
+                        im.size,
+                        im.digest,
+                        int(im.has_sshd),
+                        im.init,
+                        json.dumps(im.meta),
+                        im.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise NotFound(
+                f"kernel {im.kernel!r} for image {im.name!r} not found: "
+                f"run `stoker kernel pull {im.kernel}` or `stoker kernel import`"
+            ) from None
+
+    def get_image(self, name: str) -> Image | None:
+        rows = self._query("SELECT * FROM images WHERE name=?", (name,))
+        return _image_from(rows[0]) if rows else None
+
+    def list_images(self) -> list[Image]:
+        return [_image_from(r) for r in self._query("SELECT * FROM images ORDER BY name")]
+
+    def delete_image(self, name: str) -> None:
+        try:
+            with self.tx() as c:
+                c.execute("DELETE FROM images WHERE name=?", (name,))
+        except sqlite3.IntegrityError:
+            users = [v.name for v in self.list_vms() if v.image == name]
+            raise Conflict(
+                f"image {name!r} is used by VM(s) {', '.join(users)}: delete those first"
+            ) from None
+
+    # --- operations --------------------------------------------------------------------
+
+    def upsert_operation(self, op: Operation) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO operations(id, kind, target, state, stage, error, created_at, "
+                "updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "state=excluded.state, stage=excluded.stage, error=excluded.error, "
+                "updated_at=excluded.updated_at",
+                (
+                    op.id,
+                    op.kind,
+                    op.target,
+                    op.state,
+                    op.stage,
+                    op.error,
+                    op.created_at,
+                    op.updated_at,
+                ),
+            )
+
+    def list_operations(self) -> list[Operation]:
+        return [
+            Operation(**dict(r))
+            for r in self._query("SELECT * FROM operations ORDER BY created_at DESC LIMIT 200")
+        ]
+
+    def delete_operations_before(self, ts: str) -> int:
+        with self.tx() as c:
+            cur = c.execute(
+                "DELETE FROM operations WHERE state != 'running' AND updated_at < ?", (ts,)
+            )
+            return int(cur.rowcount)
+
+    # --- stats -------------------------------------------------------------------------
+
+    def put_stats(self, vm_id: str, sample: dict[str, Any]) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO vm_stats(vm_id, sample, sampled_at) VALUES (?,?,?) "
+                "ON CONFLICT(vm_id) DO UPDATE SET sample=excluded.sample, "
+                "sampled_at=excluded.sampled_at",
+                (vm_id, json.dumps(sample), now()),
+            )
+
+    def get_stats(self, vm_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT sample FROM vm_stats WHERE vm_id=?", (vm_id,))
+        return dict(json.loads(rows[0][0])) if rows else None
+
+
+def _split(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _vm_row(vm: VMRecord) -> tuple[Any, ...]:
+    return (
+        vm.id,
+        vm.name,
+        str(vm.state),
+        vm.image,
+        json.dumps(dataclasses.asdict(vm.spec)),
+        vm.guest_ip,
+        vm.dns_name,
+        vm.vm_dir,
+        vm.last_error,
+        json.dumps(dataclasses.asdict(vm.workspace)) if vm.workspace else None,
+        json.dumps(dataclasses.asdict(vm.teardown)),
+        vm.created_at,
+        vm.updated_at,
+        vm.started_at,
+    )
+
+
+def _vm_from(r: sqlite3.Row) -> VMRecord:
+    ws = json.loads(r["workspace"]) if r["workspace"] else None
+    return VMRecord(
+        id=r["id"],
+        name=r["name"],
+        state=VMState(r["state"]),
+        image=r["image"],
+        spec=VMSpec(**json.loads(r["spec"])),
+        guest_ip=r["guest_ip"],
+        dns_name=r["dns_name"],
+        vm_dir=r["vm_dir"],
+        last_error=r["last_error"],
+        workspace=Workspace(**ws) if ws else None,
+        teardown=Teardown(**json.loads(r["teardown"] or "{}")),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        started_at=r["started_at"],
+    )
+
+
+def _image_from(r: sqlite3.Row) -> Image:
+    d = dict(r)
+    d["managed"] = bool(d["managed"])
+    d["has_sshd"] = bool(d["has_sshd"])
+    d["meta"] = json.loads(d["meta"] or "{}")
+    return Image(**d)

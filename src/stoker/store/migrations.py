@@ -1,0 +1,66 @@
+"""Forward-only schema migrations. Append; never edit a released step."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE kernels (
+        name        TEXT PRIMARY KEY,
+        version     TEXT NOT NULL,
+        arch        TEXT NOT NULL,
+        dir         TEXT NOT NULL,
+        vmlinux     TEXT,
+        bzimage     TEXT,
+        initrd      TEXT,
+        modules_dir TEXT,
+        source      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE images (
+        name       TEXT PRIMARY KEY,
+        managed    INTEGER NOT NULL,
+        rootfs     TEXT NOT NULL,
+        work_seed  TEXT,
+        kernel     TEXT REFERENCES kernels(name) ON DELETE RESTRICT,
+        source     TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        digest     TEXT,
+        has_sshd   INTEGER NOT NULL DEFAULT 1,
+        init       TEXT NOT NULL DEFAULT 'systemd',
+        meta       TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        state       TEXT NOT NULL,
+        image       TEXT NOT NULL REFERENCES images(name) ON DELETE RESTRICT,
+        spec        TEXT NOT NULL,
+        guest_ip    TEXT NOT NULL UNIQUE,
+        dns_name    TEXT NOT NULL,
+        vm_dir      TEXT NOT NULL,
+        last_error  TEXT,
+        workspace   TEXT,
+        teardown    TEXT NOT NULL DEFAULT '{}',
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        started_at  TEXT
+    );
+    CREATE TABLE operations (
+        id         TEXT PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        target     TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        stage      TEXT NOT NULL,
+        error      TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE vm_stats (
+        vm_id      TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        sample     TEXT NOT NULL,
+        sampled_at TEXT NOT NULL
+    );
+    """,
+]
