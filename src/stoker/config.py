@@ -67,10 +67,11 @@ class Config:
     bridge_name: str = "br-stoker"
     bridge_cidr: str = "172.30.0.0/24"
     tap_pool_size: int = 2
-    dns_listen: str = "127.0.0.1:5353"
+    dns_listen: str = "127.0.0.1:5354"
     guest_dns: tuple[str, ...] = ("1.1.1.1",)
     default_image: str = "debian-bookworm"
     debian_mirror: str | None = None
+    golden_cache_dir: str | None = None  # apt package cache for image builds
     auto_stop_stale_after: int = 0  # seconds; 0 = off
     stats_poll_interval: int = 10  # seconds
     op_prune_interval: int = 60  # seconds
@@ -182,6 +183,7 @@ _TOP_KEYS = {
     "guest_dns",
     "default_image",
     "debian_mirror",
+    "golden_cache_dir",
     "auto_stop_stale_after",
     "stats_poll_interval",
     "op_prune_interval",
@@ -213,7 +215,14 @@ def parse_config(
         if vmm not in ("auto", "firecracker", "qemu"):
             raise _bad("vmm", f"expected auto, firecracker or qemu, got {vmm!r}")
         kw["vmm"] = vmm
-    for k in ("firecracker_bin", "jailer_bin", "qemu_bin", "default_image", "debian_mirror"):
+    for k in (
+        "firecracker_bin",
+        "jailer_bin",
+        "qemu_bin",
+        "default_image",
+        "debian_mirror",
+        "golden_cache_dir",
+    ):
         if k in data:
             kw[k] = _str(k, data[k])
     if "use_jailer" in data:
@@ -245,7 +254,7 @@ def parse_config(
                 raise ValueError
         except ValueError:
             raise _bad(
-                "dns_listen", f"expected ADDRESS:PORT such as 127.0.0.1:5353, got {addr!r}"
+                "dns_listen", f"expected ADDRESS:PORT such as 127.0.0.1:5354, got {addr!r}"
             ) from None
         kw["dns_listen"] = addr
     if "guest_dns" in data:
@@ -254,6 +263,9 @@ def parse_config(
             raise _bad("guest_dns", "expected a non-empty list of IP addresses")
         for s in v:
             try:
+                # ip_address() also accepts integers; a config value must be a string.
+                if not isinstance(s, str):
+                    raise TypeError
                 ipaddress.ip_address(s)
             except (ValueError, TypeError):
                 raise _bad("guest_dns", f"{s!r} is not an IP address") from None
@@ -327,7 +339,7 @@ def load_config(path: Path | None, *, required: bool = False) -> Config:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None

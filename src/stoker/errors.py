@@ -6,7 +6,10 @@ message should tell the user what to do next.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class StokerError(Exception):

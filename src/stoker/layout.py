@@ -3,19 +3,42 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class Layout:
-    """Every path the daemon and CLI use, derived once from the environment."""
+    """Every path the daemon and CLI use, derived once from the environment.
 
-    config_dir: Path
-    state_dir: Path
-    cache_dir: Path
-    runtime_dir: Path
-    system: bool = False
+    A plain class rather than a dataclass: the CLI imports this on every run, and
+    `dataclasses` (with `inspect`) costs more start-up time than the whole command.
+    """
+
+    __slots__ = ("cache_dir", "config_dir", "runtime_dir", "state_dir", "system")
+
+    def __init__(
+        self,
+        config_dir: Path,
+        state_dir: Path,
+        cache_dir: Path,
+        runtime_dir: Path,
+        system: bool = False,
+    ) -> None:
+        self.config_dir = config_dir
+        self.state_dir = state_dir
+        self.cache_dir = cache_dir
+        self.runtime_dir = runtime_dir
+        self.system = system
+
+    def __repr__(self) -> str:
+        return f"Layout(state_dir={self.state_dir!s}, runtime_dir={self.runtime_dir!s})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Layout):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, k) for k in self.__slots__))
 
     @property
     def config_file(self) -> Path:

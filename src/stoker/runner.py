@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shlex
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,55 @@ class Runner:
             return False
         return r.returncode == 0
 
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: str | os.PathLike[str],
+        stderr: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Start a long-lived process fully detached and return its pid without waiting.
+
+        For VMMs, which must outlive the daemon: the child gets its own session (terminal
+        signals to the daemon never reach it), stdin from /dev/null, default SIGPIPE/SIGXFSZ
+        dispositions and an empty signal mask, and its output appended to files (`stderr`
+        defaults to `stdout`). It is spawned without a `Popen`/asyncio object, so nothing
+        in this process kills it on garbage collection or loop shutdown; the caller reaps it
+        (`os.waitpid(pid, WNOHANG)`) when it sees it exit.
+        """
+        argv = [str(a) for a in argv]
+        full_env = dict(os.environ)
+        full_env.update(self._env or {})
+        full_env.update(env or {})
+        log.debug("spawn: %s", _cmdline(argv))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        out_fd = os.open(stdout, flags, 0o600)
+        err_fd = os.open(stderr, flags, 0o600) if stderr is not None else out_fd
+        try:
+            pid = os.posix_spawnp(
+                argv[0],
+                argv,
+                full_env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, err_fd, 2),
+                ],
+                setsid=True,
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        except FileNotFoundError:
+            raise Unavailable(
+                f"{argv[0]} is not installed or not on PATH: install it (see `stoker doctor`)"
+            ) from None
+        finally:
+            os.close(out_fd)
+            if err_fd != out_fd:
+                os.close(err_fd)
+        return pid
+
 
 class RecordingRunner(Runner):
     """A runner that remembers every command it ran (for tests)."""
@@ -130,3 +180,14 @@ class RecordingRunner(Runner):
     ) -> Result:
         self.calls.append(tuple(str(a) for a in argv))
         return await super().run(argv, check=check, input=input, timeout=timeout, env=env, cwd=cwd)
+
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: str | os.PathLike[str],
+        stderr: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        self.calls.append(tuple(str(a) for a in argv))
+        return await super().spawn(argv, stdout=stdout, stderr=stderr, env=env)

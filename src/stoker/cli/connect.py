@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +53,8 @@ def try_client(args: argparse.Namespace) -> Iterator[Client | None]:
 
 def start_daemon(layout: Layout, config: str | None) -> None:
     """Spawn stokerd in its own session with its log in the state dir, and wait."""
+    import subprocess
+
     layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = [sys.executable, "-m", "stoker.daemon.main"]
     if config:

@@ -54,14 +54,18 @@ def daemon_stop(args: argparse.Namespace) -> int:
         pid = c.call("daemon.stop")["pid"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            import os
-
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             print(f"stokerd (pid {pid}) stopped; running VMs were left running")
             return 0
-        except PermissionError:
-            pass
         time.sleep(0.05)
     raise Unavailable(f"stokerd (pid {pid}) did not stop within 10s")
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and has not exited. A detached daemon's zombie lingers until
+    its reaper (often PID 1) gets to it, which can take seconds or never happen."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -17,6 +17,49 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=image_list)
 
+    p = isub.add_parser("show", help="one image in detail")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_show)
+
+    p = isub.add_parser("register", help="record an image from host paths (unmanaged)")
+    p.add_argument("name")
+    p.add_argument("--rootfs", required=True, help="ext4 root filesystem image")
+    p.add_argument("--kernel", required=True, help="name of a registered kernel")
+    p.add_argument("--work-seed", help="ext4 image holding the image's /root")
+    p.add_argument("--no-sshd", action="store_true", help="the image has no SSH server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_register)
+
+    p = isub.add_parser("promote", help="copy a registered image into managed storage")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_promote)
+
+    p = isub.add_parser("pull", help="pull an image: catalog name or any OCI reference")
+    p.add_argument("ref", help="catalog name, or an OCI reference such as debian:bookworm")
+    p.add_argument("--name", help="register under this name (default: derived from REF)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_pull)
+
+    p = isub.add_parser("build", help="build a golden image from Debian packages")
+    p.add_argument("name", nargs="?", default="debian-bookworm")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_build)
+
+    cache = isub.add_parser("cache", help="the OCI blob cache")
+    csub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND")
+    cache.set_defaults(func=lambda a: (cache.print_help(), 2)[1])
+    p = csub.add_parser("prune", help="delete cached blobs no running pull uses")
+    p.add_argument("--dry-run", action="store_true", help="report only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cache_prune)
+
+    p = isub.add_parser("delete", aliases=["rm"], help="delete an image (not while in use)")
+    p.add_argument("name")
+    p.set_defaults(func=image_delete)
+
 
 def image_list(args: argparse.Namespace) -> int:
     with client(args) as c:
@@ -41,4 +84,106 @@ def image_list(args: argparse.Namespace) -> int:
             for i in images
         ],
     )
+    return 0
+
+
+def _print_image(i: dict[str, Any]) -> None:
+    print(f"name:       {i['name']}")
+    print(f"kernel:     {i['kernel'] or '-'}")
+    print(f"rootfs:     {i['rootfs']} ({size(i['size'])})")
+    print(f"work seed:  {i['work_seed'] or '-'}")
+    print(f"managed:    {'yes' if i['managed'] else 'no'}")
+    print(f"source:     {i['source']}")
+    if i.get("digest"):
+        print(f"digest:     {i['digest']}")
+    print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
+    print(f"created:    {i['created_at']}")
+
+
+def image_show(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        i = c.call("image.show", {"name": args.name})
+    if args.json:
+        print_json(i)
+    else:
+        _print_image(i)
+    return 0
+
+
+def image_register(args: argparse.Namespace) -> int:
+    import os
+
+    params = {
+        "name": args.name,
+        "rootfs": os.path.abspath(args.rootfs),
+        "kernel": args.kernel,
+        "work_seed": os.path.abspath(args.work_seed) if args.work_seed else None,
+        "has_sshd": not args.no_sshd,
+    }
+    with client(args) as c:
+        i = c.call("image.register", params)
+    if args.json:
+        print_json(i)
+    else:
+        print(f"registered {i['name']} (unmanaged: stoker will not delete {i['rootfs']})")
+    return 0
+
+
+def image_promote(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        i = c.call("image.promote", {"name": args.name})
+    if args.json:
+        print_json(i)
+    else:
+        print(f"{i['name']} is now managed ({i['rootfs']})")
+    return 0
+
+
+def image_delete(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        c.call("image.delete", {"name": args.name})
+    print(f"deleted image {args.name}")
+    return 0
+
+
+def image_pull(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import ProgressPrinter
+
+    pp = ProgressPrinter(quiet=args.json)
+    with client(args) as c:
+        try:
+            i = c.call("image.pull", {"ref": args.ref, "name": args.name}, pp)
+        finally:
+            pp.done()
+    if args.json:
+        print_json(i)
+    else:
+        print(f"{i['name']} ready ({size(i['size'])}, kernel {i['kernel']})")
+    return 0
+
+
+def cache_prune(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        r = c.call("image.cache.prune", {"dry_run": args.dry_run})
+    if args.json:
+        print_json(r)
+    else:
+        verb = "would free" if r["dry_run"] else "freed"
+        print(f"{verb} {size(r['bytes_freed'])} ({r['removed']} blobs; {r['in_use']} in use kept)")
+    return 0
+
+
+def image_build(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import ProgressPrinter
+
+    pp = ProgressPrinter(quiet=args.json)
+    with client(args) as c:
+        try:
+            i = c.call("image.build", {"name": args.name, "force": args.force}, pp)
+        finally:
+            pp.done()
+    if args.json:
+        print_json(i)
+    else:
+        print(f"{i['name']} ready ({size(i['size'])}, kernel {i['kernel']})")
     return 0

@@ -16,6 +16,18 @@ def register(sub: Any) -> None:
     p = ksub.add_parser("list", aliases=["ls"], help="list kernels")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=kernel_list)
+    p = ksub.add_parser("show", help="one kernel in detail")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=kernel_show)
+    p = ksub.add_parser("import", help="import a kernel from a directory or a .deb")
+    p.add_argument("name")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR|PACKAGE.deb")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=kernel_import)
+    p = ksub.add_parser("rm", aliases=["delete"], help="remove a kernel (not while in use)")
+    p.add_argument("name")
+    p.set_defaults(func=kernel_rm)
 
 
 def kernel_list(args: argparse.Namespace) -> int:
@@ -42,4 +54,44 @@ def kernel_list(args: argparse.Namespace) -> int:
             for k in kernels
         ],
     )
+    return 0
+
+
+def kernel_show(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        k = c.call("kernel.show", {"name": args.name})
+    if args.json:
+        print_json(k)
+        return 0
+    for key in (
+        "name",
+        "version",
+        "arch",
+        "vmlinux",
+        "bzimage",
+        "initrd",
+        "modules_dir",
+        "source",
+        "created_at",
+    ):
+        print(f"{key + ':':12} {k[key] or '-'}")
+    return 0
+
+
+def kernel_rm(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        c.call("kernel.rm", {"name": args.name})
+    print(f"removed kernel {args.name}")
+    return 0
+
+
+def kernel_import(args: argparse.Namespace) -> int:
+    import os
+
+    with client(args) as c:
+        k = c.call("kernel.import", {"name": args.name, "source": os.path.abspath(args.source)})
+    if args.json:
+        print_json(k)
+    else:
+        print(f"imported kernel {k['name']} ({k['version']}, {k['arch']})")
     return 0

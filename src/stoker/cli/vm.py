@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from stoker.cli.connect import client
-from stoker.cli.render import age, print_json, size, table
+from stoker.cli.render import age, err, print_json, size, table
 
 
 def register(sub: Any) -> None:
@@ -26,6 +27,206 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vm_show)
+
+    p = vsub.add_parser("create", help="create (and start) a VM")
+    add_sizing(p)
+    p.add_argument("--no-start", action="store_true", help="create the disks only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vm_create)
+
+    for verb, helptext in (
+        ("start", "boot stopped VMs and wait for SSH"),
+        ("stop", "sync, power off and stop VMs"),
+        ("restart", "stop then start VMs"),
+        ("kill", "force-stop VMs (signal) and clean up"),
+        ("delete", "stop if needed and remove VMs with their disks"),
+    ):
+        p = vsub.add_parser(verb, aliases=["rm"] if verb == "delete" else [], help=helptext)
+        p.add_argument("names", nargs="+", metavar="NAME")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_multi, verb=verb)
+
+    p = vsub.add_parser("set", help="change sizing (applies at next start; disks only grow)")
+    p.add_argument("name")
+    p.add_argument("--vcpu", type=int)
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk-size", help="work disk size, e.g. 16G (only grows)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vm_set)
+
+    p = vsub.add_parser("logs", help="the guest serial console")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=vm_logs)
+
+    p = vsub.add_parser("ssh", help="ssh into a VM (system ssh, managed key)")
+    p.add_argument("name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD to run instead of a shell")
+    p.set_defaults(func=vm_ssh)
+
+
+def add_sizing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="VM name (RFC 1123 label; generated if absent)")
+    p.add_argument("--image", help="image name (default from config: debian-bookworm)")
+    p.add_argument("--vcpu", type=int)
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk-size", help="size of the /root work disk, e.g. 8G")
+    p.add_argument("--nat", action="store_true", help="give the VM outbound NAT")
+
+
+def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": args.name,
+        "image": args.image,
+        "vcpu": args.vcpu,
+        "memory_mib": args.memory,
+        "disk_size": args.disk_size,
+        "nat": args.nat,
+    }
+
+
+def vm_create(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import ProgressPrinter
+
+    pp = ProgressPrinter(quiet=args.json)
+    with client(args) as c:
+        try:
+            v = c.call("vm.create", {**sizing_params(args), "no_start": args.no_start}, pp)
+        finally:
+            pp.done()
+    if args.json:
+        print_json(v)
+    else:
+        state = "created" if args.no_start else "running"
+        print(f"{v['name']} {state} · {v['guest_ip']} · {v['dns_name']}")
+        if not args.no_start:
+            print(f"connect: stoker vm ssh {v['name']}")
+    return 0
+
+
+def vm_multi(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import ProgressPrinter
+
+    pp = ProgressPrinter(quiet=args.json or args.verb not in ("start", "restart"))
+    with client(args) as c:
+        try:
+            results = c.call(f"vm.{args.verb}", {"refs": args.names}, pp)
+        finally:
+            pp.done()
+    if args.json:
+        print_json(results)
+    else:
+        done = {
+            "start": "started",
+            "stop": "stopped",
+            "restart": "restarted",
+            "kill": "killed",
+            "delete": "deleted",
+        }[args.verb]
+        for r in results:
+            if r["ok"]:
+                print(f"{r['ref']}: {done}")
+            else:
+                err(f"{r['ref']}: {r['error']}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def vm_set(args: argparse.Namespace) -> int:
+    if args.vcpu is None and args.memory is None and args.disk_size is None:
+        err("nothing to change: give --vcpu, --memory and/or --disk-size")
+        return 1
+    with client(args) as c:
+        v = c.call(
+            "vm.set",
+            {
+                "ref": args.name,
+                "vcpu": args.vcpu,
+                "memory_mib": args.memory,
+                "disk_size": args.disk_size,
+            },
+        )
+    if args.json:
+        print_json(v)
+    else:
+        s = v["spec"]
+        print(
+            f"{v['name']}: {s['vcpu']} vcpu · {s['memory_mib']} MiB · "
+            f"{size(s['disk_size'])} disk (applies at next start)"
+        )
+    return 0
+
+
+def vm_logs(args: argparse.Namespace) -> int:
+    import time
+
+    with client(args) as c:
+        info = c.call("vm.logs", {"ref": args.name})
+    path = info["path"]
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        err(f"VM {info['name']} has no console log yet ({path}): it has not been started")
+        return 1
+    out = sys.stdout.buffer
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not args.follow:
+                return 0
+            time.sleep(0.2)
+
+
+def ssh_argv(info: dict[str, Any], tty: bool) -> list[str]:
+    return [
+        "ssh",
+        "-i",
+        info["key"],
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={info['known_hosts']}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+        *(["-t"] if tty else ["-T"]),
+        f"{info['user']}@{info['host']}",
+    ]
+
+
+def vm_ssh(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    with client(args) as c:
+        info = c.call("vm.ssh_info", {"ref": args.name})
+    if info["state"] != "running":
+        err(f"VM {info['name']} is {info['state']}: start it with `stoker vm start {info['name']}`")
+        return 1
+    interactive = not cmd
+    argv = ssh_argv(info, tty=interactive and sys.stdin.isatty())
+    if cmd:
+        import shlex
+
+        argv.append(" ".join(shlex.quote(a) for a in cmd))
+    rc = subprocess.call(argv)
+    if interactive:
+        print(
+            f"stoker: {info['name']} is still running (stop it with "
+            f"`stoker vm stop {info['name']}`)",
+            file=sys.stderr,
+        )
+    return rc
 
 
 def vm_list(args: argparse.Namespace) -> int:

@@ -40,3 +40,55 @@ def validate(model: type[P], method: str, raw: dict[str, Any]) -> P:
             loc = ".".join(str(x) for x in err["loc"]) or "params"
             parts.append(f"{loc}: {err['msg']}")
         raise InvalidParams(f"invalid parameters for {method}: " + "; ".join(parts)) from None
+
+
+class VMRefs(Params):
+    refs: list[str]
+
+
+class CreateVM(Params):
+    name: str | None = None
+    image: str | None = None
+    vcpu: int | None = None
+    memory_mib: int | None = None
+    disk_size: str | int | None = None
+    nat: bool = False
+    no_start: bool = False
+
+
+class SetVM(Params):
+    ref: str
+    vcpu: int | None = None
+    memory_mib: int | None = None
+    disk_size: str | int | None = None
+
+
+class NameParam(Params):
+    name: str
+
+
+class RegisterImage(Params):
+    name: str
+    rootfs: str
+    kernel: str
+    work_seed: str | None = None
+    has_sshd: bool = True
+
+
+class BuildImage(Params):
+    name: str = "debian-bookworm"
+    force: bool = False
+
+
+class PullRef(Params):
+    ref: str
+    name: str | None = None
+
+
+class ImportKernel(Params):
+    name: str
+    source: str
+
+
+class PruneCache(Params):
+    dry_run: bool = False

@@ -26,9 +26,10 @@ Hook = Callable[[VMRecord], Awaitable[None]]
 class CapabilityHooks:
     """Function-typed hook lists VMService runs at each lifecycle point, in order."""
 
-    prepare_host: list[Hook] = field(default_factory=list)  # before the VMM starts
-    post_start: list[Hook] = field(default_factory=list)  # after the guest is ready
-    cleanup: list[Hook] = field(default_factory=list)  # on stop/kill/delete (errors joined)
+    prepare_host: list[Hook] = field(default_factory=list)  # before network + VMM
+    post_network: list[Hook] = field(default_factory=list)  # tap is up (vm.teardown.tap)
+    post_start: list[Hook] = field(default_factory=list)  # guest answers SSH
+    cleanup: list[Hook] = field(default_factory=list)  # stop/kill/delete; errors joined
 
 
 class Capability:
@@ -42,7 +43,8 @@ class Capability:
 
 @dataclass
 class WorkDiskCapability(Capability):
-    """Builds/grows the /root work disk and syncs keys, git identity and file_sync onto it."""
+    """Before every start: grow the /root work disk and write keys, git identity and
+    `[[file_sync]]` files onto it (WorkspaceService owns that sync)."""
 
     vm: VMService
     ws: WorkspaceService
@@ -51,23 +53,33 @@ class WorkDiskCapability(Capability):
     name = "workdisk"
 
     def register(self, hooks: CapabilityHooks) -> None:
-        pass
+        async def sync_work_disk(vm: VMRecord) -> None:
+            await self.ws.sync_work_disk(vm)
+
+        hooks.prepare_host.append(sync_work_disk)
 
 
 @dataclass
 class DNSCapability(Capability):
-    """Publishes NAME.vm records while a VM runs."""
+    """Publishes NAME.vm while a VM runs."""
 
     net: HostNetwork
     name = "dns"
 
     def register(self, hooks: CapabilityHooks) -> None:
-        pass
+        async def publish_dns(vm: VMRecord) -> None:
+            self.net.publish_dns(vm.name, vm.guest_ip)
+
+        async def unpublish_dns(vm: VMRecord) -> None:
+            self.net.unpublish_dns(vm.name)
+
+        hooks.post_start.append(publish_dns)
+        hooks.cleanup.append(unpublish_dns)
 
 
 @dataclass
 class NATCapability(Capability):
-    """Adds and removes per-VM NAT rules for VMs created with --nat."""
+    """Per-VM NAT rules for VMs created with --nat (stoker's own nftables table)."""
 
     vm: VMService
     net: HostNetwork
@@ -75,4 +87,14 @@ class NATCapability(Capability):
     name = "nat"
 
     def register(self, hooks: CapabilityHooks) -> None:
-        pass
+        async def ensure_nat(vm: VMRecord) -> None:
+            if vm.spec.nat and vm.teardown.tap:
+                await self.net.ensure_nat(vm.id, vm.guest_ip, vm.teardown.tap)
+
+        async def remove_nat(vm: VMRecord) -> None:
+            # Keyed on the durable teardown record, so rules survive a crash until removed.
+            if vm.teardown.nat:
+                await self.net.remove_nat(vm.id)
+
+        hooks.post_network.append(ensure_nat)
+        hooks.cleanup.append(remove_nat)

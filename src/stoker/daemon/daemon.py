@@ -21,12 +21,13 @@ from stoker.daemon import api
 from stoker.daemon.capabilities import Capability, CapabilityHooks
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
-from stoker.daemon.vm_service import VMService
+from stoker.daemon.vm_service import CreateRequest, VMService
 from stoker.daemon.wiring import wire_services
 from stoker.daemon.workspace_service import WorkspaceService
 from stoker.errors import MethodNotFound
 from stoker.layout import Layout
-from stoker.rpc.protocol import PROTOCOL_VERSION, to_jsonable
+from stoker.rpc.jsonable import to_jsonable
+from stoker.rpc.protocol import PROTOCOL_VERSION
 from stoker.rpc.server import RequestContext, RPCServer
 from stoker.runner import Runner
 from stoker.store import Store
@@ -88,6 +89,7 @@ class Daemon:
         await self.net.start()
         self.listener = RPCServer(self.layout.socket_path, self.dispatch)
         await self.listener.start()
+        self.start_background()
         if ready is not None:
             ready()
         try:
@@ -151,6 +153,58 @@ class Daemon:
         async def kernel_list(p: api.ListParams, ctx: RequestContext) -> Any:
             return await images.list_kernels()
 
+        async def vm_create(p: api.CreateVM, ctx: RequestContext) -> Any:
+            req = CreateRequest(**p.model_dump())
+            rec = await vm.create_vm(req, ctx.progress)
+            out = rec.to_dict()
+            out["timings"] = vm.last_timings.get(rec.id)
+            return out
+
+        def fan(op: Callable[[str], Awaitable[Any]]) -> Handler:
+            async def h(p: api.VMRefs, ctx: RequestContext) -> Any:
+                return await vm.fan_out(p.refs, op)
+
+            return h
+
+        async def vm_set(p: api.SetVM, ctx: RequestContext) -> Any:
+            return await vm.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size)
+
+        async def vm_logs(p: api.VMRef, ctx: RequestContext) -> Any:
+            return vm.logs_info(p.ref)
+
+        async def vm_ssh_info(p: api.VMRef, ctx: RequestContext) -> Any:
+            return vm.ssh_info(p.ref)
+
+        async def image_show(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.get_image(p.name)
+
+        async def image_register(p: api.RegisterImage, ctx: RequestContext) -> Any:
+            return await images.register_image(p.name, p.rootfs, p.kernel, p.work_seed, p.has_sshd)
+
+        async def image_promote(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.promote_image(p.name)
+
+        async def image_delete(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.delete_image(p.name)
+
+        async def image_pull(p: api.PullRef, ctx: RequestContext) -> Any:
+            return await images.pull(p.ref, p.name, ctx.progress)
+
+        async def cache_prune(p: api.PruneCache, ctx: RequestContext) -> Any:
+            return await images.prune_cache(p.dry_run)
+
+        async def image_build(p: api.BuildImage, ctx: RequestContext) -> Any:
+            return await images.build_golden(p.name, p.force, ctx.progress)
+
+        async def kernel_import(p: api.ImportKernel, ctx: RequestContext) -> Any:
+            return await images.import_kernel(p.name, p.source, ctx.progress)
+
+        async def kernel_show(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.get_kernel(p.name)
+
+        async def kernel_rm(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.delete_kernel(p.name)
+
         async def daemon_stop(p: api.NoParams, ctx: RequestContext) -> Any:
             asyncio.get_running_loop().call_later(0.05, self.stop)
             return {"stopping": True, "pid": os.getpid()}
@@ -161,9 +215,46 @@ class Daemon:
             "daemon.operations.list": Method(api.NoParams, operations_list),
             "vm.list": Method(api.ListParams, vm_list),
             "vm.show": Method(api.VMRef, vm_show),
+            "vm.create": Method(api.CreateVM, vm_create),
+            "vm.start": Method(api.VMRefs, self._fan_progress(vm.start_vm)),
+            "vm.restart": Method(api.VMRefs, self._fan_progress(vm.restart_vm)),
+            "vm.stop": Method(api.VMRefs, fan(vm.stop_vm)),
+            "vm.kill": Method(api.VMRefs, fan(vm.kill_vm)),
+            "vm.delete": Method(api.VMRefs, fan(vm.delete_vm)),
+            "vm.set": Method(api.SetVM, vm_set),
+            "vm.logs": Method(api.VMRef, vm_logs),
+            "vm.ssh_info": Method(api.VMRef, vm_ssh_info),
             "image.list": Method(api.ListParams, image_list),
+            "image.show": Method(api.NameParam, image_show),
+            "image.register": Method(api.RegisterImage, image_register),
+            "image.promote": Method(api.NameParam, image_promote),
+            "image.delete": Method(api.NameParam, image_delete),
+            "image.pull": Method(api.PullRef, image_pull),
+            "image.build": Method(api.BuildImage, image_build),
+            "kernel.import": Method(api.ImportKernel, kernel_import),
+            "image.cache.prune": Method(api.PruneCache, cache_prune),
             "kernel.list": Method(api.ListParams, kernel_list),
+            "kernel.show": Method(api.NameParam, kernel_show),
+            "kernel.rm": Method(api.NameParam, kernel_rm),
         }
+
+    def _fan_progress(self, op: Callable[[str, Callable[..., None]], Awaitable[Any]]) -> Handler:
+        """A multi-ref handler whose per-VM op also streams progress (tagged by VM)."""
+        assert self.vm is not None
+        vm = self.vm
+
+        async def h(p: api.VMRefs, ctx: RequestContext) -> Any:
+            async def one(vm_id: str) -> Any:
+                name = vm.resolve(vm_id).name
+
+                def prog(stage: str, message: str = "", **kw: Any) -> None:
+                    ctx.progress(stage, message, vm=name, **kw)
+
+                return await op(vm_id, prog)
+
+            return await vm.fan_out(p.refs, one)
+
+        return h
 
     async def dispatch(self, method: str, params: dict[str, Any], ctx: RequestContext) -> Any:
         table = self._table()
@@ -197,9 +288,33 @@ class Daemon:
             "network": self.net.status(),
         }
 
-    def spawn_background(self, coro: Awaitable[None], name: str) -> None:
+    def start_background(self) -> None:
+        """The ticker fan-out: each job on its own task and interval, so a slow one never
+        delays the others. Stopped by `close()`."""
+        assert self.vm is not None and self.config is not None
+        vm, cfg = self.vm, self.config
+
+        async def prune_ops() -> None:
+            vm.create_ops.prune(older_than=cfg.op_prune_interval * 5)
+
+        self._ticker("watch-vmms", 2.0, vm.check_vmms)
+        self._ticker("prune-ops", float(cfg.op_prune_interval), prune_ops)
+
+    def _ticker(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
+        log = self.logger or logging.getLogger("stoker")
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await asyncio.wait_for(job(), timeout=max(interval * 5, 30))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("background job %s failed", name)
+
         async def runner() -> None:
             with contextlib.suppress(asyncio.CancelledError):
-                await coro
+                await loop()
 
         self._bg.append(asyncio.ensure_future(runner()))

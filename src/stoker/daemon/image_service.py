@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 from stoker.config import Config
-from stoker.errors import NotFound
+from stoker.daemon.locks import LockSet
+from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
+from stoker.model.names import validate_artifact_name
 from stoker.model.records import Image, Kernel
 from stoker.runner import Runner
 from stoker.store import Store
+from stoker.store.db import now
+
+Progress = Callable[..., None]
 
 
 class ImageService:
@@ -29,6 +41,9 @@ class ImageService:
         self.runner = runner
         self.log = logger
         self.image_ops_lock = asyncio.Lock()
+        # Per-name locks for pull/build/delete (taken before image_ops_lock).
+        self.name_locks = LockSet()
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
 
     async def list_images(self) -> list[Image]:
         """All registered images."""
@@ -51,3 +66,388 @@ class ImageService:
         if k is None:
             raise NotFound(f"kernel {name!r} not found: run `stoker kernel pull {name}`")
         return k
+
+    # --- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_ext4(path: Path, what: str) -> None:
+        if not path.is_file():
+            raise InvalidArgument(f"{what} {path} does not exist or is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                f.seek(1080)
+                magic = f.read(2)
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {what} {path}: {e.strerror}") from None
+        if magic != b"\x53\xef":
+            raise InvalidArgument(f"{what} {path} is not an ext4 filesystem image")
+
+    def _users_of_image(self, name: str) -> list[str]:
+        return [v.name for v in self.store.list_vms() if v.image == name]
+
+    async def _copy_sparse(self, src: Path, dst: Path) -> None:
+        await self.runner.run(["cp", "--sparse=always", "--", str(src), str(dst)], timeout=1800)
+
+    # --- register / promote / delete ---------------------------------------------------
+
+    async def register_image(
+        self,
+        name: str,
+        rootfs: str,
+        kernel: str,
+        work_seed: str | None = None,
+        has_sshd: bool = True,
+    ) -> Image:
+        """Record host paths as they are (unmanaged: stoker never deletes them)."""
+        validate_artifact_name(name, "image")
+        rp = Path(rootfs).resolve()
+        self._check_ext4(rp, "rootfs")
+        wp = Path(work_seed).resolve() if work_seed else None
+        if wp is not None:
+            self._check_ext4(wp, "work-seed")
+        await self.get_kernel(kernel)
+        async with self.name_locks.hold(f"image:{name}"), self.image_ops_lock:
+            if self.store.get_image(name) is not None:
+                raise AlreadyExists(
+                    f"image {name!r} already exists: pick another name or "
+                    f"`stoker image delete {name}`"
+                )
+            im = Image(
+                name=name,
+                managed=False,
+                rootfs=str(rp),
+                work_seed=str(wp) if wp else None,
+                kernel=kernel,
+                source=f"register:{rp}",
+                size=rp.stat().st_size,
+                created_at=now(),
+                has_sshd=has_sshd,
+            )
+            self.store.upsert_image(im)
+        return im
+
+    async def promote_image(self, name: str) -> Image:
+        """Copy an unmanaged image's files into managed storage."""
+        async with self.name_locks.hold(f"image:{name}"):
+            im = await self.get_image(name)
+            if im.managed:
+                return im
+            final = self.layout.images_dir / name
+            staging = Path(tempfile.mkdtemp(prefix=f"promote-{name}-", dir=self.layout.staging_dir))
+            try:
+                await self._copy_sparse(Path(im.rootfs), staging / "rootfs.ext4")
+                if im.work_seed:
+                    await self._copy_sparse(Path(im.work_seed), staging / "work-seed.ext4")
+                async with self.image_ops_lock:
+                    cur = self.store.get_image(name)
+                    if cur is None or cur.managed:
+                        raise Conflict(f"image {name!r} changed while promoting: retry")
+                    if final.exists():
+                        shutil.rmtree(final)
+                    os.replace(staging, final)
+                    im.managed = True
+                    im.rootfs = str(final / "rootfs.ext4")
+                    im.work_seed = str(final / "work-seed.ext4") if im.work_seed else None
+                    self.store.upsert_image(im)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return im
+
+    async def delete_image(self, name: str) -> dict[str, str]:
+        """Remove an image (refused while a VM uses it); managed files are deleted."""
+        async with self.name_locks.hold(f"image:{name}"):
+            im = await self.get_image(name)
+            users = self._users_of_image(name)
+            if users:
+                raise Conflict(
+                    f"image {name!r} is used by VM(s) {', '.join(users)}: delete those first"
+                )
+            async with self.image_ops_lock:
+                self.store.delete_image(name)
+            if im.managed:
+                shutil.rmtree(self.layout.images_dir / name, ignore_errors=True)
+        return {"name": name}
+
+    async def delete_kernel(self, name: str) -> dict[str, str]:
+        """Remove a kernel (refused while an image uses it)."""
+        async with self.name_locks.hold(f"kernel:{name}"):
+            k = await self.get_kernel(name)
+            async with self.image_ops_lock:
+                self.store.delete_kernel(name)
+            d = Path(k.dir)
+            if d.is_relative_to(self.layout.kernels_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        return {"name": name}
+
+    # --- golden build, kernels, ensure ---------------------------------------------------
+
+    async def ensure_image(self, name: str, progress: Progress) -> Image:
+        """The named image, building or pulling it first when it is a known name."""
+        im = self.store.get_image(name)
+        if im is not None:
+            return im
+        if GOLDEN_NAME.match(name):
+            progress("image", f"image {name} is not here yet: building it (first run only)")
+            return await self.build_golden(name, False, progress)
+        raise NotFound(
+            f"image {name!r} not found: run `stoker image pull {name}` or "
+            "`stoker image build debian-bookworm`"
+        )
+
+    async def build_golden(self, name: str, force: bool, progress: Progress) -> Image:
+        """`image build debian-SUITE`: mmdebstrap a golden image and import its kernel.
+        Building the same spec again is a no-op unless `force`."""
+        from stoker.daemon.imagemgr import golden
+
+        m = GOLDEN_NAME.match(name)
+        if not m:
+            raise InvalidArgument(
+                f"cannot build {name!r}: golden images are named debian-SUITE, e.g. debian-bookworm"
+            )
+        key = f"build:{name}"
+        fut = self._inflight.get(key)
+        if fut is None:
+
+            async def run() -> Image:
+                async with self.name_locks.hold(f"image:{name}"):
+                    existing = self.store.get_image(name)
+                    if existing is not None and existing.source != f"golden:{m.group(1)}":
+                        raise AlreadyExists(
+                            f"image {name!r} exists and was not built by stoker "
+                            f"({existing.source}): delete it first"
+                        )
+                    cache = (
+                        Path(self.config.golden_cache_dir)
+                        if self.config.golden_cache_dir
+                        else self.layout.cache_dir / "apt"
+                    )
+
+                    def report(stage: str, detail: str = "") -> None:
+                        progress(stage, detail)
+
+                    res = await golden.build_golden(
+                        self.runner,
+                        self.layout.images_dir / name,
+                        suite=m.group(1),
+                        mirror=self.config.debian_mirror,
+                        cache_dir=cache,
+                        progress=report,
+                        force=force,
+                    )
+                    if existing is not None and res.reused:
+                        return existing
+                    kname = f"debian-{res.kernel_version}"
+                    progress("kernel", f"importing kernel {kname}")
+                    kernel = await self._import_kernel_files(kname, res.kernel_dir, "golden")
+                    im = Image(
+                        name=name,
+                        managed=True,
+                        rootfs=str(res.rootfs),
+                        work_seed=str(res.work_seed),
+                        kernel=kernel.name,
+                        source=f"golden:{m.group(1)}",
+                        size=res.rootfs.stat().st_size,
+                        created_at=now(),
+                        digest=res.spec_hash,
+                        meta={"packages": res.packages},
+                    )
+                    async with self.image_ops_lock:
+                        self.store.upsert_image(im)
+                    progress("done", f"{name} built ({res.packages} packages)")
+                    return im
+
+            fut = asyncio.ensure_future(run())
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        else:
+            progress("build", f"joining the build of {name} already in progress")
+        return await asyncio.shield(fut)
+
+    async def _import_kernel_files(self, name: str, source: Path, origin: str) -> Kernel:
+        from stoker.daemon.imagemgr import kernel as kmod
+
+        validate_artifact_name(name, "kernel")
+        async with self.name_locks.hold(f"kernel:{name}"):
+            dest = self.layout.kernels_dir / name
+            files = await kmod.import_kernel(self.runner, source, dest)
+            k = Kernel(
+                name=name,
+                version=files.version,
+                arch=files.arch,
+                dir=str(files.dir),
+                vmlinux=str(files.vmlinux),
+                bzimage=str(files.bzimage) if files.bzimage else None,
+                initrd=str(files.initrd) if files.initrd else None,
+                modules_dir=str(files.modules_dir) if files.modules_dir else None,
+                source=origin,
+                created_at=now(),
+            )
+            async with self.image_ops_lock:
+                self.store.upsert_kernel(k)
+            return k
+
+    async def import_kernel(self, name: str, source: str, progress: Progress) -> Kernel:
+        """`kernel import NAME --from DIR|PACKAGE.deb|FILE`."""
+        validate_artifact_name(name, "kernel")
+        src = Path(source)
+        if not src.exists():
+            raise InvalidArgument(f"kernel source {source} does not exist")
+        if self.store.get_kernel(name) is not None:
+            raise AlreadyExists(
+                f"kernel {name!r} already exists: `stoker kernel rm {name}` first or pick "
+                "another name"
+            )
+        progress("import", f"importing {source}")
+        return await self._import_kernel_files(name, src.resolve(), f"import:{src.resolve()}")
+
+    # --- pull ---------------------------------------------------------------------------
+
+    def default_kernel(self) -> str:
+        """The kernel OCI images boot with: the default image's, else the newest one."""
+        im = self.store.get_image(self.config.default_image)
+        if im is not None and im.kernel:
+            return im.kernel
+        kernels = sorted(self.store.list_kernels(), key=lambda k: k.created_at)
+        if kernels:
+            return kernels[-1].name
+        raise NotFound(
+            "no kernel is registered for OCI images to boot with: run "
+            f"`stoker image build {self.config.default_image}` (it imports one) or "
+            "`stoker kernel import NAME --from PACKAGE.deb`"
+        )
+
+    async def pull(self, ref: str, name: str | None, progress: Progress) -> Image:
+        """`image pull REF`: a catalog name takes the bundle fast path, anything else is
+        pulled from its OCI registry. Concurrent pulls of one ref share one download."""
+        key = f"pull:{ref}"
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._pull(ref, name, progress))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        else:
+            progress("pull", f"joining the pull of {ref} already in progress")
+        # Shield: one caller going away must not cancel the shared pull.
+        return await asyncio.shield(fut)
+
+    async def _pull(self, ref: str, name: str | None, progress: Progress) -> Image:
+        from stoker.daemon import oci
+        from stoker.daemon.imagemgr import ext4, inject
+
+        image_name = name or oci_image_name(ref)
+        validate_artifact_name(image_name, "image")
+        async with self.name_locks.hold(f"image:{image_name}"):
+            existing = self.store.get_image(image_name)
+            if existing is not None:
+                if existing.source == f"oci:{ref}":
+                    progress("pull", f"{image_name} is already pulled from {ref}")
+                    return existing
+                raise AlreadyExists(
+                    f"image {image_name!r} already exists (from {existing.source}): pass "
+                    "--name to pull under another name"
+                )
+            kernel = self.default_kernel()
+            pulled = await oci.pull_image(
+                ref,
+                cache_dir=self.layout.oci_cache_dir,
+                staging_dir=self.layout.staging_dir,
+                progress=progress,
+                runner=self.runner,
+            )
+            staging = Path(
+                tempfile.mkdtemp(prefix=f"img-{image_name}-", dir=self.layout.staging_dir)
+            )
+            try:
+                progress("inject", "installing stoker's guest files")
+                init: Literal["systemd", "stoker-init"] = (
+                    "systemd" if pulled.has_systemd else "stoker-init"
+                )
+                inject.inject_guest_files(pulled.rootfs, init=init)
+                progress("ext4", "building the work seed and the root filesystem")
+                home = pulled.rootfs / "root"
+                await ext4.build_from_dir(
+                    self.runner, home, staging / "work-seed.ext4", None, label="stoker-work"
+                )
+                built = await oci.build_ext4(
+                    pulled.rootfs, staging / "rootfs.ext4", runner=self.runner, what=ref
+                )
+                im = Image(
+                    name=image_name,
+                    managed=True,
+                    rootfs=str(self.layout.images_dir / image_name / "rootfs.ext4"),
+                    work_seed=str(self.layout.images_dir / image_name / "work-seed.ext4"),
+                    kernel=kernel,
+                    source=f"oci:{ref}",
+                    size=built.size,
+                    created_at=now(),
+                    digest=pulled.manifest_digest,
+                    has_sshd=pulled.has_sshd,
+                    init=init,
+                    meta={
+                        "canonical_ref": pulled.canonical_ref,
+                        "entrypoint": pulled.config.entrypoint,
+                        "cmd": pulled.config.cmd,
+                        "content_size": pulled.content_size,
+                    },
+                )
+                await self._publish(im, staging)
+                staging = None  # type: ignore[assignment]
+            finally:
+                pulled.discard()
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+            if not im.has_sshd:
+                progress(
+                    "warning",
+                    f"{ref} has no SSH server: `vm create --image {image_name}` will refuse "
+                    "it; install openssh-server in the image",
+                )
+            progress("done", f"pulled {ref} as {image_name}")
+            return im
+
+    async def _publish(self, im: Image, staging: Path) -> None:
+        """The publication atom: recheck the name, rename into place, upsert."""
+        final = self.layout.images_dir / im.name
+        async with self.image_ops_lock:
+            if self.store.get_image(im.name) is not None:
+                raise AlreadyExists(f"image {im.name!r} appeared while it was being made")
+            if final.exists():
+                shutil.rmtree(final)  # leftovers of a crash, never registered
+            os.replace(staging, final)
+            try:
+                self.store.upsert_image(im)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+
+    async def prune_cache(self, dry_run: bool) -> dict[str, object]:
+        """Remove cached OCI blobs no in-flight pull uses; reports bytes freed."""
+        from stoker.daemon.oci import BlobCache
+
+        r = await BlobCache(self.layout.oci_cache_dir).prune(dry_run=dry_run)
+        return {
+            "dry_run": r.dry_run,
+            "bytes_freed": r.bytes_freed,
+            "removed": len(r.removed),
+            "in_use": len(r.in_use),
+        }
+
+
+def oci_image_name(ref: str) -> str:
+    """A default image name for an OCI ref: `alpine:3.19` -> `alpine-3.19`,
+    `localhost:5000/team/app:v1` -> `localhost-5000-team-app-v1`."""
+    from stoker.daemon.oci import parse_reference
+
+    r = parse_reference(ref)
+    repo = r.repository
+    if r.domain in ("docker.io", "registry-1.docker.io", "index.docker.io"):
+        repo = repo.removeprefix("library/")
+        base = repo
+    else:
+        base = f"{r.domain}/{repo}"
+    tag = r.tag or (r.digest.split(":", 1)[-1][:12] if r.digest else "latest")
+    name = re.sub(r"[^a-z0-9._-]+", "-", f"{base}-{tag}".lower()).strip("-._")
+    return name[:128]
+
+
+GOLDEN_NAME = re.compile(r"^debian-([a-z]+)$")

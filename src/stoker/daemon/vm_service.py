@@ -8,22 +8,77 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stoker.config import Config
 from stoker.daemon.capabilities import CapabilityHooks
-from stoker.daemon.handles import HandleCache
+from stoker.daemon.guestssh import (
+    GuestSSH,
+    SSHTarget,
+    add_known_host,
+    generate_host_key,
+    remove_known_host,
+)
+from stoker.daemon.handles import HandleCache, Handles
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
-from stoker.errors import Ambiguous, NotFound
+from stoker.daemon.vm_disks import (
+    GuestNet,
+    grow_work_disk,
+    mac_for,
+    make_overlay_disk,
+    make_work_disk,
+)
+from stoker.daemon.vmm import Disk, MachineConfig, VMMDriver, VMMHandle
+from stoker.errors import (
+    AlreadyExists,
+    Ambiguous,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    StokerError,
+)
 from stoker.layout import Layout
-from stoker.model.records import VMRecord, VMState
+from stoker.model.names import generate_name, validate_name
+from stoker.model.records import Image, Kernel, Teardown, VMRecord, VMSpec, VMState
+from stoker.model.sizes import format_size, parse_size
 from stoker.runner import Runner
 from stoker.store import Store
+from stoker.store.db import now
+
+Progress = Callable[..., None]
+
+OVERLAY = "overlay.ext4"
+WORKDISK = "work.ext4"
+SERIAL_LOG = "serial.log"
+# No `ip=`: kernel network autoconfig stalled boots in the prior art (docs/guest-boot.md).
+BOOT_CMDLINE = (
+    "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro rootwait init=/usr/lib/stoker/overlay-init"
+)
+STOP_GRACE = 1.0  # seconds the VMM gets to exit after poweroff before it is killed
+DEFAULT_BOOT_TIMEOUT = 180.0
+
+
+@dataclass
+class CreateRequest:
+    """What `vm create` asks for; unset sizes come from config/heuristic defaults."""
+
+    name: str | None = None
+    image: str | None = None
+    vcpu: int | None = None
+    memory_mib: int | None = None
+    disk_size: str | int | None = None
+    nat: bool = False
+    no_start: bool = False
+
 
 if TYPE_CHECKING:
     from stoker.daemon.host_network import HostNetwork
@@ -45,6 +100,7 @@ class VMService:
         images: ImageService,
         ws: WorkspaceService,
         hooks: CapabilityHooks,
+        driver_factory: Callable[[], VMMDriver] | None = None,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -59,6 +115,14 @@ class VMService:
         self.create_vm_lock = asyncio.Lock()
         self.create_ops: Registry[OpState] = Registry()
         self.handles = HandleCache()
+        # Test seams (per instance): how to make the VMM driver, how to reach guests.
+        self.driver_factory: Callable[[], VMMDriver] = driver_factory or (
+            lambda: default_driver(config, runner)
+        )
+        self.ssh = GuestSSH()
+        self.boot_timeout = DEFAULT_BOOT_TIMEOUT
+        self.last_timings: dict[str, dict[str, float]] = {}
+        self._driver_cache: VMMDriver | None = None
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -105,28 +169,509 @@ class VMService:
     def vm_dir(self, vm: VMRecord) -> Path:
         return Path(vm.vm_dir)
 
+    # --- create ------------------------------------------------------------------------
+
+    def _resolve_spec(
+        self,
+        vcpu: int | None,
+        memory_mib: int | None,
+        disk_size: str | int | None,
+        base: VMSpec | None = None,
+    ) -> VMSpec:
+        d = self.config.vm_defaults
+        v = vcpu if vcpu is not None else (base.vcpu if base else d.vcpu.value)
+        m = (
+            memory_mib
+            if memory_mib is not None
+            else (base.memory_mib if base else d.memory_mib.value)
+        )
+        if v <= 0 or v > 64:
+            raise InvalidArgument(f"--vcpu must be between 1 and 64, got {v}")
+        if m < 128:
+            raise InvalidArgument(f"--memory must be at least 128 MiB, got {m}")
+        if disk_size is not None:
+            ds = parse_size(disk_size, "--disk-size", bare_unit=1024**3)
+            if ds < 256 * 1024**2:
+                raise InvalidArgument(f"--disk-size must be at least 256M, got {disk_size}")
+        else:
+            ds = base.disk_size if base else d.disk_size.value
+        return VMSpec(
+            vcpu=v,
+            memory_mib=m,
+            disk_size=ds,
+            overlay_size=base.overlay_size if base else d.overlay_size.value,
+            nat=base.nat if base else False,
+        )
+
+    async def create_vm(self, p: CreateRequest, progress: Progress) -> VMRecord:
+        """Validate, reserve name + IP, build disks, and (unless no_start) boot to SSH."""
+        if p.name:
+            validate_name(p.name)
+        spec = self._resolve_spec(p.vcpu, p.memory_mib, p.disk_size)
+        spec.nat = p.nat
+        image_name = p.image or self.config.default_image
+        progress(
+            "spec",
+            f"{spec.vcpu} vcpu · {spec.memory_mib} MiB · "
+            f"{format_size(spec.disk_size)} disk" + (" · nat" if spec.nat else ""),
+        )
+        # Image resolution (maybe a pull or build) happens outside every VM lock.
+        image = await self.images.ensure_image(image_name, progress)
+        if not image.has_sshd:
+            raise Conflict(
+                f"image {image.name!r} has no SSH server: stoker reaches guests over SSH; "
+                "use an image with openssh-server (e.g. debian-bookworm) or rebuild this one "
+                "with it installed"
+            )
+        op = self.create_ops.add(OpState(kind="create", target=p.name or "?"))
+        try:
+            async with self.create_vm_lock:
+                taken = {v.name for v in self.store.list_vms()}
+                name = p.name or generate_name(taken)
+                if name in taken:
+                    raise AlreadyExists(
+                        f"a VM named {name!r} already exists: pick another --name or "
+                        f"`stoker vm delete {name}`"
+                    )
+                ip = self.net.allocate_ip(self.store.used_ips())
+                vm_id = uuid.uuid4().hex
+                ts = now()
+                vm = VMRecord(
+                    id=vm_id,
+                    name=name,
+                    state=VMState.CREATED,
+                    image=image.name,
+                    spec=spec,
+                    guest_ip=ip,
+                    dns_name=f"{name}.vm",
+                    vm_dir=str(self.layout.vm_dir(vm_id)),
+                    created_at=ts,
+                    updated_at=ts,
+                )
+                self.store.insert_vm(vm)
+            op.target = name
+            op.stage = "disks"
+            try:
+                await self._prepare_disks(vm, image, progress)
+            except BaseException as e:
+                vm.state = VMState.ERROR
+                vm.last_error = f"preparing disks failed: {e}"
+                self.store.update_vm(vm)
+                raise
+            if p.no_start:
+                op.finish()
+                progress("created", f"{name} created (not started)")
+                return vm
+            op.stage = "start"
+            async with self.with_vm_lock_by_id(vm.id) as locked:
+                vm = await self._start_locked(locked, progress)
+            op.finish()
+            return vm
+        except BaseException as e:
+            op.finish(str(e))
+            raise
+
+    async def _prepare_disks(self, vm: VMRecord, image: Image, progress: Progress) -> None:
+        vm_dir = Path(vm.vm_dir)
+        vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        progress("disks", "preparing the copy-on-write root and the /root work disk")
+        host_key = vm_dir / "ssh_host_ed25519_key"
+        pub = await generate_host_key(self.runner, host_key, f"root@{vm.name}")
+        add_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name], pub)
+        net = self._guest_net(vm)
+        await make_overlay_disk(self.runner, vm_dir / OVERLAY, vm.spec.overlay_size, net, host_key)
+        seed = Path(image.work_seed) if image.work_seed else None
+        await make_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size, seed)
+
+    def _guest_net(self, vm: VMRecord) -> GuestNet:
+        return GuestNet(
+            hostname=vm.name,
+            ip=vm.guest_ip,
+            prefix=self.config.bridge_network.prefixlen,
+            gateway=self.config.gateway_ip,
+            mac=mac_for(vm.guest_ip),
+            dns=self.config.guest_dns,
+        )
+
+    # --- start -------------------------------------------------------------------------
+
+    def _driver(self) -> VMMDriver:
+        if self._driver_cache is None:
+            self._driver_cache = self.driver_factory()
+        return self._driver_cache
+
+    async def start_vm(self, ref: str, progress: Progress) -> VMRecord:
+        """Boot a stopped VM and wait until SSH answers."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            if vm.state == VMState.RUNNING and await self.is_alive(vm):
+                raise Conflict(f"VM {vm.name} is already running")
+            return await self._start_locked(vm, progress)
+
+    async def _start_locked(self, vm: VMRecord, progress: Progress) -> VMRecord:
+        """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
+        client never leaves a half-started VM or kills a VMM already spawned."""
+        task = asyncio.ensure_future(self._start_flow(vm, progress))
+        return await asyncio.shield(task)
+
+    async def _start_flow(self, vm: VMRecord, progress: Progress) -> VMRecord:
+        t0 = time.monotonic()
+        image = await self.images.get_image(vm.image)
+        kernel = await self.images.get_kernel(image.kernel or "")
+        driver = self._driver()
+        vm_dir = Path(vm.vm_dir)
+        for f in (OVERLAY, WORKDISK):
+            if not (vm_dir / f).exists():
+                raise Conflict(
+                    f"VM {vm.name} is missing its disk {vm_dir / f}: delete and recreate it"
+                )
+        vm.state = VMState.STARTING
+        vm.last_error = None
+        self.store.update_vm(vm)
+        try:
+            progress("prepare", "syncing keys, git identity and files onto the work disk")
+            await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
+            for hook in self.hooks.prepare_host:
+                await hook(vm)
+            progress("network", f"bridge {self.config.bridge_name}, tap, {vm.guest_ip}")
+            await self.net.ensure_bridge()
+            tap = await self.net.acquire_tap()
+            # Durable teardown identity first, then the transient handle, then use it.
+            vm.teardown = Teardown(tap=tap, vmm=driver.name, nat=vm.spec.nat)
+            self.store.update_vm(vm)
+            self.handles.put(vm.id, vm_dir, Handles(tap=tap, vmm=driver.name))
+            await self.net.attach_tap(tap)
+            for hook in self.hooks.post_network:
+                await hook(vm)
+            cfg = self._machine_config(vm, kernel, image, tap)
+            pre_boot = time.monotonic() - t0
+            progress("boot", f"starting {driver.name}")
+            handle = await driver.start(cfg)
+            vm.teardown.vmm_pid = handle.pid
+            vm.teardown.api_socket = handle.api_socket
+            self.store.update_vm(vm)
+            self.handles.put(
+                vm.id,
+                vm_dir,
+                Handles(
+                    pid=handle.pid,
+                    vmm=driver.name,
+                    tap=tap,
+                    api_socket=handle.api_socket,
+                    extra={"handle": handle.to_dict()},
+                ),
+            )
+            t_vmm = time.monotonic()
+            progress("ssh", "waiting for the guest to answer SSH")
+
+            def alive() -> bool:
+                return driver.is_running(handle)
+
+            await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+            boot = time.monotonic() - t_vmm
+            for hook in self.hooks.post_start:
+                await hook(vm)
+            vm.state = VMState.RUNNING
+            vm.started_at = now()
+            self.store.update_vm(vm)
+            self.last_timings[vm.id] = {"pre_boot_s": round(pre_boot, 3), "boot_s": round(boot, 3)}
+            progress("ready", f"{vm.name} is running at {vm.guest_ip} ({vm.dns_name})")
+            return vm
+        except BaseException as e:
+            msg = e.message if isinstance(e, StokerError) else f"{type(e).__name__}: {e}"
+            errs = await self._cleanup(vm)
+            vm.state = VMState.ERROR
+            vm.last_error = msg + (f" (cleanup: {'; '.join(errs)})" if errs else "")
+            self.store.update_vm(vm)
+            raise
+
+    def _machine_config(
+        self, vm: VMRecord, kernel: Kernel, image: Image, tap: str
+    ) -> MachineConfig:
+        vm_dir = Path(vm.vm_dir)
+        driver = self._driver()
+        if driver.name == "firecracker":
+            kpath = kernel.vmlinux or kernel.bzimage
+        else:
+            kpath = kernel.bzimage or kernel.vmlinux
+        if not kpath:
+            raise Conflict(f"kernel {kernel.name} has no bootable file for {driver.name}")
+        return MachineConfig(
+            vm_id=vm.id,
+            name=vm.name,
+            vm_dir=vm_dir,
+            kernel=Path(kpath),
+            initrd=Path(kernel.initrd) if kernel.initrd else None,
+            cmdline=BOOT_CMDLINE,
+            vcpu=vm.spec.vcpu,
+            memory_mib=vm.spec.memory_mib,
+            disks=[
+                Disk(path=Path(image.rootfs), read_only=True, id="rootfs"),
+                Disk(path=vm_dir / OVERLAY, read_only=False, id="overlay"),
+                Disk(path=vm_dir / WORKDISK, read_only=False, id="work"),
+            ],
+            tap=tap,
+            mac=mac_for(vm.guest_ip),
+            serial_log=vm_dir / SERIAL_LOG,
+            vsock_cid=None,
+            agent_socket=None,
+        )
+
+    def ssh_target(self, vm: VMRecord) -> SSHTarget:
+        return SSHTarget(
+            name=vm.name,
+            host=vm.guest_ip,
+            key=self.layout.ssh_key,
+            known_hosts=self.layout.known_hosts,
+        )
+
+    # --- stop / kill / cleanup ---------------------------------------------------------
+
+    async def stop_vm(self, ref: str) -> VMRecord:
+        """Sync the guest's disks over SSH, power it off, end the VMM, clean up."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            return await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, force=False)))
+
+    async def kill_vm(self, ref: str) -> VMRecord:
+        """Force-stop (signal) and clean up."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            return await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, force=True)))
+
+    async def restart_vm(self, ref: str, progress: Progress) -> VMRecord:
+        """Stop (if running), then start."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            if vm.state != VMState.STOPPED:
+                vm = await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, False)))
+            return await self._start_locked(vm, progress)
+
+    def _handle(self, vm: VMRecord) -> VMMHandle | None:
+        h = self.handles.get(vm.id) or self.handles.load(vm.id, Path(vm.vm_dir))
+        raw = h.extra.get("handle") if h else None
+        if isinstance(raw, dict):
+            try:
+                return VMMHandle.from_dict(raw)
+            except (TypeError, ValueError, KeyError):
+                pass
+        return self._driver().adopt(Path(vm.vm_dir))
+
+    async def _stop_locked(self, vm: VMRecord, force: bool) -> VMRecord:
+        handle = self._handle(vm)
+        driver = self._driver()
+        running = handle is not None and driver.is_running(handle)
+        if running and not force:
+            try:
+                # `sync` is what saves data: Ctrl-Alt-Del makes Debian reboot, not halt.
+                await self.ssh.run(
+                    self.ssh_target(vm),
+                    "sync; (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1 &",
+                    timeout=30,
+                    connect_timeout=1.0,
+                )
+            except StokerError as e:
+                self.log.info("stop %s: guest unreachable over SSH (%s): killing", vm.name, e)
+            assert handle is not None
+            deadline = time.monotonic() + STOP_GRACE
+            while time.monotonic() < deadline and driver.is_running(handle):
+                await asyncio.sleep(0.05)
+        errs = await self._cleanup(vm)
+        vm.state = VMState.STOPPED
+        vm.last_error = ("; ".join(errs)) if errs else None
+        self.store.update_vm(vm)
+        if errs:
+            raise StokerError(f"VM {vm.name} stopped, but cleanup had errors: {'; '.join(errs)}")
+        return vm
+
+    async def _cleanup(self, vm: VMRecord) -> list[str]:
+        """Every teardown step runs; errors are collected, never returned early."""
+        errs: list[str] = []
+        handle = self._handle(vm)
+        driver = self._driver()
+        if handle is not None and driver.is_running(handle):
+            try:
+                await driver.kill(handle)
+            except Exception as e:
+                errs.append(f"kill VMM: {e}")
+        elif vm.teardown.vmm_pid and pid_alive(vm.teardown.vmm_pid) and handle is None:
+            errs.append(f"VMM pid {vm.teardown.vmm_pid} alive but not verifiable; left alone")
+        for hook in self.hooks.cleanup:
+            try:
+                await hook(vm)
+            except Exception as e:
+                errs.append(f"{getattr(hook, '__name__', 'hook')}: {e}")
+        if vm.teardown.tap:
+            try:
+                await self.net.release_tap(vm.teardown.tap)
+            except Exception as e:
+                errs.append(f"release tap {vm.teardown.tap}: {e}")
+        self.handles.drop(vm.id, Path(vm.vm_dir))
+        vm.teardown = Teardown()
+        self.store.update_vm(vm)
+        return errs
+
+    # --- delete / set ------------------------------------------------------------------
+
+    async def delete_vm(self, ref: str) -> dict[str, str]:
+        """Stop if needed, then remove disks, DNS, NAT, known_hosts entries and the row."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+
+            async def flow() -> dict[str, str]:
+                errs = await self._cleanup(vm)
+                remove_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name])
+                shutil.rmtree(vm.vm_dir, ignore_errors=True)
+                self.store.delete_vm(vm.id)
+                if errs:
+                    self.log.warning("delete %s: cleanup errors: %s", vm.name, "; ".join(errs))
+                return {"name": vm.name, "id": vm.id}
+
+            return await asyncio.shield(asyncio.ensure_future(flow()))
+
+    async def set_vm(
+        self, ref: str, vcpu: int | None, memory_mib: int | None, disk_size: str | int | None
+    ) -> VMRecord:
+        """Change sizing; applies at the next start. Disks only grow."""
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            spec = self._resolve_spec(vcpu, memory_mib, disk_size, base=vm.spec)
+            if spec.disk_size < vm.spec.disk_size:
+                raise InvalidArgument(
+                    f"--disk-size {format_size(spec.disk_size)} is smaller than VM {vm.name}'s "
+                    f"{format_size(vm.spec.disk_size)}: disks only grow"
+                )
+            vm.spec = spec
+            self.store.update_vm(vm)
+            return vm
+
+    # --- info for the CLI ---------------------------------------------------------------
+
+    def logs_info(self, ref: str) -> dict[str, str]:
+        """Where the VM's serial console log is (the CLI reads and follows it)."""
+        vm = self.resolve(ref)
+        return {"name": vm.name, "path": str(Path(vm.vm_dir) / SERIAL_LOG), "state": vm.state}
+
+    def ssh_info(self, ref: str) -> dict[str, Any]:
+        """What the CLI needs to run the system ssh against a VM."""
+        vm = self.resolve(ref)
+        return {
+            "name": vm.name,
+            "state": str(vm.state),
+            "host": vm.guest_ip,
+            "user": "root",
+            "key": str(self.layout.ssh_key),
+            "known_hosts": str(self.layout.known_hosts),
+            "workspace": vm.workspace.guest_path if vm.workspace else None,
+        }
+
+    # --- fan-out -----------------------------------------------------------------------
+
+    async def fan_out(
+        self, refs: list[str], op: Callable[[str], Awaitable[Any]]
+    ) -> list[dict[str, Any]]:
+        """Resolve refs once, dedupe, run concurrently, report in the order given."""
+        resolved: list[tuple[str, str | None, str | None]] = []
+        for ref in refs:
+            try:
+                resolved.append((ref, self.resolve(ref).id, None))
+            except StokerError as e:
+                resolved.append((ref, None, e.message))
+        unique = list(dict.fromkeys(vid for _, vid, _ in resolved if vid))
+
+        async def one(vid: str) -> tuple[Any, str | None]:
+            try:
+                return await op(vid), None
+            except StokerError as e:
+                return None, e.message
+
+        results = dict(zip(unique, await asyncio.gather(*(one(v) for v in unique)), strict=True))
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for ref, vid, err in resolved:
+            if vid is None:
+                out.append({"ref": ref, "ok": False, "error": err})
+            elif vid in seen:
+                continue
+            else:
+                seen.add(vid)
+                res, failure = results[vid]
+                out.append({"ref": ref, "ok": failure is None, "error": failure, "result": res})
+        return out
+
+    # --- watching running VMMs ----------------------------------------------------------
+
+    async def check_vmms(self) -> list[str]:
+        """Mark running VMs whose VMM died as stopped (with the reason) and clean up after
+        them. VMs with a lifecycle op in flight are skipped. Returns the names reaped."""
+        reaped: list[str] = []
+        for vm in self.store.list_vms():
+            if vm.state != VMState.RUNNING or self.vm_locks.locked(vm.id):
+                continue
+            handle = self._handle(vm)
+            if handle is not None and self._driver().is_running(handle):
+                continue
+            async with self.vm_locks.hold(vm.id):
+                cur = self.store.get_vm(vm.id)
+                if cur is None or cur.state != VMState.RUNNING:
+                    continue
+                errs = await self._cleanup(cur)
+                cur.state = VMState.STOPPED
+                cur.last_error = "the VMM process exited unexpectedly (killed or crashed)" + (
+                    f"; cleanup: {'; '.join(errs)}" if errs else ""
+                )
+                self.store.update_vm(cur)
+                self.log.warning("%s: %s", cur.name, cur.last_error)
+                reaped.append(cur.name)
+        return reaped
+
     # --- reconcile ---------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """At daemon start: keep VMs whose VMM is alive, mark the others stopped."""
+        """At daemon start: keep VMs whose VMM is alive (handles rebuilt), mark dead ones
+        stopped and tear down what they left (tap, NAT rules), reap orphan taps and NAT
+        rules, and republish DNS for the running ones."""
+        in_use_taps: set[str] = set()
+        live_ids: set[str] = set()
         for vm in self.store.list_vms():
             if vm.state not in (VMState.RUNNING, VMState.STARTING, VMState.STOPPING):
+                if vm.teardown.tap or vm.teardown.vmm_pid:
+                    # A crash between steps left teardown identity behind: clean it.
+                    errs = await self._cleanup(vm)
+                    if errs:
+                        self.log.warning("reconcile %s: %s", vm.name, "; ".join(errs))
                 continue
             h = self.handles.load(vm.id, Path(vm.vm_dir))
-            if await self.is_alive(vm):
-                self.log.info(
-                    "reconcile: %s is still running (pid %s)",
-                    vm.name,
-                    h.pid if h else vm.teardown.vmm_pid,
-                )
-                vm.state = VMState.RUNNING
-                self.store.update_vm(vm)
+            handle = self._handle(vm)
+            alive = handle is not None and self._driver().is_running(handle)
+            if alive and vm.state == VMState.RUNNING:
+                self.log.info("reconcile: %s is still running (pid %s)", vm.name,
+                              handle.pid if handle else None)
+                if h is None and handle is not None:
+                    self.handles.put(
+                        vm.id, Path(vm.vm_dir),
+                        Handles(pid=handle.pid, vmm=handle.kind, tap=vm.teardown.tap,
+                                api_socket=handle.api_socket,
+                                extra={"handle": handle.to_dict()}),
+                    )
+                if vm.teardown.tap:
+                    in_use_taps.add(vm.teardown.tap)
+                live_ids.add(vm.id)
+                self.net.publish_dns(vm.name, vm.guest_ip)
                 continue
-            self.log.warning("reconcile: %s's VMM is gone; marking it stopped", vm.name)
-            vm.last_error = "the VMM process exited while stokerd was not running"
+            # Dead VMM, or a start the daemon never finished (e.g. killed mid-create).
+            reason = (
+                "the VMM process exited while stokerd was not running"
+                if vm.state == VMState.RUNNING
+                else "stokerd stopped while this VM was starting; start it again"
+            )
+            self.log.warning("reconcile: %s: %s", vm.name, reason)
+            errs = await self._cleanup(vm)
             vm.state = VMState.STOPPED
+            vm.last_error = reason + (f" (cleanup: {'; '.join(errs)})" if errs else "")
             self.store.update_vm(vm)
-            self.handles.drop(vm.id, Path(vm.vm_dir))
+        try:
+            reaped = await self.net.reap_orphan_taps(in_use_taps)
+            if reaped:
+                self.log.info("reconcile: removed orphan taps %s", ", ".join(reaped))
+            for vm_id in await self.net.nat_vm_ids() - live_ids:
+                await self.net.remove_nat(vm_id)
+        except StokerError as e:
+            self.log.warning("reconcile: host network cleanup failed: %s", e)
 
     # --- liveness ----------------------------------------------------------------------
 
@@ -149,3 +694,10 @@ def pid_alive(pid: int) -> bool:
     # state is the field after the parenthesised comm
     state = stat.rsplit(")", 1)[-1].split()[0]
     return state != "Z"
+
+
+def default_driver(config: Config, runner: Runner) -> VMMDriver:
+    """The VMM the config and host call for (see vmm.select)."""
+    from stoker.daemon.vmm.select import driver_for_config
+
+    return driver_for_config(config, runner)

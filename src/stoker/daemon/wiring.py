@@ -63,6 +63,7 @@ def wire_services(d: Daemon) -> None:
         d.ws = WorkspaceService(
             d.store,
             d.layout,
+            d.config,
             d.runner,
             logger.getChild("workspace"),
             WorkspaceSeams(

@@ -31,6 +31,9 @@ def parse_size(text: str | int, what: str = "size", bare_unit: int = 1) -> int:
         raise InvalidArgument(f"{what} must be a size such as 8G, got {text!r}")
     if isinstance(text, int):
         value = text * bare_unit
+    elif not isinstance(text, str):
+        # Config values arrive untyped from TOML (floats, lists...).
+        raise InvalidArgument(f"{what} must be a size such as 8G, got {text!r}")
     else:
         m = _SIZE.match(text)
         if not m:

@@ -69,7 +69,12 @@ class Client:
         """Send a request, stream progress to `progress`, return the result or raise."""
         rid = self._next_id
         self._next_id += 1
-        self._sock.sendall(encode({"id": rid, "method": method, "params": params or {}}))
+        try:
+            self._sock.sendall(encode({"id": rid, "method": method, "params": params or {}}))
+        except (BrokenPipeError, ConnectionResetError):
+            # The server may refuse a peer before reading anything (another uid) and hang
+            # up; its error line is still readable, and says why.
+            pass
         while True:
             msg = json.loads(self._readline())
             if "progress" in msg:

@@ -168,21 +168,31 @@ class RPCServer:
             # Watch for the next line (or EOF) while the handler runs: EOF means the
             # client went away, and its request is cancelled.
             pending = asyncio.ensure_future(self._read_request(reader))
-            done, _ = await asyncio.wait({handler, pending}, return_when=asyncio.FIRST_COMPLETED)
-            if handler not in done:
-                eof = False
-                if pending in done:
-                    try:
-                        eof = pending.result() is None
-                    except RequestTooLarge:
-                        eof = True
-                if eof:
-                    log.info("client of %s disconnected: cancelling the request", method)
-                    handler.cancel()
-                    with contextlib.suppress(BaseException):
-                        await handler
-                    return
-                await asyncio.wait({handler})
+            try:
+                done, _ = await asyncio.wait(
+                    {handler, pending}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if handler not in done:
+                    eof = False
+                    if pending in done:
+                        try:
+                            eof = pending.result() is None
+                        except RequestTooLarge:
+                            eof = True
+                    if eof:
+                        log.info("client of %s disconnected: cancelling the request", method)
+                        handler.cancel()
+                        with contextlib.suppress(BaseException):
+                            await handler
+                        return
+                    await asyncio.wait({handler})
+            except asyncio.CancelledError:
+                # The server is closing: the request goes down with its connection
+                # instead of running on against a store that is about to close.
+                for t in (handler, pending):
+                    t.cancel()
+                await asyncio.wait({handler, pending}, timeout=2.0)
+                raise
             try:
                 result = handler.result()
                 msg: dict[str, Any] = {"id": rid, "result": result}

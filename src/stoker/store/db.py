@@ -57,6 +57,8 @@ class Store:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Before anything writes: switching to WAL rewrites the file header.
+            _refuse_newer_schema(conn, path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StateError(f"state store {path}: could not enable WAL (got {mode})")
@@ -319,6 +321,22 @@ class Store:
     def get_stats(self, vm_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT sample FROM vm_stats WHERE vm_id=?", (vm_id,))
         return dict(json.loads(rows[0][0])) if rows else None
+
+
+def _refuse_newer_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise StateError, without writing, when the file's schema is newer than ours."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+    ).fetchone()
+    if has_table is None:
+        return
+    current = int(conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] or 0)
+    if current > SCHEMA_VERSION:
+        conn.close()
+        raise StateError(
+            f"state store {path} has schema version {current}, newer than this stoker "
+            f"understands ({SCHEMA_VERSION}): upgrade stoker; nothing was changed"
+        )
 
 
 def _split(script: str) -> list[str]:

@@ -1,0 +1,227 @@
+"""SSH to guests through one client library (asyncssh).
+
+The daemon's own SSH use (readiness, stop, workspace I/O) goes through `GuestSSH`.
+Interactive sessions use the system `ssh` with the same key and known_hosts file.
+Host keys: stoker generates each VM's host key itself and records it in its own
+known_hosts before the first boot, so the first connection is already verified; a
+mismatch is refused as a possible man-in-the-middle. The user's ~/.ssh is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import asyncssh
+
+from stoker.errors import StokerError, Timeout, Unavailable
+from stoker.runner import Runner
+
+
+class HostKeyMismatch(StokerError):
+    """The guest presented a host key other than the one recorded."""
+
+    code = "host_key_mismatch"
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to reach one guest."""
+
+    name: str
+    host: str
+    key: Path
+    known_hosts: Path
+    user: str = "root"
+    port: int = 22
+
+
+async def ensure_keypair(runner: Runner, key: Path) -> str:
+    """Create the managed ed25519 key if missing; return the public key line.
+
+    Concurrent callers (parallel creates, two daemons) are serialised by a file lock and
+    the pair is generated under a temporary name, so nobody sees half a key pair."""
+    pub = key.with_name(key.name + ".pub")
+    if key.exists() and pub.exists():
+        return pub.read_text().strip()
+    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = await asyncio.to_thread(_flock, key.with_name(key.name + ".lock"))
+    try:
+        if not (key.exists() and pub.exists()):
+            tmp = key.with_name(f".{key.name}.{os.getpid()}.tmp")
+            tmp_pub = tmp.with_name(tmp.name + ".pub")
+            for p in (tmp, tmp_pub):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            await runner.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "stoker", "-f", str(tmp)]
+            )
+            os.chmod(tmp, 0o600)
+            os.replace(tmp_pub, pub)
+            os.replace(tmp, key)
+    finally:
+        lock.close()
+    return pub.read_text().strip()
+
+
+def _flock(path: Path) -> IO[str]:
+    f = open(path, "a")  # noqa: SIM115 - returned to the caller, closed there
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    return f
+
+
+async def generate_host_key(runner: Runner, dest: Path, comment: str) -> str:
+    """Write a fresh ed25519 host key pair at dest{,.pub}; return the public key line."""
+    for p in (dest, dest.with_name(dest.name + ".pub")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    await runner.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(dest)]
+    )
+    return dest.with_name(dest.name + ".pub").read_text().strip()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_name(path.name + ".lock"), "a") as lf:
+        fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+
+
+def _rewrite(path: Path, keep: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in keep))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _hosts_of(line: str) -> set[str]:
+    parts = line.split()
+    return set(parts[0].split(",")) if parts and not line.startswith("#") else set()
+
+
+def add_known_host(known_hosts: Path, names: list[str], pubkey_line: str) -> None:
+    """Record `names` -> key, replacing earlier entries for any of those names."""
+    key = " ".join(pubkey_line.split()[:2])
+    with _locked(known_hosts):
+        lines = known_hosts.read_text().splitlines() if known_hosts.exists() else []
+        keep = [ln for ln in lines if not (_hosts_of(ln) & set(names))]
+        keep.append(f"{','.join(names)} {key}")
+        _rewrite(known_hosts, keep)
+
+
+def remove_known_host(known_hosts: Path, names: list[str]) -> None:
+    """Drop every entry naming any of `names`."""
+    if not known_hosts.exists():
+        return
+    with _locked(known_hosts):
+        lines = known_hosts.read_text().splitlines()
+        keep = [ln for ln in lines if not (_hosts_of(ln) & set(names))]
+        if keep != lines:
+            _rewrite(known_hosts, keep)
+
+
+@dataclass
+class ExecResult:
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class GuestSSH:
+    """Connect and run commands on guests with the managed key."""
+
+    def __init__(self, connect_timeout: float = 5.0) -> None:
+        self.connect_timeout = connect_timeout
+
+    @contextlib.asynccontextmanager
+    async def connect(
+        self, t: SSHTarget, timeout: float | None = None
+    ) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        """An authenticated connection; host key checked against stoker's known_hosts."""
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(
+                    t.host,
+                    port=t.port,
+                    username=t.user,
+                    client_keys=[str(t.key)],
+                    known_hosts=str(t.known_hosts),
+                    agent_path=None,
+                    config=None,
+                    connect_timeout=timeout or self.connect_timeout,
+                    keepalive_interval=15,
+                ),
+                (timeout or self.connect_timeout) + 1,
+            )
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise HostKeyMismatch(
+                f"VM {t.name} ({t.host}) presented an SSH host key that does not match the one "
+                f"stoker recorded in {t.known_hosts}: this may be a man-in-the-middle; if the VM "
+                "was rebuilt, delete and recreate it"
+            ) from e
+        except (OSError, asyncssh.Error, TimeoutError) as e:
+            raise Unavailable(f"cannot reach VM {t.name} over SSH at {t.host}: {e}") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 2)
+
+    async def run(
+        self,
+        t: SSHTarget,
+        command: str,
+        *,
+        input: bytes | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float | None = None,
+    ) -> ExecResult:
+        """Run one command; returns its exit status and output (bytes)."""
+        async with self.connect(t, connect_timeout) as conn:
+            try:
+                r = await asyncio.wait_for(
+                    conn.run(command, input=input, encoding=None, check=False), timeout
+                )
+            except TimeoutError:
+                raise Timeout(
+                    f"`{command}` on VM {t.name} did not finish in {timeout:.0f}s"
+                ) from None
+            out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
+            err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
+            return ExecResult(r.exit_status if r.exit_status is not None else 255, out, err)
+
+    async def wait_ready(self, t: SSHTarget, timeout: float, alive: object = None) -> float:
+        """Poll until SSH answers `true`. Returns seconds waited. `alive` is an optional
+        callable returning False when the VMM died (stop waiting at once)."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if callable(alive) and not alive():
+                raise Unavailable(f"VM {t.name}'s VMM exited during boot")
+            try:
+                r = await self.run(t, "true", timeout=5, connect_timeout=2)
+                if r.exit_status == 0:
+                    return time.monotonic() - t0
+            except HostKeyMismatch:
+                raise
+            except StokerError as e:
+                last = e
+            await asyncio.sleep(0.1)
+        raise Timeout(
+            f"VM {t.name} did not answer SSH within {timeout:.0f}s "
+            f"({last}): see `stoker vm logs {t.name}`"
+        )

@@ -1,0 +1,341 @@
+"""The one VMM interface, its records, and the process plumbing both backends share.
+
+A driver turns a `MachineConfig` into a running VMM process and back: `start` spawns it
+fully detached (own session, pidfile and handle file in the VM directory) so it outlives
+the daemon; `adopt` finds it again after a daemon restart; `is_running` never trusts a bare
+pid (the pid must still be this VMM for this VM directory); `shutdown`/`kill` end it and
+remove what it leaves behind (sockets, pidfile, jail), keeping the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from stoker.errors import InvalidArgument, Timeout
+
+# Files a driver keeps in the VM directory (names shared by both backends).
+PIDFILE = "vmm.pid"
+HANDLE_FILE = "vmm.json"
+VMM_LOG = "vmm.log"
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+KILL_WAIT = 5.0
+
+
+@dataclass
+class Disk:
+    """A virtio-blk disk; the order in `MachineConfig.disks` is the guest's vda, vdb, ..."""
+
+    path: Path
+    read_only: bool
+    id: str
+
+
+@dataclass
+class MachineConfig:
+    """Everything a VMM needs to boot one VM. Paths are host paths.
+
+    `tap` is the host tap device (None: no NIC); `vsock_cid` and `agent_socket` set up the
+    host<->guest agent channel (Firecracker: vsock whose host side is the unix socket
+    `agent_socket`; QEMU: a virtio-serial port `org.stoker.agent` backed by `agent_socket`).
+    `netns` runs the VMM inside that network namespace (`ip netns exec`, or the jailer's
+    `--netns`), which is how tests keep taps off the host.
+    """
+
+    vm_id: str
+    name: str
+    vm_dir: Path
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    vcpu: int
+    memory_mib: int
+    disks: list[Disk]
+    tap: str | None
+    mac: str
+    serial_log: Path
+    vsock_cid: int | None = None
+    agent_socket: Path | None = None
+    netns: str | None = None
+
+
+@dataclass
+class VMMHandle:
+    """What identifies a running VMM; JSON-serialisable (`to_dict`/`from_dict`).
+
+    `api_socket` is Firecracker's API socket or QEMU's QMP socket (host path). `extra` holds
+    backend details: `vm_id`, `netns`, `pidfile`, `log`, `serial_log`, and for Firecracker
+    `jailed`, `chroot`, `vsock_uds`.
+    """
+
+    kind: str
+    pid: int
+    api_socket: str | None
+    vm_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The handle as plain JSON types."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VMMHandle:
+        """Rebuild a handle; raises ValueError/TypeError/KeyError on a malformed one."""
+        if not isinstance(data, dict):
+            raise TypeError("a VMM handle must be a JSON object")
+        kind, pid, vm_dir = data["kind"], data["pid"], data["vm_dir"]
+        api_socket, extra = data.get("api_socket"), data.get("extra", {})
+        if not isinstance(kind, str) or not isinstance(vm_dir, str):
+            raise TypeError("VMM handle: kind and vm_dir must be strings")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"VMM handle: bad pid {pid!r}")
+        if api_socket is not None and not isinstance(api_socket, str):
+            raise TypeError("VMM handle: api_socket must be a string or null")
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, dict):
+            raise TypeError("VMM handle: extra must be an object")
+        return cls(kind=kind, pid=pid, api_socket=api_socket, vm_dir=vm_dir, extra=dict(extra))
+
+
+class VMMDriver(Protocol):
+    """One VMM backend (Firecracker, QEMU microvm) behind one interface."""
+
+    name: str
+
+    async def start(self, cfg: MachineConfig) -> VMMHandle:
+        """Spawn the VMM detached, configure it and start the guest. On any failure the
+        process is killed and its leftovers removed before the error is raised."""
+        ...
+
+    async def shutdown(self, handle: VMMHandle, timeout: float) -> None:
+        """Ask the guest to stop at VMM level (Ctrl-Alt-Del / ACPI power button), wait up
+        to `timeout` seconds, then kill. Cleans up like `kill`."""
+        ...
+
+    async def kill(self, handle: VMMHandle) -> None:
+        """SIGKILL the VMM (only if it is still this VMM), wait for it to exit, remove its
+        sockets/pidfile/jail. Safe to call when it has already exited."""
+        ...
+
+    def is_running(self, handle: VMMHandle) -> bool:
+        """The pid is alive and really is this VMM for this VM directory."""
+        ...
+
+    def adopt(self, vm_dir: Path) -> VMMHandle | None:
+        """Rebuild the handle of a VMM left running by an earlier daemon, or None."""
+        ...
+
+    async def describe(self, handle: VMMHandle) -> dict[str, Any]:
+        """State read back from the VMM's own API (always has a boolean `running`)."""
+        ...
+
+
+# --- process helpers shared by the backends ------------------------------------------
+
+
+def reap(pid: int) -> bool:
+    """Collect `pid`'s exit status if it is our exited child. False only while it is our
+    child and not yet collectable (a multi-threaded VMM shows as a zombie while its
+    other threads are still exiting); True when reaped or not our child."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists and has not exited. Our own exited child is reaped
+    here; one still tearing down its threads counts as alive until it can be reaped."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return not reap(pid)
+    return True
+
+
+def proc_argv(pid: int) -> list[str]:
+    """The process's argv from /proc ([] when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def proc_exe_name(pid: int) -> str:
+    """Basename of the process's executable ('' when unknown). A binary replaced on disk
+    while the VMM runs (a package upgrade) shows as '... (deleted)': still the VMM."""
+    try:
+        target = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+    return os.path.basename(target.removesuffix(" (deleted)"))
+
+
+def proc_is(pid: int, exe_hint: str, match: Callable[[list[str]], bool]) -> bool:
+    """True when `pid` is alive, its executable (or argv[0]) mentions `exe_hint`, and
+    `match(argv)` holds. Guards every signal against pid reuse."""
+    if not pid_alive(pid):
+        return False
+    argv = proc_argv(pid)
+    if not argv:
+        return False
+    names = (proc_exe_name(pid), os.path.basename(argv[0]))
+    if not any(exe_hint in n for n in names):
+        return False
+    return match(argv)
+
+
+def has_option(argv: list[str], flag: str, value: str) -> bool:
+    """`flag value` or `flag=value` occurs in argv."""
+    if not value:
+        return False
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv) and argv[i + 1] == value:
+            return True
+        if a == f"{flag}={value}":
+            return True
+    return False
+
+
+async def wait_exit(pid: int, timeout: float, interval: float = 0.02) -> bool:
+    """Wait until `pid` has exited (reaping it if it is our child); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+async def sigkill_and_wait(pid: int) -> None:
+    """SIGKILL `pid` and wait for it to be gone. The caller has checked that `pid` is the
+    VMM (or that it is our own unreaped child, which no other process can reuse)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not await wait_exit(pid, KILL_WAIT):
+        raise Timeout(
+            f"VMM pid {pid} did not exit within {KILL_WAIT:.0f}s of SIGKILL "
+            "(stuck in the kernel, e.g. on a hung disk): check `ps -o stat,wchan -p "
+            f"{pid}` and retry"
+        )
+
+
+# --- files in the VM directory ---------------------------------------------------------
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_pidfile(path: Path) -> int | None:
+    """The pid in a pidfile, or None when missing or not a positive integer."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        return None
+    return int(text)
+
+
+def save_handle(handle: VMMHandle) -> None:
+    """Persist the handle to `<vm_dir>/vmm.json` so `adopt` can rebuild it."""
+    write_file_atomic(Path(handle.vm_dir) / HANDLE_FILE, json.dumps(handle.to_dict()))
+
+
+def load_handle(vm_dir: Path, kind: str) -> VMMHandle | None:
+    """The saved handle of this backend, or None when missing, corrupt or another kind."""
+    try:
+        h = VMMHandle.from_dict(json.loads((vm_dir / HANDLE_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return h if h.kind == kind else None
+
+
+def unlink_quiet(*paths: Path | str | None) -> None:
+    """Remove files that may or may not exist."""
+    for p in paths:
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(p)
+
+
+def check_socket_path(path: Path, what: str) -> None:
+    """Unix socket paths are limited to 107 bytes; fail early with the fix."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"{what} path {path} is longer than {MAX_SOCKET_PATH} bytes (a unix socket limit): "
+            "use a shorter state directory"
+        )
+
+
+def tail(path: Path | str | None, lines: int = 8) -> str:
+    """The last lines of a log file, for error messages ('' when absent)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.strip().splitlines()[-lines:])
+
+
+def validate_config(cfg: MachineConfig) -> None:
+    """Checks both backends share: files exist, sizes are sane, ids are unique."""
+    if cfg.vcpu < 1:
+        raise InvalidArgument(f"vcpu must be at least 1, got {cfg.vcpu}")
+    if cfg.memory_mib < 64:
+        raise InvalidArgument(f"memory must be at least 64 MiB, got {cfg.memory_mib}")
+    if not cfg.kernel.is_file():
+        raise InvalidArgument(
+            f"kernel {cfg.kernel} does not exist: re-import the kernel (stoker kernel pull)"
+        )
+    if cfg.initrd is not None and not cfg.initrd.is_file():
+        raise InvalidArgument(
+            f"initrd {cfg.initrd} does not exist: re-import the kernel (stoker kernel pull)"
+        )
+    seen: set[str] = set()
+    for d in cfg.disks:
+        if not d.id or d.id in seen:
+            raise InvalidArgument(f"disk ids must be unique and non-empty, got {d.id!r}")
+        seen.add(d.id)
+        if not d.path.is_file():
+            raise InvalidArgument(
+                f"disk {d.id} ({d.path}) does not exist: delete and recreate the VM"
+            )
+    if not cfg.vm_dir.is_dir():
+        raise InvalidArgument(f"VM directory {cfg.vm_dir} does not exist")
+
+
+def netns_prefix(netns: str | None) -> list[str]:
+    """argv prefix that runs a command inside a named network namespace."""
+    return ["ip", "netns", "exec", netns] if netns else []

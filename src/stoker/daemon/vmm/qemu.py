@@ -1,0 +1,437 @@
+"""QEMU backend: the `microvm` machine, the same device model as Firecracker.
+
+virtio-mmio disks in `MachineConfig.disks` order (vda, vdb, ...), a virtio-net NIC on the
+tap, the serial console appended to the serial log, QMP on `<vm_dir>/qmp.sock` for control
+and state, `-pidfile` in the VM directory. ACPI stays on (the microvm default): the Debian
+cloud kernel finds virtio-mmio devices through it. `-no-reboot` makes a guest reboot end
+QEMU, as it ends Firecracker, so "the VMM exited" always means "the guest is down".
+
+`accel` is chosen by the caller: `kvm` (with `-cpu host`) where guests really boot under
+KVM, else `tcg` (`-cpu max`). Under TCG the guest kernel calibrates its TSC against the
+emulated PIT, which fails on a loaded host (measured: 4 of 4 parallel boots stuck right
+after "tsc: Marking TSC unstable"); microvm has no HPET or PM timer to fall back on. QEMU's
+TCG TSC runs at the host's TSC rate, so the driver appends `tsc_early_khz=<host rate>` to
+the command line (unless it already has one) and the guest skips calibration. Prefer 1
+vCPU under TCG: `-smp 2` was seen to hang once at TSC calibration too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from stoker.daemon.vmm.base import (
+    HANDLE_FILE,
+    PIDFILE,
+    VMM_LOG,
+    MachineConfig,
+    VMMHandle,
+    check_socket_path,
+    has_option,
+    load_handle,
+    netns_prefix,
+    pid_alive,
+    proc_is,
+    read_pidfile,
+    save_handle,
+    sigkill_and_wait,
+    tail,
+    unlink_quiet,
+    validate_config,
+    wait_exit,
+)
+from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
+from stoker.runner import Runner
+
+QMP_SOCKET = "qmp.sock"
+AGENT_PORT_NAME = "org.stoker.agent"
+
+Accel = Literal["kvm", "tcg"]
+
+
+class QMPClient:
+    """A minimal async QMP client: greeting, `qmp_capabilities`, `execute` with a timeout.
+    Asynchronous events interleaved with replies are kept in `events`."""
+
+    def __init__(self, socket_path: str, *, timeout: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.greeting: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """Connect, read the greeting and leave capabilities-negotiation mode."""
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path, limit=1 << 20), self.timeout
+            )
+            self.greeting = await self._read()
+        except TimeoutError:
+            await self.close()
+            raise Timeout(
+                f"QMP socket {self.socket_path} did not greet within {self.timeout:.0f}s"
+            ) from None
+        except OSError as e:
+            await self.close()
+            raise Unavailable(
+                f"QMP socket {self.socket_path} is not answering ({e.strerror or e}): "
+                "QEMU may have exited"
+            ) from None
+        if "QMP" not in self.greeting:
+            await self.close()
+            raise Unavailable(f"{self.socket_path} is not a QMP socket: {self.greeting!r}")
+        await self.execute("qmp_capabilities")
+
+    async def _read(self) -> dict[str, Any]:
+        assert self._reader is not None
+        line = await self._reader.readline()
+        if not line:
+            raise ConnectionResetError("QMP connection closed")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError(f"unexpected QMP message {msg!r}")
+        return msg
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run one command and return its `return` value; raises `CommandFailed` with
+        QEMU's error description, `Timeout` when it does not answer."""
+        if self._writer is None:
+            raise Unavailable("QMP client is not connected")
+        req: dict[str, Any] = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        limit = timeout if timeout is not None else self.timeout
+
+        async def roundtrip() -> dict[str, Any]:
+            assert self._writer is not None
+            self._writer.write(json.dumps(req).encode() + b"\n")
+            await self._writer.drain()
+            while True:
+                msg = await self._read()
+                if "event" in msg:
+                    self.events.append(msg)
+                    continue
+                return msg
+
+        try:
+            reply = await asyncio.wait_for(roundtrip(), limit)
+        except TimeoutError:
+            raise Timeout(f"QMP {command} did not answer within {limit:.0f}s") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(
+                f"QMP connection to {self.socket_path} broke during {command} ({e}): "
+                "QEMU may have exited"
+            ) from None
+        if "error" in reply:
+            err = reply["error"]
+            desc = err.get("desc", err) if isinstance(err, dict) else err
+            raise CommandFailed(f"QEMU refused {command}: {desc}")
+        return reply.get("return")
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+    async def __aenter__(self) -> QMPClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _esc(value: str | os.PathLike[str]) -> str:
+    """QEMU option values separate with commas; a literal comma is doubled."""
+    return str(value).replace(",", ",,")
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz (the TCG guest's TSC rate), or None when unknown."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":", 1)[1]) * 1000) or None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def guest_cmdline(cmdline: str, accel: Accel, tsc_khz: int | None) -> str:
+    """The kernel command line QEMU passes: under TCG with the TSC rate preset."""
+    if accel == "tcg" and tsc_khz and "tsc_early_khz=" not in cmdline:
+        return f"{cmdline} tsc_early_khz={tsc_khz}"
+    return cmdline
+
+
+def qemu_argv(
+    cfg: MachineConfig,
+    qemu_bin: str,
+    accel: Accel,
+    qmp: Path,
+    pidfile: Path,
+    tsc_khz: int | None = None,
+) -> list[str]:
+    """The QEMU command line for `cfg` (without the netns prefix)."""
+    argv = [
+        qemu_bin,
+        "-name",
+        _esc(f"stoker-{cfg.name}"),
+        "-M",
+        "microvm",
+        "-accel",
+        accel,
+        "-cpu",
+        "host" if accel == "kvm" else "max",
+        "-m",
+        str(cfg.memory_mib),
+        "-smp",
+        str(cfg.vcpu),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-chardev",
+        f"file,id=serial0,path={_esc(cfg.serial_log)},append=on",
+        "-serial",
+        "chardev:serial0",
+        "-kernel",
+        str(cfg.kernel),
+    ]
+    if cfg.initrd is not None:
+        argv += ["-initrd", str(cfg.initrd)]
+    argv += ["-append", guest_cmdline(cfg.cmdline, accel, tsc_khz)]
+    for d in cfg.disks:
+        argv += [
+            "-drive",
+            f"if=none,id={_esc(d.id)},file={_esc(d.path)},format=raw,"
+            f"readonly={'on' if d.read_only else 'off'}",
+            "-device",
+            f"virtio-blk-device,drive={_esc(d.id)}",
+        ]
+    if cfg.tap:
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={_esc(cfg.tap)},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net0,mac={cfg.mac}",
+        ]
+    if cfg.agent_socket is not None:
+        argv += [
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            f"socket,id=agent,path={_esc(cfg.agent_socket)},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    argv += ["-qmp", f"unix:{_esc(qmp)},server=on,wait=off", "-pidfile", str(pidfile)]
+    return argv
+
+
+class QemuDriver:
+    """The QEMU `microvm` VMM driver (see module docstring)."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        runner: Runner,
+        qemu_bin: str = "qemu-system-x86_64",
+        *,
+        accel: Accel = "tcg",
+        qmp_timeout: float = 5.0,
+        ready_timeout: float = 15.0,
+        tsc_khz: int | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        """`tsc_khz` presets the TCG guest's TSC rate (default: the host's, see module
+        docstring; 0 turns the preset off)."""
+        if accel not in ("kvm", "tcg"):
+            raise InvalidArgument(f"accel must be kvm or tcg, got {accel!r}")
+        self.runner = runner
+        self.qemu_bin = qemu_bin
+        self.accel: Accel = accel
+        self.qmp_timeout = qmp_timeout
+        self.ready_timeout = ready_timeout
+        self.log = logger or logging.getLogger("stoker.vmm.qemu")
+        self._exe_hint = os.path.basename(qemu_bin) or "qemu"
+        self.tsc_khz = host_tsc_khz() if tsc_khz is None and accel == "tcg" else tsc_khz
+
+    # --- identity --------------------------------------------------------------------
+
+    def is_running(self, handle: VMMHandle) -> bool:
+        """The pid is alive and is QEMU started with this VM directory's pidfile."""
+        if handle.kind != self.name:
+            return False
+        pidfile = str(handle.extra.get("pidfile") or Path(handle.vm_dir) / PIDFILE)
+        return proc_is(handle.pid, self._exe_hint, lambda a: has_option(a, "-pidfile", pidfile))
+
+    def adopt(self, vm_dir: Path) -> VMMHandle | None:
+        """Find a QEMU left running for `vm_dir` (its own pidfile + saved handle)."""
+        pid = read_pidfile(vm_dir / PIDFILE)
+        if pid is None:
+            return None
+        handle = load_handle(vm_dir, self.name) or VMMHandle(
+            kind=self.name,
+            pid=pid,
+            api_socket=str(vm_dir / QMP_SOCKET),
+            vm_dir=str(vm_dir),
+            extra={"pidfile": str(vm_dir / PIDFILE)},
+        )
+        handle.pid = pid
+        return handle if self.is_running(handle) else None
+
+    # --- start -----------------------------------------------------------------------
+
+    async def start(self, cfg: MachineConfig) -> VMMHandle:
+        """Spawn QEMU detached and wait until QMP answers with the guest running."""
+        validate_config(cfg)
+        running = self.adopt(cfg.vm_dir)
+        if running is not None:
+            raise Conflict(
+                f"a QEMU for VM {cfg.name} is already running (pid {running.pid}): "
+                "stop it first (stoker vm stop/kill)"
+            )
+        vm_dir = cfg.vm_dir
+        qmp = vm_dir / QMP_SOCKET
+        pidfile = vm_dir / PIDFILE
+        check_socket_path(qmp, "QMP socket")
+        if cfg.agent_socket is not None:
+            check_socket_path(cfg.agent_socket, "agent socket")
+        unlink_quiet(qmp, pidfile, vm_dir / HANDLE_FILE, cfg.agent_socket)
+        cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        vmm_log = vm_dir / VMM_LOG
+        argv = [
+            *netns_prefix(cfg.netns),
+            *qemu_argv(cfg, self.qemu_bin, self.accel, qmp, pidfile, self.tsc_khz),
+        ]
+        pid = await self.runner.spawn(argv, stdout=vmm_log)
+        handle = VMMHandle(
+            kind=self.name,
+            pid=pid,
+            api_socket=str(qmp),
+            vm_dir=str(vm_dir),
+            extra={
+                "vm_id": cfg.vm_id,
+                "netns": cfg.netns,
+                "accel": self.accel,
+                "pidfile": str(pidfile),
+                "log": str(vmm_log),
+                "serial_log": str(cfg.serial_log),
+                "agent_socket": str(cfg.agent_socket) if cfg.agent_socket else None,
+            },
+        )
+        try:
+            save_handle(handle)
+            await self._wait_ready(handle)
+        except BaseException:
+            await self._abort(handle)
+            raise
+        self.log.info("qemu (%s) for %s started (pid %d)", self.accel, cfg.name, pid)
+        return handle
+
+    async def _wait_ready(self, handle: VMMHandle) -> None:
+        """QEMU is up when QMP answers; it runs the guest from the start (no -S)."""
+        deadline = time.monotonic() + self.ready_timeout
+        qmp = Path(handle.api_socket or "")
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not pid_alive(handle.pid):
+                raise CommandFailed(
+                    "qemu exited during startup: " + (tail(handle.extra.get("log")) or "no output"),
+                    detail=f"log: {handle.extra.get('log')}",
+                )
+            if qmp.exists():
+                try:
+                    async with QMPClient(str(qmp), timeout=2.0) as c:
+                        await c.execute("query-status")
+                    return
+                except (Unavailable, Timeout) as e:
+                    last = e
+            await asyncio.sleep(0.02)
+        raise Timeout(
+            f"qemu did not open its QMP socket {qmp} within {self.ready_timeout:.0f}s"
+            + (f" ({last})" if last else "")
+            + f": see {handle.extra.get('log')}"
+        )
+
+    async def _abort(self, handle: VMMHandle) -> None:
+        """A start failed half-way: kill our still-unreaped child and remove its files."""
+        try:
+            await asyncio.shield(sigkill_and_wait(handle.pid))
+        except Exception as e:  # the original error matters more
+            self.log.warning("cleanup after failed start of pid %d: %s", handle.pid, e)
+        self._remove_leftovers(handle)
+
+    # --- stop ------------------------------------------------------------------------
+
+    async def shutdown(self, handle: VMMHandle, timeout: float) -> None:
+        """ACPI power button (`system_powerdown`), wait up to `timeout`, then kill."""
+        if self.is_running(handle) and handle.api_socket:
+            try:
+                async with QMPClient(
+                    handle.api_socket, timeout=min(self.qmp_timeout, timeout)
+                ) as c:
+                    await c.execute("system_powerdown")
+            except (CommandFailed, Unavailable, Timeout) as e:
+                self.log.info("system_powerdown to pid %d failed (%s): killing", handle.pid, e)
+            else:
+                await wait_exit(handle.pid, timeout)
+        await self.kill(handle)
+
+    async def kill(self, handle: VMMHandle) -> None:
+        """SIGKILL (if still this QEMU), wait for exit, remove its sockets and pidfile."""
+        if self.is_running(handle):
+            await sigkill_and_wait(handle.pid)
+        self._remove_leftovers(handle)
+
+    def _remove_leftovers(self, handle: VMMHandle) -> None:
+        vm_dir = Path(handle.vm_dir)
+        unlink_quiet(
+            handle.api_socket,
+            handle.extra.get("agent_socket"),
+            handle.extra.get("pidfile"),
+            vm_dir / HANDLE_FILE,
+        )
+
+    # --- introspection ---------------------------------------------------------------
+
+    async def describe(self, handle: VMMHandle) -> dict[str, Any]:
+        """QMP query-status."""
+        if not handle.api_socket:
+            raise Unavailable("this QEMU handle has no QMP socket")
+        async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
+            status = await c.execute("query-status")
+        st = status.get("status") if isinstance(status, dict) else None
+        return {
+            "kind": self.name,
+            "running": bool(isinstance(status, dict) and status.get("running")),
+            "state": st,
+            "status": status,
+            "accel": handle.extra.get("accel"),
+        }

@@ -1,0 +1,1 @@
+../files/usr/lib/stoker/stoker-agent

@@ -1,0 +1,23 @@
+"""Shared test plumbing: tier markers are applied per module (pytestmark)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test must belong to exactly one tier, so `-m unit` etc. select the whole suite.
+    tiers = {"unit", "integration", "e2e"}
+    for item in items:
+        marks = {m.name for m in item.iter_markers()} & tiers
+        if not marks:
+            raise pytest.UsageError(
+                f"{item.nodeid} has no tier marker (unit / integration / e2e): add pytestmark"
+            )
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (netlink, nftables, loop devices)")

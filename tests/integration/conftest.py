@@ -1,0 +1,221 @@
+"""Fixtures for integration tests that run real stoker processes in an isolated layout.
+
+Every stokerd a test starts is found through the layout's pid and lock files at teardown
+and stopped; nothing is killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from stoker.layout import Layout
+
+if TYPE_CHECKING:
+    from stoker.daemon.daemon import Daemon
+    from stoker.rpc.server import RPCServer
+
+BIN = Path(sys.executable).parent
+
+
+def stoker_argv() -> list[str]:
+    exe = BIN / "stoker"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stoker.cli.main"]
+
+
+def stokerd_argv() -> list[str]:
+    exe = BIN / "stokerd"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stoker.daemon.main"]
+
+
+def pid_state(pid: int) -> str | None:
+    """The /proc state letter of `pid`, or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def alive(pid: int) -> bool:
+    return pid_state(pid) not in (None, "Z", "X")
+
+
+def is_stokerd(pid: int) -> bool:
+    if not alive(pid):
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"stoker.daemon.main" in cmd or b"stokerd" in cmd
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def kill_daemon_of(layout: Layout) -> None:
+    """Stop any stokerd serving `layout`, found through its pid and lock files only."""
+    pids: set[int] = set()
+    for f in (layout.pid_path, layout.lock_path):
+        with contextlib.suppress(OSError, ValueError):
+            pids.add(int(f.read_text().strip()))
+    for pid in pids:
+        if pid == os.getpid() or not is_stokerd(pid):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, 3):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, 3)
+
+
+@dataclass
+class StokerEnv:
+    """An isolated HOME/XDG layout and helpers to run the real CLI and daemon in it."""
+
+    root: Path
+    env: dict[str, str]
+    layout: Layout
+
+    def run(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*stoker_argv(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def run_stokerd(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*stokerd_argv(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def daemon_pid(self) -> int:
+        return int(self.layout.pid_path.read_text().strip())
+
+    # process helpers, exposed here because test modules cannot import a conftest
+    alive = staticmethod(alive)
+    is_stokerd = staticmethod(is_stokerd)
+    wait_gone = staticmethod(wait_gone)
+
+    def stokerd_argv(self) -> list[str]:
+        return stokerd_argv()
+
+    def write_config(self, text: str) -> Path:
+        self.layout.config_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.config_file.write_text(text)
+        return self.layout.config_file
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh dir directly under /tmp: unix socket paths must stay under ~100 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def stk(short_tmp: Path) -> Iterator[StokerEnv]:
+    """Isolated environment for subprocesses; any stokerd started in it is stopped after."""
+    env = dict(os.environ)
+    env.update(
+        HOME=str(short_tmp / "h"),
+        XDG_CONFIG_HOME=str(short_tmp / "c"),
+        XDG_STATE_HOME=str(short_tmp / "s"),
+        XDG_CACHE_HOME=str(short_tmp / "k"),
+        XDG_RUNTIME_DIR=str(short_tmp / "r"),
+    )
+    for k in ("STOKER_CONFIG", "STOKER_SYSTEM", "STOKER_LOG_LEVEL"):
+        env.pop(k, None)
+    layout = Layout.resolve(env=env)
+    se = StokerEnv(short_tmp, env, layout)
+    try:
+        yield se
+    finally:
+        kill_daemon_of(layout)
+
+
+DaemonFactory = Callable[..., "Daemon"]
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
+    """Build Daemons by hand (seed style): `factory(cls=Daemon, wire=True, **preset)`."""
+    from stoker.config import parse_config
+    from stoker.daemon.daemon import Daemon
+    from stoker.daemon.wiring import wire_services
+    from stoker.store import Store
+
+    made: list[Daemon] = []
+
+    def factory(cls: type[Daemon] = Daemon, wire: bool = True, **preset: Any) -> Daemon:
+        root = short_tmp / f"d{len(made)}"
+        layout = Layout(
+            config_dir=root / "c",
+            state_dir=root / "s",
+            cache_dir=root / "k",
+            runtime_dir=root / "r",
+        )
+        layout.ensure()
+        d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
+        made.append(d)
+        if wire:
+            wire_services(d)
+        return d
+
+    yield factory
+    for d in made:
+        if d.store is not None:
+            d.store.close()
+
+
+ServeFn = Callable[["Daemon"], Awaitable["RPCServer"]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFn]:
+    """Start an RPCServer for a daemon in this test's event loop; closed at teardown."""
+    from stoker.rpc.server import RPCServer
+
+    started: list[RPCServer] = []
+
+    async def start(d: Daemon) -> RPCServer:
+        assert d.layout is not None
+        server = RPCServer(d.layout.socket_path, d.dispatch)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        await s.close()

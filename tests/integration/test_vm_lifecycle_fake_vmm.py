@@ -1,0 +1,386 @@
+"""VMService lifecycle against real disks, a real bridge/taps/nft in a test namespace, and a
+stand-in VMM process (a sleeping python process): everything but the guest boot.
+
+Guest boots are covered by tests/e2e; here the orchestration, teardown, reconcile and the
+bad inputs are exercised fast and for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stoker.config import parse_config
+from stoker.daemon.daemon import Daemon
+from stoker.daemon.host_network import HostNetwork
+from stoker.daemon.vm_service import CreateRequest
+from stoker.daemon.vmm.base import MachineConfig, VMMHandle, pid_alive, proc_argv
+from stoker.daemon.wiring import wire_services
+from stoker.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    StokerError,
+    Unavailable,
+)
+from stoker.layout import Layout
+from stoker.model.records import Kernel, VMState
+from stoker.runner import Runner
+from stoker.store import Store
+from stoker.store.db import now
+
+pytestmark = pytest.mark.integration
+
+
+def _noop(*a: Any, **k: Any) -> None:
+    pass
+
+
+class SleepVMM:
+    """A VMM stand-in: a detached python process that sleeps, tagged with the VM dir."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.started: list[MachineConfig] = []
+
+    async def start(self, cfg: MachineConfig) -> VMMHandle:
+        self.started.append(cfg)
+        p = subprocess.Popen(  # noqa: ASYNC220 - a detached stand-in, never awaited
+            [
+                sys.executable,
+                "-c",
+                "import time; time.sleep(3600)",
+                "stoker-fake-vmm",
+                str(cfg.vm_dir),
+            ],
+            start_new_session=True,
+        )
+        (cfg.vm_dir / "vmm.pid").write_text(str(p.pid))
+        return VMMHandle(kind="fake", pid=p.pid, api_socket=None, vm_dir=str(cfg.vm_dir))
+
+    def is_running(self, h: VMMHandle) -> bool:
+        return pid_alive(h.pid) and h.vm_dir in proc_argv(h.pid)
+
+    async def kill(self, h: VMMHandle) -> None:
+        if self.is_running(h):
+            os.kill(h.pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(h.pid):
+                    break
+                await asyncio.sleep(0.02)
+
+    async def shutdown(self, h: VMMHandle, timeout: float) -> None:
+        await self.kill(h)
+
+    def adopt(self, vm_dir: Path) -> VMMHandle | None:
+        try:
+            pid = int((vm_dir / "vmm.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        h = VMMHandle(kind="fake", pid=pid, api_socket=None, vm_dir=str(vm_dir))
+        return h if self.is_running(h) else None
+
+    async def describe(self, h: VMMHandle) -> dict[str, Any]:
+        return {"running": self.is_running(h)}
+
+
+@dataclass
+class FakeSSH:
+    """Readiness answers at once; the 'guest' is unreachable for stop (kill path)."""
+
+    ready: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    async def wait_ready(self, t: Any, timeout: float, alive: Any = None) -> float:
+        self.calls.append(f"wait {t.name}")
+        if not self.ready:
+            raise StokerError(f"VM {t.name} did not answer SSH: see `stoker vm logs {t.name}`")
+        return 0.0
+
+    async def run(self, t: Any, command: str, **kw: Any) -> Any:
+        self.calls.append(f"run {t.name} {command}")
+        raise Unavailable("guest unreachable (fake)")
+
+
+def _host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return {ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines()}
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    ns = f"stoker-t-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    before = _host_links()
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        assert _host_links() == before, "the test leaked links onto the host"
+
+
+@dataclass
+class Rig:
+    d: Daemon
+    fake: SleepVMM
+    ssh: FakeSSH
+    ns: str
+    root: Path
+
+
+async def _make_ext4(path: Path, size_mb: int = 64) -> None:
+    tree = Path(tempfile.mkdtemp())
+    try:
+        (tree / "etc").mkdir()
+        (tree / "etc" / "os-release").write_text("ID=test\n")
+        with open(path, "wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        await Runner().run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(path)])
+    finally:
+        shutil.rmtree(tree)
+
+
+def build_daemon(root: Path, ns: str, fake: SleepVMM, ssh: FakeSSH) -> Daemon:
+    layout = Layout(root / "c", root / "s", root / "k", root / "s")
+    layout.ensure()
+    config = parse_config(
+        {
+            "bridge_cidr": "172.30.0.0/24",
+            "tap_pool_size": 1,
+            "vm_defaults": {
+                "vcpu": 1,
+                "memory_mib": 256,
+                "disk_size": "300M",
+                "overlay_size": "300M",
+            },
+        },
+        cpus=2,
+        mem_bytes=4 * 1024**3,
+    )
+    logger = logging.getLogger("stoker.test")
+    d = Daemon(layout=layout, config=config, store=Store(layout.db_path), logger=logger)
+    d.net = HostNetwork(config, d.runner, logger, netns=ns)
+    wire_services(d)
+    assert d.vm is not None
+    d.vm.driver_factory = lambda: fake
+    d.vm.ssh = ssh  # type: ignore[assignment]
+    return d
+
+
+@pytest.fixture
+async def rig(netns: str) -> AsyncIterator[Rig]:
+    root = Path(tempfile.mkdtemp(prefix="stk-vm-"))
+    fake, ssh = SleepVMM(), FakeSSH()
+    d = build_daemon(root, netns, fake, ssh)
+    assert d.store is not None and d.images is not None
+    kdir = root / "kernel"
+    kdir.mkdir()
+    (kdir / "vmlinux").write_bytes(b"\x7fELF fake")
+    d.store.upsert_kernel(
+        Kernel(
+            name="k1",
+            version="6.1",
+            arch="x86_64",
+            dir=str(kdir),
+            vmlinux=str(kdir / "vmlinux"),
+            bzimage=None,
+            initrd=None,
+            modules_dir=None,
+            source="test",
+            created_at=now(),
+        )
+    )
+    await _make_ext4(root / "rootfs.ext4")
+    await _make_ext4(root / "seed.ext4", 32)
+    await d.images.register_image("base", str(root / "rootfs.ext4"), "k1", str(root / "seed.ext4"))
+    try:
+        yield Rig(d, fake, ssh, netns, root)
+    finally:
+        vm = d.vm
+        assert vm is not None
+        for v in list(await vm.list_vms()):
+            with __import__("contextlib").suppress(Exception):
+                await vm.delete_vm(v.id)
+        assert d.net is not None
+        await d.net.close()
+        await d.net.teardown_bridge_if_unused()
+        await d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def req(**kw: Any) -> CreateRequest:
+    return CreateRequest(image="base", **kw)
+
+
+async def test_create_start_stop_delete(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    events: list[tuple[str, str]] = []
+    rec = await vm.create_vm(req(name="t1"), lambda s, m="", **k: events.append((s, m)))
+    assert rec.state == VMState.RUNNING
+    assert next(s for s, _ in events) == "spec"
+    assert {"disks", "network", "boot", "ready"} <= {s for s, _ in events}
+    vm_dir = Path(rec.vm_dir)
+    # Sparse per-VM disks, base image not copied.
+    for f in ("overlay.ext4", "work.ext4"):
+        st = (vm_dir / f).stat()
+        assert st.st_blocks * 512 < st.st_size / 4
+    # The machine config names the three disks in the contract's order.
+    cfg = rig.fake.started[-1]
+    assert [d.id for d in cfg.disks] == ["rootfs", "overlay", "work"]
+    assert cfg.disks[0].read_only and not cfg.disks[1].read_only
+    assert "ip=" not in cfg.cmdline
+    # Durable teardown identity and handles.json.
+    got = vm.resolve("t1")
+    assert got.teardown.tap and got.teardown.vmm_pid
+    h = json.loads((vm_dir / "handles.json").read_text())
+    assert h["tap"] == got.teardown.tap
+    # The work disk got the managed key and /root stayed 0755.
+    from stoker.daemon.imagemgr import ext4
+
+    keys = await ext4.read_file(rig.d.runner, vm_dir / "work.ext4", "/.ssh/authorized_keys")
+    assert keys.startswith(b"ssh-ed25519 ")
+    st = await ext4.stat_path(rig.d.runner, vm_dir / "work.ext4", "/")
+    assert st is not None and st.mode & 0o777 == 0o755
+    # DNS published while running.
+    assert rig.d.net is not None
+    assert rig.d.net.dns.records().get("t1") == got.guest_ip
+    with pytest.raises(Conflict, match="already running"):
+        await vm.start_vm("t1", _noop)
+    pid = got.teardown.vmm_pid
+    stopped = await vm.stop_vm("t1")
+    assert stopped.state == VMState.STOPPED
+    assert not pid_alive(pid)
+    assert stopped.teardown.tap is None
+    assert "t1" not in rig.d.net.dns.records()
+    assert not (vm_dir / "handles.json").exists()
+    await vm.delete_vm("t1")
+    assert not vm_dir.exists()
+    with pytest.raises(NotFound):
+        await vm.delete_vm("t1")
+
+
+async def test_bad_inputs(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    for name, pat in (("Upper", "uppercase"), ("a" * 64, "at most 63"), ("-lead", "invalid")):
+        with pytest.raises(InvalidArgument, match=pat):
+            await vm.create_vm(req(name=name, no_start=True), _noop)
+    with pytest.raises(InvalidArgument, match="vcpu"):
+        await vm.create_vm(req(name="z", vcpu=0, no_start=True), _noop)
+    with pytest.raises(InvalidArgument, match="memory"):
+        await vm.create_vm(req(name="z", memory_mib=-5, no_start=True), _noop)
+    with pytest.raises(InvalidArgument, match="greater than zero"):
+        await vm.create_vm(req(name="z", disk_size="0", no_start=True), _noop)
+    with pytest.raises(NotFound, match="image 'nope' not found"):
+        await vm.create_vm(CreateRequest(name="z", image="nope", no_start=True), _noop)
+    assert await vm.list_vms() == []  # nothing half-made
+    await vm.create_vm(req(name="dup", no_start=True), _noop)
+    with pytest.raises(AlreadyExists, match="dup"):
+        await vm.create_vm(req(name="dup", no_start=True), _noop)
+    # set: disks only grow; applies at next start.
+    with pytest.raises(InvalidArgument, match="only grow"):
+        await vm.set_vm("dup", None, None, "290M")
+    s = await vm.set_vm("dup", 2, 512, "1G")
+    assert (s.spec.vcpu, s.spec.memory_mib, s.spec.disk_size) == (2, 512, 1024**3)
+    # Deleting an image in use is refused.
+    assert rig.d.images is not None
+    with pytest.raises(Conflict, match="used by VM"):
+        await rig.d.images.delete_image("base")
+
+
+async def test_fan_out_reports_in_order_and_isolates_failures(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    await vm.create_vm(req(name="a", no_start=True), _noop)
+    await vm.create_vm(req(name="b", no_start=True), _noop)
+    res = await vm.fan_out(["b", "missing", "a", "b"], vm.delete_vm)
+    assert [r["ref"] for r in res] == ["b", "missing", "a"]
+    assert [r["ok"] for r in res] == [True, False, True]
+    assert "not found" in res[1]["error"]
+
+
+async def test_vmm_killed_is_noticed_and_cleaned(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None and rig.d.net is not None
+    rec = await vm.create_vm(req(name="k9"), _noop)
+    tap = rec.teardown.tap
+    assert tap is not None
+    os.kill(rec.teardown.vmm_pid or 0, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    await vm.check_vmms()
+    got = vm.resolve("k9")
+    assert got.state == VMState.STOPPED
+    assert got.last_error and "exited" in got.last_error
+    assert not await rig.d.net.links.exists(tap)
+
+
+async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None and rig.d.store is not None
+    alive = await vm.create_vm(req(name="alive"), _noop)
+    dead = await vm.create_vm(req(name="dead"), _noop)
+    corrupt = await vm.create_vm(req(name="corrupt"), _noop)
+    os.kill(dead.teardown.vmm_pid or 0, signal.SIGKILL)
+    (Path(corrupt.vm_dir) / "handles.json").write_text("{not json")
+    # A new daemon on the same state: a restart.
+    d2 = build_daemon(rig.root, rig.ns, rig.fake, rig.ssh)
+    try:
+        assert d2.vm is not None
+        await d2.vm.reconcile()
+        a = d2.vm.resolve("alive")
+        assert a.state == VMState.RUNNING and pid_alive(a.teardown.vmm_pid or 0)
+        b = d2.vm.resolve("dead")
+        assert b.state == VMState.STOPPED and "exited" in (b.last_error or "")
+        c = d2.vm.resolve("corrupt")
+        # handles.json was unreadable; the VMM is found again from its pidfile.
+        assert c.state == VMState.RUNNING
+        assert d2.net is not None
+        assert d2.net.dns.records().get("alive") == alive.guest_ip
+    finally:
+        assert d2.store is not None
+        d2.store.close()
+
+
+async def test_ten_concurrent_creates_get_distinct_ips(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    recs = await asyncio.gather(*(vm.create_vm(req(name=f"c{i}"), _noop) for i in range(10)))
+    ips = {r.guest_ip for r in recs}
+    assert len(ips) == 10
+    assert all(r.state == VMState.RUNNING for r in recs)
+    taps = {vm.resolve(r.name).teardown.tap for r in recs}
+    assert len(taps) == 10
+
+
+async def test_ssh_timeout_marks_error_and_cleans_up(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None and rig.d.net is not None
+    rig.ssh.ready = False
+    with pytest.raises(StokerError, match="vm logs"):
+        await vm.create_vm(req(name="slow"), _noop)
+    got = vm.resolve("slow")
+    assert got.state == VMState.ERROR and "vm logs" in (got.last_error or "")
+    assert got.teardown.tap is None
+    assert not rig.fake.started or not SleepVMM().adopt(Path(got.vm_dir))
+    # The VM stays deletable.
+    await vm.delete_vm("slow")

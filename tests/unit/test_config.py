@@ -1,0 +1,333 @@
+"""Config: every key optional and validated, VM defaults with provenance, file loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stoker.config import (
+    BUILTIN_DISK_SIZE,
+    BUILTIN_MEMORY_MIB,
+    BUILTIN_OVERLAY_SIZE,
+    BUILTIN_VCPU,
+    GiB,
+    MiB,
+    config_path,
+    load_config,
+    parse_config,
+)
+from stoker.errors import ConfigError
+from stoker.layout import Layout
+
+pytestmark = pytest.mark.unit
+
+
+def test_empty_config_is_all_defaults() -> None:
+    c = parse_config({})
+    assert c.vmm == "auto"
+    assert c.bridge_name == "br-stoker"
+    assert c.bridge_cidr == "172.30.0.0/24"
+    assert c.gateway_ip == "172.30.0.1"
+    assert c.file_sync == ()
+    assert c.path is None
+
+
+def test_full_valid_config() -> None:
+    data: dict[str, Any] = {
+        "log_level": "DEBUG",
+        "vmm": "qemu",
+        "firecracker_bin": "/opt/fc/firecracker",
+        "jailer_bin": "/opt/fc/jailer",
+        "qemu_bin": "qemu-system-x86_64",
+        "use_jailer": True,
+        "bridge_name": "br-test",
+        "bridge_cidr": "10.77.0.5/24",
+        "tap_pool_size": 4,
+        "dns_listen": "127.0.0.1:5300",
+        "guest_dns": ["9.9.9.9", "2620:fe::fe"],
+        "default_image": "my-image",
+        "debian_mirror": "http://deb.example/debian",
+        "auto_stop_stale_after": "2h",
+        "stats_poll_interval": "30s",
+        "op_prune_interval": 120,
+        "vm_defaults": {"vcpu": 2, "memory_mib": 2048, "disk_size": "16G", "overlay_size": 4096},
+        "file_sync": [
+            {"host": "~/.gitconfig", "guest": "/root/.gitconfig", "mode": "0644"},
+            {"host": "/etc/hostname", "guest": "/root/./x//hostname"},
+        ],
+    }
+    c = parse_config(data, cpus=8, mem_bytes=16 * GiB)
+    assert c.log_level == "debug"
+    assert c.vmm == "qemu"
+    assert c.use_jailer is True
+    assert c.bridge_cidr == "10.77.0.0/24"
+    assert c.gateway_ip == "10.77.0.1"
+    assert c.guest_dns == ("9.9.9.9", "2620:fe::fe")
+    assert c.auto_stop_stale_after == 7200
+    assert c.stats_poll_interval == 30
+    assert c.op_prune_interval == 120
+    assert c.vm_defaults.vcpu.value == 2 and c.vm_defaults.vcpu.source == "config"
+    assert c.vm_defaults.disk_size.value == 16 * GiB
+    # a bare number for a size under [vm_defaults] is MiB
+    assert c.vm_defaults.overlay_size.value == 4096 * MiB
+    assert c.file_sync[0].host == os.path.expanduser("~/.gitconfig")
+    assert c.file_sync[0].mode == 0o644
+    assert c.file_sync[1].guest == "/root/x/hostname"
+    assert c.file_sync[1].mode == 0o600
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"nope": 1}, "nope"),
+        ({"vm_defaults": {"cpus": 2}}, "vm_defaults.cpus"),
+        ({"file_sync": [{"host": "/a", "guest": "/root/a", "owner": "x"}]}, "file_sync[0].owner"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"log_level": 3}, "log_level"),
+        ({"vmm": "kvmtool"}, "vmm"),
+        ({"firecracker_bin": ""}, "firecracker_bin"),
+        ({"qemu_bin": 7}, "qemu_bin"),
+        ({"use_jailer": "yes"}, "use_jailer"),
+        ({"bridge_name": "this-name-is-too-long"}, "bridge_name"),
+        ({"bridge_name": "br stoker"}, "bridge_name"),
+        ({"bridge_cidr": "8.8.8.0/24"}, "bridge_cidr"),
+        ({"bridge_cidr": "not-a-cidr"}, "bridge_cidr"),
+        ({"bridge_cidr": "10.0.0.0/30"}, "bridge_cidr"),
+        ({"tap_pool_size": -1}, "tap_pool_size"),
+        ({"tap_pool_size": 1000}, "tap_pool_size"),
+        ({"tap_pool_size": True}, "tap_pool_size"),
+        ({"tap_pool_size": 2.5}, "tap_pool_size"),
+        ({"dns_listen": "localhost:53"}, "dns_listen"),
+        ({"dns_listen": "127.0.0.1:0"}, "dns_listen"),
+        ({"dns_listen": "127.0.0.1:99999"}, "dns_listen"),
+        ({"dns_listen": "127.0.0.1"}, "dns_listen"),
+        ({"guest_dns": []}, "guest_dns"),
+        ({"guest_dns": "1.1.1.1"}, "guest_dns"),
+        ({"guest_dns": ["one.one.one.one"]}, "guest_dns"),
+        ({"guest_dns": [1]}, "guest_dns"),
+        ({"auto_stop_stale_after": "soon"}, "auto_stop_stale_after"),
+        ({"auto_stop_stale_after": -5}, "auto_stop_stale_after"),
+        ({"auto_stop_stale_after": "1.5h"}, "auto_stop_stale_after"),
+        ({"stats_poll_interval": "10 minutes"}, "stats_poll_interval"),
+        ({"vm_defaults": 4}, "vm_defaults"),
+        ({"vm_defaults": {"vcpu": "many"}}, "vm_defaults.vcpu"),
+        ({"vm_defaults": {"vcpu": 0}}, "vm_defaults.vcpu"),
+        ({"vm_defaults": {"vcpu": 65}}, "vm_defaults.vcpu"),
+        ({"vm_defaults": {"vcpu": True}}, "vm_defaults.vcpu"),
+        ({"vm_defaults": {"memory_mib": 64}}, "vm_defaults.memory_mib"),
+        ({"vm_defaults": {"memory_mib": "2G"}}, "vm_defaults.memory_mib"),
+        ({"vm_defaults": {"disk_size": "big"}}, "vm_defaults.disk_size"),
+        ({"vm_defaults": {"disk_size": 0}}, "vm_defaults.disk_size"),
+        ({"vm_defaults": {"disk_size": "-1G"}}, "vm_defaults.disk_size"),
+        ({"vm_defaults": {"disk_size": "8Q"}}, "vm_defaults.disk_size"),
+        ({"vm_defaults": {"disk_size": 1.5}}, "vm_defaults.disk_size"),
+        ({"vm_defaults": {"overlay_size": [1]}}, "vm_defaults.overlay_size"),
+        ({"file_sync": {"host": "/a"}}, "file_sync"),
+        ({"file_sync": ["x"]}, "file_sync[0]"),
+        ({"file_sync": [{"host": "/a"}]}, "file_sync[0]"),
+        ({"file_sync": [{"host": "rel/path", "guest": "/root/a"}]}, "file_sync[0].host"),
+        ({"file_sync": [{"host": "/a", "guest": "/etc/passwd"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": "/a", "guest": "/rootkit"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": "/a", "guest": "/root/../etc/x"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": "/a", "guest": "root/a"}]}, "file_sync[0].guest"),
+        (
+            {
+                "file_sync": [
+                    {"host": "/a", "guest": "/root/a"},
+                    {"host": "/b", "guest": "/root/b", "mode": "rw"},
+                ]
+            },
+            "file_sync[1].mode",
+        ),
+        ({"file_sync": [{"host": "/a", "guest": "/root/a", "mode": 0o1777}]}, "file_sync[0].mode"),
+    ],
+)
+def test_invalid_values_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, cpus=4, mem_bytes=8 * GiB)
+    assert f"'{key}'" in ei.value.message, ei.value.message
+    assert ei.value.code == "config_error"
+
+
+def test_public_bridge_cidr_says_why() -> None:
+    with pytest.raises(ConfigError, match="not a private range"):
+        parse_config({"bridge_cidr": "8.8.8.0/24"})
+
+
+def test_unknown_key_lists_known_keys() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"brige_name": "x"})
+    assert "bridge_name" in ei.value.message
+
+
+def test_each_key_is_optional_alone() -> None:
+    """Any single key may appear without the others."""
+    samples: dict[str, Any] = {
+        "log_level": "warning",
+        "vmm": "firecracker",
+        "tap_pool_size": 0,
+        "guest_dns": ["1.1.1.1"],
+        "vm_defaults": {},
+        "file_sync": [],
+        "auto_stop_stale_after": 0,
+    }
+    for k, v in samples.items():
+        parse_config({k: v})
+
+
+# --- [vm_defaults] provenance --------------------------------------------------------
+
+
+def test_vm_defaults_from_host_heuristic() -> None:
+    d = parse_config({}, cpus=8, mem_bytes=24 * GiB).vm_defaults
+    assert (d.vcpu.value, d.vcpu.source) == (2, "host heuristic")
+    assert (d.memory_mib.value, d.memory_mib.source) == (3072, "host heuristic")
+    # no heuristic for disks: built-in
+    assert (d.disk_size.value, d.disk_size.source) == (BUILTIN_DISK_SIZE, "built-in")
+    assert (d.overlay_size.value, d.overlay_size.source) == (BUILTIN_OVERLAY_SIZE, "built-in")
+
+
+def test_vm_defaults_heuristic_caps() -> None:
+    d = parse_config({}, cpus=64, mem_bytes=512 * GiB).vm_defaults
+    assert (d.vcpu.value, d.vcpu.source) == (4, "host heuristic")
+    assert (d.memory_mib.value, d.memory_mib.source) == (8192, "host heuristic")
+
+
+def test_vm_defaults_small_host_falls_back_to_builtin() -> None:
+    d = parse_config({}, cpus=2, mem_bytes=4 * GiB).vm_defaults
+    assert (d.vcpu.value, d.vcpu.source) == (BUILTIN_VCPU, "built-in")
+    assert (d.memory_mib.value, d.memory_mib.source) == (BUILTIN_MEMORY_MIB, "built-in")
+
+
+def test_vm_defaults_unknown_host_is_builtin() -> None:
+    d = parse_config({}, cpus=0, mem_bytes=0).vm_defaults
+    assert d.vcpu.source == "built-in" and d.memory_mib.source == "built-in"
+
+
+def test_vm_defaults_config_beats_heuristic() -> None:
+    d = parse_config(
+        {"vm_defaults": {"vcpu": 1, "memory_mib": 512, "disk_size": "20G"}},
+        cpus=64,
+        mem_bytes=512 * GiB,
+    ).vm_defaults
+    assert (d.vcpu.value, d.vcpu.source) == (1, "config")
+    assert (d.memory_mib.value, d.memory_mib.source) == (512, "config")
+    assert (d.disk_size.value, d.disk_size.source) == (20 * GiB, "config")
+    assert d.overlay_size.source == "built-in"
+
+
+def test_vm_defaults_partial_config_mixes_sources() -> None:
+    d = parse_config({"vm_defaults": {"memory_mib": 4096}}, cpus=16, mem_bytes=2 * GiB).vm_defaults
+    assert (d.vcpu.value, d.vcpu.source) == (4, "host heuristic")
+    assert (d.memory_mib.value, d.memory_mib.source) == (4096, "config")
+
+
+# --- loading files -------------------------------------------------------------------
+
+
+def test_load_missing_default_file_is_defaults(tmp_path: Path) -> None:
+    c = load_config(tmp_path / "config.toml")
+    assert c.path is None and c.vmm == "auto"
+
+
+def test_load_missing_explicit_file_fails(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", required=True)
+
+
+def test_load_valid_file_keeps_path(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text(
+        'vmm = "qemu"\n[vm_defaults]\nvcpu = 2\n[[file_sync]]\nhost = "/a"\nguest = "/root/a"\n'
+    )
+    c = load_config(p)
+    assert c.path == p
+    assert c.vmm == "qemu"
+    assert c.vm_defaults.vcpu.value == 2
+    assert c.file_sync[0].guest == "/root/a"
+
+
+def test_load_invalid_toml(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text("vmm = \n[[[")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_load_non_utf8_file(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_bytes(b'vmm = "\xff\xfe"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(p) in ei.value.message
+
+
+def test_load_directory_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
+def test_load_invalid_value_names_file_and_key(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text('[vm_defaults]\nvcpu = "many"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(p) in ei.value.message
+    assert "'vm_defaults.vcpu'" in ei.value.message
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    default = tmp_path / "default.toml"
+    monkeypatch.delenv("STOKER_CONFIG", raising=False)
+    assert config_path(None, default) == (default, False)
+    monkeypatch.setenv("STOKER_CONFIG", str(tmp_path / "env.toml"))
+    assert config_path(None, default) == (tmp_path / "env.toml", True)
+    assert config_path(str(tmp_path / "flag.toml"), default) == (tmp_path / "flag.toml", True)
+
+
+def test_stoker_config_env_pointing_to_missing_file_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STOKER_CONFIG", str(tmp_path / "missing.toml"))
+    path, explicit = config_path(None, tmp_path / "default.toml")
+    with pytest.raises(ConfigError, match=r"missing\.toml does not exist"):
+        load_config(path, required=explicit)
+
+
+# --- layout --------------------------------------------------------------------------
+
+
+def test_user_layout_follows_xdg() -> None:
+    env = {
+        "HOME": "/home/u",
+        "XDG_CONFIG_HOME": "/x/c",
+        "XDG_STATE_HOME": "/x/s",
+        "XDG_CACHE_HOME": "/x/k",
+        "XDG_RUNTIME_DIR": "/run/user/1",
+    }
+    lay = Layout.resolve(env=env)
+    assert lay.config_file == Path("/x/c/stoker/config.toml")
+    assert lay.db_path == Path("/x/s/stoker/state.db")
+    assert lay.oci_cache_dir == Path("/x/k/stoker/oci")
+    assert lay.socket_path == Path("/run/user/1/stoker/stokerd.sock")
+    assert not lay.system
+
+
+def test_user_layout_defaults_and_relative_xdg_ignored() -> None:
+    lay = Layout.resolve(env={"HOME": "/home/u", "XDG_CONFIG_HOME": "relative"})
+    assert lay.config_dir == Path("/home/u/.config/stoker")
+    assert lay.state_dir == Path("/home/u/.local/state/stoker")
+    assert lay.cache_dir == Path("/home/u/.cache/stoker")
+    # no runtime dir: the socket lives in the state dir
+    assert lay.socket_path == Path("/home/u/.local/state/stoker/stokerd.sock")
+
+
+def test_system_layout() -> None:
+    for lay in (Layout.resolve(system=True, env={}), Layout.resolve(env={"STOKER_SYSTEM": "1"})):
+        assert lay.system
+        assert lay.config_file == Path("/etc/stoker/config.toml")
+        assert lay.db_path == Path("/var/lib/stoker/state.db")
+        assert lay.socket_path == Path("/run/stoker/stokerd.sock")
