@@ -384,3 +384,14 @@ async def test_ssh_timeout_marks_error_and_cleans_up(rig: Rig) -> None:
     assert not rig.fake.started or not SleepVMM().adopt(Path(got.vm_dir))
     # The VM stays deletable.
     await vm.delete_vm("slow")
+
+
+async def test_prune_deletes_only_non_running(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    await vm.create_vm(req(name="up"), _noop)
+    await vm.create_vm(req(name="idle", no_start=True), _noop)
+    res = await vm.prune_vms(["idle", "up"])
+    assert [r["ok"] for r in res] == [True, False]
+    assert "not pruned" in res[1]["error"]
+    assert [v.name for v in await vm.list_vms()] == ["up"]

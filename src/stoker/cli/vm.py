@@ -54,6 +54,20 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vm_set)
 
+    p = vsub.add_parser("stats", help="CPU, memory, disk use, uptime, last activity")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vm_stats)
+
+    p = vsub.add_parser("ports", help="listening sockets in the guest as NAME.vm:PORT")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vm_ports)
+
+    p = vsub.add_parser("prune", help="delete all VMs that are not running")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=vm_prune)
+
     p = vsub.add_parser("logs", help="the guest serial console")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
@@ -283,3 +297,105 @@ def vm_show(args: argparse.Namespace) -> int:
         print(f"last error: {v['last_error']}")
     print(f"dir:        {v['vm_dir']}")
     return 0
+
+
+def vm_prune(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        vms = c.call("vm.list")
+        victims = [v["name"] for v in vms if v["state"] not in ("running", "starting")]
+        if not victims:
+            print("nothing to prune: every VM is running")
+            return 0
+        print("these VMs and their disks will be deleted:")
+        for v in vms:
+            if v["name"] in victims:
+                print(f"  {v['name']}  ({v['state']}, {v['image']})")
+        if not args.force:
+            if not sys.stdin.isatty():
+                err("not a terminal: pass -f to prune without confirmation")
+                return 1
+            answer = input("delete them? [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        results = c.call("vm.prune", {"names": victims})
+    for r in results:
+        if r["ok"]:
+            print(f"{r['ref']}: deleted")
+        else:
+            err(f"{r['ref']}: {r['error']}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def _results(args: argparse.Namespace, results: list[dict[str, Any]]) -> tuple[list[Any], bool]:
+    ok = True
+    rows = []
+    for r in results:
+        if r["ok"]:
+            rows.append(r["result"])
+        else:
+            ok = False
+            err(f"{r['ref']}: {r['error']}")
+    return rows, ok
+
+
+def vm_stats(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        results = c.call("vm.stats", {"refs": args.names})
+    rows, ok = _results(args, results)
+    if args.json:
+        print_json(rows)
+        return 0 if ok else 1
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}%"
+
+    def dur(v: Any) -> str:
+        if v is None:
+            return "-"
+        v = int(v)
+        return f"{v // 3600}h{v % 3600 // 60:02d}m" if v >= 3600 else f"{v // 60}m{v % 60:02d}s"
+
+    table(
+        ["NAME", "STATE", "CPU", "VMM RSS", "GUEST MEM", "OVERLAY", "WORK DISK", "UPTIME", "IDLE"],
+        [
+            [
+                s["name"],
+                s["state"],
+                pct(s.get("cpu_percent")),
+                size(s.get("vmm_rss_bytes")),
+                size(s.get("guest_mem_used")),
+                size(s["overlay_bytes"]),
+                size(s["work_disk_bytes"]),
+                dur(s.get("uptime_s")),
+                dur(s.get("last_activity_age_s")),
+            ]
+            for s in rows
+        ],
+    )
+    return 0 if ok else 1
+
+
+def vm_ports(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        results = c.call("vm.ports", {"refs": args.names})
+    rows, ok = _results(args, results)
+    flat = [p for r in rows for p in r]
+    if args.json:
+        print_json(flat)
+        return 0 if ok else 1
+    if not flat and ok:
+        print("no listening sockets")
+    table(
+        ["ENDPOINT", "PROTO", "PROCESS", "URL"],
+        [
+            [
+                p["endpoint"] + (" (loopback)" if p["loopback_only"] else ""),
+                p["proto"],
+                p["process"] or "-",
+                p["url"] or "",
+            ]
+            for p in flat
+        ],
+    )
+    return 0 if ok else 1

@@ -92,3 +92,11 @@ class ImportKernel(Params):
 
 class PruneCache(Params):
     dry_run: bool = False
+
+
+class PruneVMs(Params):
+    names: list[str]
+
+
+class OptionalRefs(Params):
+    refs: list[str] = []

@@ -128,18 +128,11 @@ class Daemon:
             return self.status()
 
         async def operations_list(p: api.NoParams, ctx: RequestContext) -> Any:
-            return [
-                {
-                    "id": op.id,
-                    "kind": op.kind,
-                    "target": op.target,
-                    "stage": op.stage,
-                    "state": "done" if op.done else "running",
-                    "error": op.error,
-                    "age_s": round(time.time() - op.started_at, 1),
-                }
-                for op in vm.create_ops.list()
-            ]
+            ops = [*vm.create_ops.list(), *images.ops.list()]
+            if self.ws is not None:
+                ops.extend(self.ws.ops.list())
+            now = time.time()
+            return [o.to_dict(now) for o in sorted(ops, key=lambda o: o.started_at)]
 
         async def vm_list(p: api.ListParams, ctx: RequestContext) -> Any:
             return await vm.list_vms()
@@ -165,6 +158,18 @@ class Daemon:
                 return await vm.fan_out(p.refs, op)
 
             return h
+
+        async def vm_health(p: api.VMRef, ctx: RequestContext) -> Any:
+            return await vm.health(p.ref)
+
+        async def vm_stats(p: api.OptionalRefs, ctx: RequestContext) -> Any:
+            return await vm.stats(p.refs)
+
+        async def vm_ports(p: api.OptionalRefs, ctx: RequestContext) -> Any:
+            return await vm.ports(p.refs)
+
+        async def vm_prune(p: api.PruneVMs, ctx: RequestContext) -> Any:
+            return await vm.prune_vms(p.names)
 
         async def vm_set(p: api.SetVM, ctx: RequestContext) -> Any:
             return await vm.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size)
@@ -222,6 +227,11 @@ class Daemon:
             "vm.kill": Method(api.VMRefs, fan(vm.kill_vm)),
             "vm.delete": Method(api.VMRefs, fan(vm.delete_vm)),
             "vm.set": Method(api.SetVM, vm_set),
+            "vm.prune": Method(api.PruneVMs, vm_prune),
+            "vm.health": Method(api.VMRef, vm_health),
+            "vm.ping": Method(api.VMRef, vm_health),
+            "vm.stats": Method(api.OptionalRefs, vm_stats),
+            "vm.ports": Method(api.OptionalRefs, vm_ports),
             "vm.logs": Method(api.VMRef, vm_logs),
             "vm.ssh_info": Method(api.VMRef, vm_ssh_info),
             "image.list": Method(api.ListParams, image_list),
@@ -294,10 +304,15 @@ class Daemon:
         assert self.vm is not None and self.config is not None
         vm, cfg = self.vm, self.config
 
+        images, ws = self.images, self.ws
+        assert images is not None and ws is not None
+
         async def prune_ops() -> None:
-            vm.create_ops.prune(older_than=cfg.op_prune_interval * 5)
+            for reg in (vm.create_ops, images.ops, ws.ops):
+                reg.prune(older_than=cfg.op_prune_interval * 5)
 
         self._ticker("watch-vmms", 2.0, vm.check_vmms)
+        self._ticker("poll-stats", float(cfg.stats_poll_interval), vm.poll_stats)
         self._ticker("prune-ops", float(cfg.op_prune_interval), prune_ops)
 
     def _ticker(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:

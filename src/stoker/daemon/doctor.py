@@ -105,24 +105,6 @@ async def _version_of(runner: Runner, binary: str) -> str | None:
     return (r.out or r.err).strip().splitlines()[0] if (r.out or r.err).strip() else None
 
 
-def choose_vmm(config: Config, fc_ok: bool, kvm_ok: bool, qemu_ok: bool) -> tuple[str, str]:
-    """Which VMM `vmm = auto` picks, and why. Shared with the VM service."""
-    if config.vmm != "auto":
-        return config.vmm, f"set by config (vmm = {config.vmm!r})"
-    if fc_ok and kvm_ok and not nested_virt():
-        return "firecracker", "auto: firecracker and a usable /dev/kvm are present"
-    if qemu_ok:
-        why = []
-        if not fc_ok:
-            why.append("firecracker not found")
-        if not kvm_ok:
-            why.append("/dev/kvm not usable")
-        elif nested_virt():
-            why.append("host is itself virtualised (nested KVM is unreliable)")
-        return "qemu", "auto: " + ", ".join(why or ["qemu available"])
-    return "none", "auto: neither firecracker (with KVM) nor qemu-system-x86_64 is usable"
-
-
 async def run_doctor(
     layout: Layout,
     config: Config,
@@ -259,7 +241,15 @@ async def run_doctor(
         st = "FAIL" if config.vmm == "qemu" else "WARN"
         add(Check("qemu", st, f"{config.qemu_bin!r} not found", "apt-get install qemu-system-x86"))
 
-    vmm, why = choose_vmm(config, fc_ok, kvm_ok, qemu_ok)
+    from stoker.daemon.vmm.select import choose_accel, choose_vmm, kvm_boots_vouched
+
+    untrusted = nested and not kvm_boots_vouched()
+    vmm, why = choose_vmm(
+        config.vmm, fc_path if fc_ok else None, qp if qemu_ok else None, kvm_ok, untrusted
+    )
+    if vmm == "qemu":
+        accel, accel_why = choose_accel(kvm_ok, untrusted)
+        why += f"; accel {accel} ({accel_why})"
     add(
         Check(
             "vmm",

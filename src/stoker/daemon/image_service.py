@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from stoker.config import Config
 from stoker.daemon.locks import LockSet
+from stoker.daemon.opstate import Registry
+from stoker.daemon.opstate.registry import OpState
 from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
@@ -44,6 +46,7 @@ class ImageService:
         # Per-name locks for pull/build/delete (taken before image_ops_lock).
         self.name_locks = LockSet()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.ops: Registry[OpState] = Registry()
 
     async def list_images(self) -> list[Image]:
         """All registered images."""
@@ -256,7 +259,10 @@ class ImageService:
                     progress("done", f"{name} built ({res.packages} packages)")
                     return im
 
+            op = self.ops.add(OpState(kind="build", target=name))
+            progress = op.tracking(progress)
             fut = asyncio.ensure_future(run())
+            fut.add_done_callback(lambda f: op.finish(_failure(f)))
             self._inflight[key] = fut
             fut.add_done_callback(lambda _: self._inflight.pop(key, None))
         else:
@@ -322,7 +328,9 @@ class ImageService:
         key = f"pull:{ref}"
         fut = self._inflight.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self._pull(ref, name, progress))
+            op = self.ops.add(OpState(kind="pull", target=ref))
+            fut = asyncio.ensure_future(self._pull(ref, name, op.tracking(progress)))
+            fut.add_done_callback(lambda f: op.finish(_failure(f)))
             self._inflight[key] = fut
             fut.add_done_callback(lambda _: self._inflight.pop(key, None))
         else:
@@ -451,3 +459,10 @@ def oci_image_name(ref: str) -> str:
 
 
 GOLDEN_NAME = re.compile(r"^debian-([a-z]+)$")
+
+
+def _failure(f: asyncio.Future[Any]) -> str | None:
+    if f.cancelled():
+        return "cancelled"
+    e = f.exception()
+    return str(e) if e is not None else None

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stoker.config import Config
+from stoker.daemon import vm_stats
+from stoker.daemon.agent import AgentClient
 from stoker.daemon.capabilities import CapabilityHooks
 from stoker.daemon.guestssh import (
     GuestSSH,
@@ -123,6 +125,9 @@ class VMService:
         self.boot_timeout = DEFAULT_BOOT_TIMEOUT
         self.last_timings: dict[str, dict[str, float]] = {}
         self._driver_cache: VMMDriver | None = None
+        self.agents: dict[str, AgentClient] = {}
+        self.last_samples: dict[str, dict[str, Any]] = {}
+        self.agent_required = False  # readiness gates on SSH; the agent is waited for too
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -361,19 +366,34 @@ class VMService:
                 ),
             )
             t_vmm = time.monotonic()
-            progress("ssh", "waiting for the guest to answer SSH")
+            deadline = t_vmm + self.boot_timeout
 
             def alive() -> bool:
                 return driver.is_running(handle)
 
-            await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+            # VMM up -> agent /healthz -> SSH. The agent is not required (images without
+            # python3 have none): SSH is the gate, the agent wait runs beside it.
+            progress("agent", "waiting for the guest agent")
+            agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
+            try:
+                await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+                progress("ssh", "SSH answers")
+                agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
+            except TimeoutError:
+                agent_s = None
+            finally:
+                agent_wait.cancel()
             boot = time.monotonic() - t_vmm
             for hook in self.hooks.post_start:
                 await hook(vm)
             vm.state = VMState.RUNNING
             vm.started_at = now()
             self.store.update_vm(vm)
-            self.last_timings[vm.id] = {"pre_boot_s": round(pre_boot, 3), "boot_s": round(boot, 3)}
+            self.last_timings[vm.id] = {
+                "pre_boot_s": round(pre_boot, 3),
+                "boot_s": round(boot, 3),
+                "agent_s": round(agent_s, 3) if agent_s is not None else -1.0,
+            }
             progress("ready", f"{vm.name} is running at {vm.guest_ip} ({vm.dns_name})")
             return vm
         except BaseException as e:
@@ -412,8 +432,8 @@ class VMService:
             tap=tap,
             mac=mac_for(vm.guest_ip),
             serial_log=vm_dir / SERIAL_LOG,
-            vsock_cid=None,
-            agent_socket=None,
+            vsock_cid=vsock_cid_for(vm.guest_ip) if driver.name == "firecracker" else None,
+            agent_socket=vm_dir / vm_stats.AGENT_SOCKET,
         )
 
     def ssh_target(self, vm: VMRecord) -> SSHTarget:
@@ -485,12 +505,13 @@ class VMService:
         errs: list[str] = []
         handle = self._handle(vm)
         driver = self._driver()
-        if handle is not None and driver.is_running(handle):
+        if handle is not None:
+            # kill() is safe on an exited VMM: it then only removes its sockets/pidfile/jail.
             try:
                 await driver.kill(handle)
             except Exception as e:
                 errs.append(f"kill VMM: {e}")
-        elif vm.teardown.vmm_pid and pid_alive(vm.teardown.vmm_pid) and handle is None:
+        elif vm.teardown.vmm_pid and pid_alive(vm.teardown.vmm_pid):
             errs.append(f"VMM pid {vm.teardown.vmm_pid} alive but not verifiable; left alone")
         for hook in self.hooks.cleanup:
             try:
@@ -502,6 +523,8 @@ class VMService:
                 await self.net.release_tap(vm.teardown.tap)
             except Exception as e:
                 errs.append(f"release tap {vm.teardown.tap}: {e}")
+        await vm_stats.drop_agent(self, vm.id)
+        self.last_samples.pop(vm.id, None)
         self.handles.drop(vm.id, Path(vm.vm_dir))
         vm.teardown = Teardown()
         self.store.update_vm(vm)
@@ -558,6 +581,36 @@ class VMService:
             "known_hosts": str(self.layout.known_hosts),
             "workspace": vm.workspace.guest_path if vm.workspace else None,
         }
+
+    async def prune_vms(self, names: list[str]) -> list[dict[str, Any]]:
+        """Delete the named VMs that are still not running (the CLI confirmed the list);
+        a VM started since the confirmation is kept and reported."""
+
+        async def one(vm_id: str) -> dict[str, str]:
+            vm = self.resolve(vm_id)
+            if vm.state in (VMState.RUNNING, VMState.STARTING):
+                raise Conflict(f"VM {vm.name} is {vm.state} now: not pruned")
+            return await self.delete_vm(vm_id)
+
+        return await self.fan_out(names, one)
+
+    # --- observation (vm_stats.py) -------------------------------------------------------
+
+    async def health(self, ref: str) -> dict[str, Any]:
+        """Agent health (SSH fallback) for one VM."""
+        return await vm_stats.health(self, ref)
+
+    async def stats(self, refs: list[str]) -> list[dict[str, Any]]:
+        """CPU %, RSS, guest memory, disk use, uptime, last activity per VM."""
+        return await vm_stats.stats(self, refs)
+
+    async def ports(self, refs: list[str]) -> list[dict[str, Any]]:
+        """Listening sockets per VM as NAME.vm:PORT endpoints."""
+        return await vm_stats.ports(self, refs)
+
+    async def poll_stats(self) -> None:
+        """Background: sample running VMs, persist, auto-stop idle ones."""
+        await vm_stats.poll_stats(self)
 
     # --- fan-out -----------------------------------------------------------------------
 
@@ -639,14 +692,22 @@ class VMService:
             handle = self._handle(vm)
             alive = handle is not None and self._driver().is_running(handle)
             if alive and vm.state == VMState.RUNNING:
-                self.log.info("reconcile: %s is still running (pid %s)", vm.name,
-                              handle.pid if handle else None)
+                self.log.info(
+                    "reconcile: %s is still running (pid %s)",
+                    vm.name,
+                    handle.pid if handle else None,
+                )
                 if h is None and handle is not None:
                     self.handles.put(
-                        vm.id, Path(vm.vm_dir),
-                        Handles(pid=handle.pid, vmm=handle.kind, tap=vm.teardown.tap,
-                                api_socket=handle.api_socket,
-                                extra={"handle": handle.to_dict()}),
+                        vm.id,
+                        Path(vm.vm_dir),
+                        Handles(
+                            pid=handle.pid,
+                            vmm=handle.kind,
+                            tap=vm.teardown.tap,
+                            api_socket=handle.api_socket,
+                            extra={"handle": handle.to_dict()},
+                        ),
                     )
                 if vm.teardown.tap:
                     in_use_taps.add(vm.teardown.tap)
@@ -701,3 +762,10 @@ def default_driver(config: Config, runner: Runner) -> VMMDriver:
     from stoker.daemon.vmm.select import driver_for_config
 
     return driver_for_config(config, runner)
+
+
+def vsock_cid_for(ip: str) -> int:
+    """A guest CID unique per VM on this host: 3 + the guest IPv4 as an integer's low bits."""
+    import ipaddress
+
+    return 3 + (int(ipaddress.IPv4Address(ip)) & 0xFFFFFF)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from stoker.config import Config
 from stoker.daemon.guestssh import ensure_keypair
 from stoker.daemon.locks import LockSet
+from stoker.daemon.opstate import Registry
+from stoker.daemon.opstate.registry import OpState
 from stoker.daemon.vm_disks import sync_work_disk
 from stoker.errors import InvalidArgument
 from stoker.layout import Layout
@@ -60,6 +62,7 @@ class WorkspaceService:
         self.log = logger
         self.seams = seams
         self.workspace_locks = LockSet()
+        self.ops: Registry[OpState] = Registry()
 
     # --- work-disk sync (before every start) -------------------------------------------
 

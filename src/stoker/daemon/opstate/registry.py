@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class AsyncOp(Protocol):
@@ -40,6 +41,27 @@ class OpState:
     def finish(self, error: str | None = None) -> None:
         self.error = error
         self.finished_at = time.time()
+
+    def tracking(self, progress: Callable[..., None]) -> Callable[..., None]:
+        """Wrap a progress callback so each stage is also recorded on this op."""
+
+        def wrapped(stage: str, message: str = "", **kw: Any) -> None:
+            self.stage = stage
+            progress(stage, message, **kw)
+
+        return wrapped
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        t = time.time() if now is None else now
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "target": self.target,
+            "stage": self.stage,
+            "state": ("failed" if self.error else "done") if self.done else "running",
+            "error": self.error,
+            "age_s": round(t - self.started_at, 1),
+        }
 
 
 T = TypeVar("T", bound=AsyncOp)

@@ -43,7 +43,7 @@ git -c core.loosecompression=0 add -A 2>"$T/err" ||
     die 1 "git add -A failed: $(tail -c 2000 "$T/err")"
 git diff-index --cached --name-status -z --no-renames "$BASE" > "$T/files" ||
     die 1 "git diff-index --name-status failed"
-git -c core.compression=1 diff-index --cached -p --binary --no-renames --no-ext-diff \
+git -c core.compression=0 diff-index --cached -p --binary --no-renames --no-ext-diff \
     --no-textconv "$BASE" > "$T/patch" 2>"$T/err" ||
     die 1 "git diff failed: $(tail -c 2000 "$T/err")"
 printf '%s\n' "$MAGIC"

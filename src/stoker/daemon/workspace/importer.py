@@ -125,7 +125,7 @@ xargs -0 -r chmod 0755 -- < "$T/exec" || die 1 "chmod failed"
 xargs -0 -r chmod 0644 -- < "$T/noexec" || die 1 "chmod failed"
 readhdr tar
 if [ "$H_LEN" != 0 ]; then
-    tar -x -f - -p --no-same-owner --no-overwrite-dir --recursive-unlink <&3 2>"$T/err" ||
+    tar -x -f - -p --no-same-owner --no-overwrite-dir <&3 2>"$T/err" ||
         die 4 "extracting the work-tree files failed: $(tail -c 2000 "$T/err")"
 fi
 

@@ -1,0 +1,208 @@
+"""Real guests: the golden image booted under QEMU/TCG inside a test network namespace.
+
+One image build and a handful of boots for the whole module (each boot is ~20-40 s here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from stokerenv import StokerEnv, destroy_env, make_env, ns_pids
+
+pytestmark = pytest.mark.e2e
+
+BUILD_TIMEOUT = 1800
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[StokerEnv]:
+    e = make_env("boot")
+    try:
+        e.run("image", "build", "debian-bookworm", timeout=BUILD_TIMEOUT)
+        yield e
+    finally:
+        destroy_env(e)
+
+
+def vm_json(e: StokerEnv, name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(e.run("vm", "show", name, "--json").stdout)  # type: ignore[no-any-return]
+
+
+def guest(e: StokerEnv, name: str, cmd: str, check: bool = True) -> str:
+    r = e.run("vm", "ssh", name, "--", "bash", "-c", cmd, check=check, timeout=120)
+    return r.stdout
+
+
+def dns_query(e: StokerEnv, name: str) -> list[str]:
+    code = (
+        "import sys; from dnslib import DNSRecord\n"
+        f"q = DNSRecord.question({name!r})\n"
+        "r = DNSRecord.parse(q.send('127.0.0.1', 5354, timeout=3))\n"
+        "print(' '.join(str(a.rdata) for a in r.rr))\n"
+    )
+    r = e.in_ns(sys.executable, "-c", code)
+    return r.stdout.split()
+
+
+def test_images_listed(env: StokerEnv) -> None:
+    images = json.loads(env.run("image", "list", "--json").stdout)
+    kernels = json.loads(env.run("kernel", "list", "--json").stdout)
+    assert [i["name"] for i in images] == ["debian-bookworm"]
+    assert images[0]["kernel"] == kernels[0]["name"]
+    assert kernels[0]["vmlinux"] and kernels[0]["bzimage"] and kernels[0]["initrd"]
+    # A second build of the same spec is a no-op.
+    t0 = time.monotonic()
+    env.run("image", "build", "debian-bookworm")
+    assert time.monotonic() - t0 < 30
+
+
+def test_boot_ssh_dns_and_persistence(env: StokerEnv) -> None:
+    r = env.run("vm", "create", "--name", "t1")
+    assert "spec: 1 vcpu · 1024 MiB · 2G disk" in r.stderr
+    info = vm_json(env, "t1")
+    assert info["state"] == "running"
+    assert env.run("vm", "ssh", "t1", "--", "cat", "/etc/hostname").stdout.strip() == "t1"
+    addrs = guest(env, "t1", "ip -4 -o addr show")
+    assert info["guest_ip"] in addrs
+    assert dns_query(env, "t1.vm") == [info["guest_ip"]]
+    # /root is the work disk, / is the overlay over a read-only base.
+    mounts = guest(env, "t1", "findmnt -no SOURCE,FSTYPE /root; findmnt -no FSTYPE /")
+    assert "/dev/vdc ext4" in mounts and "overlay" in mounts
+    assert guest(env, "t1", "stat -c %a:%U /root").strip() == "755:root"
+    # Write just before stop: no explicit sync by the test; stop must not lose it.
+    guest(env, "t1", "echo keep-me > /root/persist.txt; echo overlay > /etc/marker")
+    t0 = time.monotonic()
+    env.run("vm", "stop", "t1")
+    stop_s = time.monotonic() - t0
+    assert vm_json(env, "t1")["state"] == "stopped"
+    assert dns_query(env, "t1.vm") == []
+    env.run("vm", "start", "t1")
+    assert guest(env, "t1", "cat /root/persist.txt").strip() == "keep-me"
+    assert guest(env, "t1", "cat /etc/marker").strip() == "overlay"
+    assert "Linux version" in env.run("vm", "logs", "t1").stdout
+    print(f"stop took {stop_s:.2f}s")
+
+
+def test_nat_only_with_flag(env: StokerEnv) -> None:
+    host_ns = f"stoker-th-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", host_ns], check=True)
+    server = None
+    try:
+        # A test host reachable from stoker's namespace over a veth pair (TEST-NET-1).
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "stk-th0",
+                "netns",
+                env.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "stk-th1",
+                "netns",
+                host_ns,
+            ],
+            check=True,
+        )
+        env.in_ns("ip", "addr", "add", "192.0.2.1/24", "dev", "stk-th0")
+        env.in_ns("ip", "link", "set", "stk-th0", "up")
+        for cmd in (
+            ["ip", "addr", "add", "192.0.2.2/24", "dev", "stk-th1"],
+            ["ip", "link", "set", "stk-th1", "up"],
+            ["ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "netns", "exec", host_ns, *cmd], check=True)
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                host_ns,
+                sys.executable,
+                "-m",
+                "http.server",
+                "-b",
+                "192.0.2.2",
+                "8080",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        env.run("vm", "create", "--name", "nat1", "--nat")
+        env.run("vm", "create", "--name", "nonat")
+        probe = "curl -s -o /dev/null -w %{http_code} --max-time 5 http://192.0.2.2:8080/"
+        assert guest(env, "nat1", probe, check=False).strip() == "200"
+        assert guest(env, "nonat", probe, check=False).strip() != "200"
+        # kill -9 of the VMM: the daemon notices and says why.
+        pid = vm_json(env, "nonat")["teardown"]["vmm_pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and vm_json(env, "nonat")["state"] != "stopped":
+            time.sleep(0.5)
+        got = vm_json(env, "nonat")
+        assert got["state"] == "stopped" and "exited" in (got["last_error"] or "")
+        env.run("vm", "delete", "nat1", "nonat")
+        rules = env.in_ns("nft", "list", "ruleset").stdout
+        assert "stoker-vm:" not in rules, rules
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", host_ns], check=False)
+
+
+def qemu_pids(e: StokerEnv) -> list[int]:
+    out = []
+    for q in ns_pids(e.netns):
+        try:
+            with open(f"/proc/{q}/comm") as f:
+                if "qemu" in f.read():
+                    out.append(q)
+        except OSError:
+            pass
+    return out
+
+
+def bridge_taps(e: StokerEnv) -> set[str]:
+    out = e.in_ns("ip", "-o", "link", "show", "master", "br-stoker", check=False).stdout
+    return {ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines()}
+
+
+def test_daemon_killed_during_create_leaves_nothing(env: StokerEnv) -> None:
+    taps_before = bridge_taps(env)
+    qemus_before = set(qemu_pids(env))
+    p = subprocess.Popen(
+        env.argv("vm", "create", "--name", "crash"),
+        env=env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Wait until the VMM is up, then kill -9 the daemon mid-boot.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not set(qemu_pids(env)) - qemus_before:
+        time.sleep(0.2)
+    assert set(qemu_pids(env)) - qemus_before, "the VMM never started"
+    os.kill(int((env.state_dir / "stokerd.pid").read_text()), signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert p.returncode != 0
+    # The next command restarts the daemon; reconcile tears down the half-started VM.
+    vms = json.loads(env.run("vm", "list", "--json").stdout)
+    crash = next(v for v in vms if v["name"] == "crash")
+    assert crash["state"] == "stopped" and "starting" in crash["last_error"]
+    assert set(qemu_pids(env)) == qemus_before
+    assert bridge_taps(env) == taps_before
+    env.run("vm", "delete", "crash")
+    with pytest.raises(AssertionError, match="not found"):
+        env.run("vm", "delete", "crash")
