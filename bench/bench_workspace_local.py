@@ -89,9 +89,7 @@ async def prepare(host: Path, guest: Path) -> tuple[float, int, str]:
 def baseline(host: Path, dest: Path) -> float:
     dest.mkdir(parents=True)
     t0 = time.perf_counter()
-    subprocess.run(
-        f"git -C {host} archive HEAD | tar -x -C {dest}", shell=True, check=True
-    )
+    subprocess.run(f"git -C {host} archive HEAD | tar -x -C {dest}", shell=True, check=True)
     return time.perf_counter() - t0
 
 
@@ -122,8 +120,11 @@ def generate(root: Path, n_files: int, total_mb: int) -> None:
     env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example.org"}
     env |= {"GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@example.org"}
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=root, check=True)
+    # No background auto-gc racing the measurements; pack once, as a clone would be.
+    subprocess.run(["git", "config", "gc.auto", "0"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
     subprocess.run(["git", "commit", "-q", "-m", "generated"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "repack", "-a", "-d", "-q"], cwd=root, check=True)
 
 
 def tracked(root: Path) -> list[str]:
@@ -161,6 +162,10 @@ async def bench_repo(label: str, host: Path, work: Path, repeat: int) -> None:
     finally:
         victim.write_bytes(original)
     print(f"re-prepare, 1 file changed    : {t:7.3f} s   payload {payload} B ({mode})")
+    t, payload, mode = await prepare(host, guest)
+    print(f"re-prepare, 1 file reverted   : {t:7.3f} s   payload {payload} B ({mode})")
+    t, payload, mode = await prepare(host, guest)
+    print(f"re-prepare, nothing changed   : {t:7.3f} s   payload {payload} B ({mode})")
 
     changed = [f for f in files if not os.path.islink(guest / f)][:100]
     for f in changed:
@@ -172,9 +177,7 @@ async def bench_repo(label: str, host: Path, work: Path, repeat: int) -> None:
     ).stdout.strip()
     res = parse_export_output(*(await run_guest(guest_export_script(str(guest), head))))
     t = time.perf_counter() - t0
-    print(
-        f"export, {len(res.files)} files changed      : {t:7.3f} s   patch {len(res.patch)} B"
-    )
+    print(f"export, {len(res.files)} files changed     : {t:7.3f} s   patch {len(res.patch)} B")
 
 
 async def main() -> None:

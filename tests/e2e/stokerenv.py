@@ -37,8 +37,28 @@ class StokerEnv:
     def state_dir(self) -> Path:
         return self.root / "state" / "stoker"
 
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, sys.executable, "-m", "stoker.cli.main", *args]
+    def argv(self, *args: str, host: bool = False) -> list[str]:
+        cli = [sys.executable, "-m", "stoker.cli.main", *args]
+        return cli if host else ["ip", "netns", "exec", self.netns, *cli]
+
+    def build_image(self, timeout: float = 1800) -> None:
+        """Build the golden image with a daemon in the host namespace (mmdebstrap needs the
+        Debian mirror, which the test namespace cannot reach), then stop that daemon so
+        the next command starts one inside the namespace. Building makes no bridge or tap."""
+        r = subprocess.run(
+            self.argv("image", "build", "debian-bookworm", host=True),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        subprocess.run(
+            self.argv("daemon", "stop", host=True), env=self.env, capture_output=True, timeout=30
+        )
+        if r.returncode != 0:
+            raise AssertionError(
+                f"image build failed:\n{r.stdout}\n{r.stderr}\n{self.daemon_log_tail()}"
+            )
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 600, input: str | None = None
@@ -109,7 +129,7 @@ def make_env(tag: str, extra_config: str = "") -> StokerEnv:
         'vmm = "qemu"\n'
         "tap_pool_size = 1\n"
         'dns_listen = "127.0.0.1:5354"\n'
-        f'golden_cache_dir = "{CACHE / "golden"}"\n'
+        f'golden_cache_dir = "{CACHE / "apt"}"\n'
         + extra_config
         + '\n[vm_defaults]\nvcpu = 1\nmemory_mib = 1024\ndisk_size = "2G"\n'
         + 'overlay_size = "2G"\n'

@@ -44,7 +44,9 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def make_repo(path: Path, name: str | None = "Host User", email: str | None = "host@example.org") -> Path:
+def make_repo(
+    path: Path, name: str | None = "Host User", email: str | None = "host@example.org"
+) -> Path:
     path.mkdir(parents=True)
     git(path, "init", "-q", "-b", "main")
     if name:

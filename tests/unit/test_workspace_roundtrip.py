@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from stoker.daemon.workspace import (
+    EMPTY_TREE,
     SHIPPED_REF,
     ExportResult,
     GuestState,
@@ -34,7 +35,9 @@ from stoker.daemon.workspace import (
     parse_export_output,
     parse_guest_state,
     plan_transfer,
+    remote_command,
 )
+from stoker.daemon.workspace import payload as payload_mod
 from stoker.errors import CommandFailed, Conflict, InvalidArgument, NotFound
 from stoker.runner import Runner
 
@@ -91,11 +94,12 @@ def commit(repo: Path, msg: str = "c", env: Mapping[str, str] | None = None) -> 
 async def run_guest(
     script: str, payload: AsyncIterator[bytes] | None = None, timeout: float = 120
 ) -> tuple[int, bytes, bytes]:
-    """Run a guest script locally with `bash -c`, streaming `payload` to its stdin."""
+    """Run a guest script locally as sshd would (`sh -c remote_command(script)`), streaming
+    `payload` to its stdin."""
     proc = await asyncio.create_subprocess_exec(
-        "bash",
+        "sh",
         "-c",
-        script,
+        remote_command(script),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -207,7 +211,8 @@ def status_paths(repo: Path, env: Mapping[str, str] | None = None) -> dict[str, 
     return res
 
 
-ODD = ["with space.txt", "new\nline.txt", "ünïcødé.txt", "-leading-dash.txt"]
+ODD = ["with space.txt", "new\nline.txt", "ünïcødé.txt", "-leading-dash.txt", "tab\tq'\"$x.txt"]
+NON_UTF8 = os.fsdecode(b"latin1-\xe9.txt")
 
 
 def build_host(tmp: Path) -> Path:
@@ -218,8 +223,8 @@ def build_host(tmp: Path) -> Path:
     (host / "dir" / "deep").mkdir(parents=True)
     (host / "dir" / "b.txt").write_text("bravo\n")
     (host / "dir" / "deep" / "c.txt").write_text("charlie\n")
-    for n in ODD:
-        (host / n).write_text(f"content of {n}\n")
+    for n in [*ODD, NON_UTF8]:
+        (host / n).write_text(f"content of {n!r}\n")
     (host / "bin.dat").write_bytes(bytes(range(256)) * 64)
     (host / "script.sh").write_text("#!/bin/sh\necho hi\n")
     (host / "rm-me.txt").write_text("to be deleted\n")
@@ -241,6 +246,8 @@ def build_host(tmp: Path) -> Path:
     (host / "added.txt").write_text("staged new file\n")
     git(host, "add", "added.txt")
     (host / "untracked file.txt").write_text("untracked\n")
+    (host / NON_UTF8).write_text("edited, not committed\n")
+    (host / os.fsdecode(b"untracked-\xff")).write_text("untracked, not UTF-8\n")
     (host / "-untracked-dash").write_text("untracked\n")
     (host / "udir").mkdir()
     (host / "udir" / "nested new").write_text("untracked in new dir\n")
@@ -251,7 +258,7 @@ def build_host(tmp: Path) -> Path:
 
 
 IGNORED = ("debug.log", "secret")
-UNTRACKED = ("untracked file.txt", "-untracked-dash", "udir")
+UNTRACKED = ("untracked file.txt", "-untracked-dash", "udir", os.fsdecode(b"untracked-\xff"))
 
 
 # --- prepare -----------------------------------------------------------------------------
@@ -305,6 +312,15 @@ async def test_prepare_empty_repo_then_first_commit(tmp_path: Path) -> None:
     assert snapshot(guest) == snapshot(host)
     assert ggit(guest, "status", "--short") == " A staged\n?? loose"
     assert ggit(guest, "symbolic-ref", "--short", "HEAD") == "main"
+    # with no commit to diff against, an export is taken against the empty tree
+    (guest / "loose").write_text("changed in the guest\n")
+    res = await export(guest, EMPTY_TREE)
+    assert sorted(res.files) == [("A", "loose"), ("A", "staged")]
+    copy = tmp_path / "copy"
+    make_repo(copy)
+    apply_patch(copy, res.patch)
+    assert snapshot(copy) == snapshot(guest)
+    (guest / "loose").write_text("l\n")
     # the host makes its first commit: the guest follows
     head = commit(host, "first")
     p2 = await prepare(host, guest, include_untracked=True)
@@ -406,6 +422,22 @@ async def test_reprepare_sends_only_the_changed_file(tmp_path: Path) -> None:
     # nothing changed: nothing but the frame headers and an empty tar marker
     idle = await prepare(host, guest)
     assert idle.plan.ship == () and idle.plan.delete == () and idle.payload_size < 200
+
+
+async def test_tree_split_into_several_packs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(payload_mod, "FIRST_BATCH", 50_000)
+    monkeypatch.setattr(payload_mod, "MAX_BATCH", 200_000)
+    host = spread_repo(tmp_path)
+    (host / "d0" / "f000.txt").write_text("uncommitted\n")
+    guest = tmp_path / "g" / "repo"
+    await prepare(host, guest)
+    packs = list((guest / ".git" / "objects" / "pack").glob("*.idx"))
+    assert len(packs) >= 5  # ~1.9 MB of blobs in packs of 50 kB, 100 kB, 200 kB...
+    assert snapshot(guest) == snapshot(host)
+    ggit(guest, "fsck", "--no-progress")
+    assert status_paths(guest, GUEST_ENV) == {"d0/f000.txt": "changed"}
 
 
 async def test_reprepare_after_host_commit_sends_only_new_objects(tmp_path: Path) -> None:
@@ -517,7 +549,8 @@ async def test_state_probe_changes_nothing(tmp_path: Path) -> None:
 
 def _repo_fingerprint(repo: Path) -> tuple[bytes, str, str, Snapshot]:
     objects = sorted(
-        os.path.relpath(os.path.join(d, f), repo) for d, _, fs in os.walk(repo / ".git" / "objects")
+        os.path.relpath(os.path.join(d, f), repo)
+        for d, _, fs in os.walk(repo / ".git" / "objects")
         for f in fs
     )
     refs = ggit(repo, "for-each-ref", "--format=%(refname) %(objectname)")
@@ -539,7 +572,9 @@ def guest_changes(guest: Path) -> None:
 
 
 def apply_patch(repo: Path, patch: bytes) -> None:
-    r = subprocess.run(["git", "apply", "--binary", "-"], cwd=repo, input=patch, capture_output=True)
+    r = subprocess.run(
+        ["git", "apply", "--binary", "-"], cwd=repo, input=patch, capture_output=True
+    )
     assert r.returncode == 0, r.stderr.decode()
 
 

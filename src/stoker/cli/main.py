@@ -51,8 +51,18 @@ def _version(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `-- CMD...` is split off before argparse, which would otherwise take CMD's first
+    # word for an optional positional (`vm run -- uname -a`).
+    trailing: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, trailing = argv[:i], argv[i + 1 :]
     ap = build_parser()
     args = ap.parse_args(argv)
+    if trailing is not None:
+        if not hasattr(args, "cmd"):
+            ap.error("`-- COMMAND` is only accepted by vm run, vm exec and vm ssh")
+        args.cmd = trailing
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         ap.print_help(sys.stderr)

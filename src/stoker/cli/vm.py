@@ -54,6 +54,8 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vm_set)
 
+    register_run(vsub)
+
     p = vsub.add_parser("stats", help="CPU, memory, disk use, uptime, last activity")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--json", action="store_true")
@@ -75,8 +77,7 @@ def register(sub: Any) -> None:
 
     p = vsub.add_parser("ssh", help="ssh into a VM (system ssh, managed key)")
     p.add_argument("name")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD to run instead of a shell")
-    p.set_defaults(func=vm_ssh)
+    p.set_defaults(func=vm_ssh, cmd=[])
 
 
 def add_sizing(p: argparse.ArgumentParser) -> None:
@@ -220,8 +221,6 @@ def vm_ssh(args: argparse.Namespace) -> int:
     import subprocess
 
     cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
     with client(args) as c:
         info = c.call("vm.ssh_info", {"ref": args.name})
     if info["state"] != "running":
@@ -235,11 +234,7 @@ def vm_ssh(args: argparse.Namespace) -> int:
         argv.append(" ".join(shlex.quote(a) for a in cmd))
     rc = subprocess.call(argv)
     if interactive:
-        print(
-            f"stoker: {info['name']} is still running (stop it with "
-            f"`stoker vm stop {info['name']}`)",
-            file=sys.stderr,
-        )
+        remind_running(args, info["name"])
     return rc
 
 
@@ -399,3 +394,228 @@ def vm_ports(args: argparse.Namespace) -> int:
         ],
     )
     return 0 if ok else 1
+
+
+# --- vm run / vm exec ------------------------------------------------------------------
+
+
+def register_run(vsub: Any) -> None:
+    p = vsub.add_parser(
+        "run",
+        help="create + start a VM, copy a git workspace in, run a command or a shell",
+        description="stoker vm run [PATH] [-- CMD...]",
+    )
+    p.add_argument("path", nargs="?", help="a git work tree to copy to /root/repo")
+    add_sizing(p)
+    p.add_argument("--rm", action="store_true", help="delete the VM when the command ends")
+    p.add_argument("-d", "--detach", action="store_true", help="prepare and exit")
+    add_workspace_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="print the files and mode only")
+    p.set_defaults(func=vm_run, cmd=[])
+
+    p = vsub.add_parser("exec", help="run a command in a VM's workspace (bash -lc)")
+    p.add_argument("name")
+    p.add_argument(
+        "--auto-prepare",
+        action="store_true",
+        help="re-sync the workspace first when the host repo moved",
+    )
+    p.set_defaults(func=vm_exec, cmd=[])
+
+
+def add_workspace_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--branch", help="create this guest-only branch")
+    p.add_argument("--from", dest="from_ref", metavar="REF", help="start --branch from REF")
+    p.add_argument(
+        "--include-untracked",
+        action="store_true",
+        help="also ship untracked files that are not ignored",
+    )
+
+
+def _shell_cmd(cmd: list[str], cwd: str) -> str:
+    import shlex
+
+    inner = " ".join(shlex.quote(a) for a in cmd)
+    return f"cd {shlex.quote(cwd)} && exec bash -lc {shlex.quote(inner)}"
+
+
+def vm_run(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from stoker.cli.progress import ProgressPrinter
+
+    cmd = list(args.cmd)
+    if args.detach and args.rm:
+        err("-d and --rm cannot be combined: a detached VM would be deleted at once")
+        return 1
+    if args.detach and cmd:
+        err("-d and -- CMD cannot be combined: run the command with `stoker vm exec` later")
+        return 1
+    if args.from_ref and not args.branch:
+        err("--from needs --branch")
+        return 1
+    path = os.path.abspath(args.path) if args.path else None
+    with client(args) as c:
+        if path is not None:
+            # Preflight before anything is created: a real, non-bare work tree, no submodules.
+            plan = c.call(
+                "vm.workspace.inspect",
+                {
+                    "path": path,
+                    "include_untracked": args.include_untracked,
+                    "list_files": args.dry_run,
+                },
+            )
+            if args.dry_run:
+                mode = "tracked + untracked" if args.include_untracked else "tracked only"
+                print(
+                    f"repo: {plan['root']} @ {(plan['head'] or 'no commits')[:12]} "
+                    f"({plan.get('branch') or 'detached'}); mode: {mode}"
+                )
+                for f in plan["files"]:
+                    print(f"  {f}")
+                print(f"{len(plan['files'])} files")
+                return 0
+        elif args.dry_run:
+            err("--dry-run needs a PATH: it shows which files would be copied")
+            return 1
+        pp = ProgressPrinter()
+        try:
+            v = c.call("vm.create", sizing_params(args), pp)
+        finally:
+            pp.done()
+        name = v["name"]
+        rc = 0
+        try:
+            workdir = "/root"
+            if path is not None:
+                pp = ProgressPrinter()
+                try:
+                    ws = c.call(
+                        "vm.workspace.prepare",
+                        {
+                            "ref": name,
+                            "path": path,
+                            "branch": args.branch,
+                            "from_ref": args.from_ref,
+                            "include_untracked": args.include_untracked,
+                        },
+                        pp,
+                    )
+                finally:
+                    pp.done()
+                workdir = ws["guest_path"]
+            if args.detach:
+                print(
+                    f"{name} is running at {v['guest_ip']} ({v['dns_name']}); "
+                    f"`stoker vm exec {name} -- CMD` or `stoker vm ssh {name}`"
+                )
+                return 0
+            info = c.call("vm.ssh_info", {"ref": name})
+            if cmd:
+                argv = [*ssh_argv(info, tty=False), _shell_cmd(cmd, workdir)]
+            else:
+                argv = [*ssh_argv(info, tty=sys.stdin.isatty()), f"cd {workdir} && exec bash -l"]
+            rc = subprocess.call(argv)
+            if not cmd and not args.rm:
+                remind_running(args, name)
+        except KeyboardInterrupt:
+            rc = 130
+        finally:
+            if args.rm:
+                _delete_fresh(args, name)
+    return rc
+
+
+def _delete_fresh(args: argparse.Namespace, name: str) -> None:
+    """--rm: delete over a fresh connection, so an interrupted session still cleans up."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip it
+    try:
+        with client(args) as c:
+            r = c.call("vm.delete", {"refs": [name]})
+        if r and r[0]["ok"]:
+            print(f"stoker: deleted {name}", file=sys.stderr)
+        else:
+            err(f"could not delete {name}: {r[0]['error'] if r else '?'}")
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def vm_exec(args: argparse.Namespace) -> int:
+    import subprocess
+
+    if not args.cmd:
+        err("give the command after --: stoker vm exec NAME -- CMD")
+        return 1
+    with client(args) as c:
+        info = c.call("vm.ssh_info", {"ref": args.name})
+        if info["state"] != "running":
+            err(
+                f"VM {info['name']} is {info['state']}: start it with "
+                f"`stoker vm start {info['name']}`"
+            )
+            return 1
+        ws = info.get("workspace_record")
+        if ws and ws.get("host_path"):
+            moved = _host_head_moved(ws["host_path"], ws.get("head"))
+            if moved and args.auto_prepare:
+                pp = _progress()
+                try:
+                    c.call(
+                        "vm.workspace.prepare",
+                        {
+                            "ref": info["name"],
+                            "path": ws["host_path"],
+                            "guest_path": ws["guest_path"],
+                        },
+                        pp,
+                    )
+                finally:
+                    pp.done()
+            elif moved:
+                err(
+                    f"warning: {ws['host_path']} HEAD moved since the workspace was prepared "
+                    f"({(ws.get('head') or '')[:12]} -> {moved[:12]}); "
+                    "pass --auto-prepare to re-sync"
+                )
+    workdir = info.get("workspace") or "/root"
+    return subprocess.call([*ssh_argv(info, tty=False), _shell_cmd(args.cmd, workdir)])
+
+
+def _progress() -> Any:
+    from stoker.cli.progress import ProgressPrinter
+
+    return ProgressPrinter()
+
+
+def _host_head_moved(host_path: str, head: str | None) -> str | None:
+    """The host repo's HEAD when it differs from the prepared one, else None."""
+    import subprocess
+
+    r = subprocess.run(
+        ["git", "-C", host_path, "rev-parse", "-q", "--verify", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    cur = r.stdout.strip() if r.returncode == 0 else None
+    return cur if cur and cur != head else None
+
+
+def remind_running(args: argparse.Namespace, name: str) -> None:
+    """After an interactive session: ask the agent whether the VM still runs, and say so."""
+    try:
+        with client(args, autostart=False) as c:
+            h = c.call("vm.health", {"ref": name})
+    except Exception:
+        return
+    if h.get("running"):
+        print(
+            f"stoker: {name} is still running (stop it with `stoker vm stop {name}`)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"stoker: {name} has stopped", file=sys.stderr)

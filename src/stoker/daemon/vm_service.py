@@ -580,6 +580,7 @@ class VMService:
             "key": str(self.layout.ssh_key),
             "known_hosts": str(self.layout.known_hosts),
             "workspace": vm.workspace.guest_path if vm.workspace else None,
+            "workspace_record": vm.workspace,
         }
 
     async def prune_vms(self, names: list[str]) -> list[dict[str, Any]]:
@@ -726,6 +727,8 @@ class VMService:
             vm.last_error = reason + (f" (cleanup: {'; '.join(errs)})" if errs else "")
             self.store.update_vm(vm)
         try:
+            if not await self.net.links.exists(self.net.bridge):
+                return  # nothing of ours on this host's network yet
             reaped = await self.net.reap_orphan_taps(in_use_taps)
             if reaped:
                 self.log.info("reconcile: removed orphan taps %s", ", ".join(reaped))

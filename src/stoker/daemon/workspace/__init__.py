@@ -10,6 +10,8 @@ then `guest_import_script` with `build_payload`'s stream on stdin (checked by
 """
 
 from stoker.daemon.workspace.export import ExportResult, guest_export_script, parse_export_output
+from stoker.daemon.workspace.framing import remote_command
+from stoker.daemon.workspace.gitcmd import EMPTY_TREE
 from stoker.daemon.workspace.importer import (
     BASE_REF,
     SHIPPED_REF,
@@ -29,6 +31,7 @@ from stoker.daemon.workspace.state import (
 __all__ = [
     "BASE_REF",
     "DEFAULT_DEPTH",
+    "EMPTY_TREE",
     "SHIPPED_REF",
     "ExportResult",
     "GuestState",
@@ -46,4 +49,5 @@ __all__ = [
     "parse_export_output",
     "parse_guest_state",
     "plan_transfer",
+    "remote_command",
 ]

@@ -8,6 +8,7 @@ means "the rest of the stream" and is only ever used for the last frame.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from stoker.errors import CommandFailed
@@ -15,7 +16,7 @@ from stoker.errors import CommandFailed
 # Shared bash helpers. `die CODE MSG` reports on stderr and exits with CODE; `emit NAME FILE`
 # writes one frame to stdout; `readhdr NAME` and `take FILE` consume one frame from fd 3.
 BASH_PRELUDE = r"""
-set -u
+set -u -o pipefail
 umask 022
 export LC_ALL=C GIT_TERMINAL_PROMPT=0 GIT_OPTIONAL_LOCKS=0
 die() { local code=$1; shift; printf 'stoker: %s\n' "$*" >&2; exit "$code"; }
@@ -27,10 +28,16 @@ readhdr() {
     case $H_LEN in ''|*[!0-9-]*) die 4 "payload frame $1 has a bad length" ;; esac
 }
 take() {
+    if [ "$H_LEN" = 0 ]; then : > "$1" || die 4 "cannot write $1"; return; fi
     head -c "$H_LEN" <&3 > "$1" || die 4 "cannot store payload frame $H_NAME in $1"
     [ "$(stat -c %s -- "$1")" = "$H_LEN" ] || die 4 "the payload ended early (in $H_NAME)"
 }
 """
+
+
+def remote_command(script: str) -> str:
+    """The command line that runs a guest script over SSH, whatever the login shell is."""
+    return "exec bash -c " + shlex.quote(script)
 
 
 def frame(name: str, body: bytes, arg: str = "") -> bytes:

@@ -9,7 +9,7 @@ rewrites its index (lesson 8: export or prepare must not change the user's repo)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +57,17 @@ async def git(
     check: bool = True,
     input: bytes | None = None,
     timeout: float = GIT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    stdout_to: Path | None = None,
 ) -> Result:
-    """Run `git -C root ARGS` through the runner; refuse clearly on git's ownership check."""
+    """Run `git -C root ARGS` through the runner; refuse clearly on git's ownership check.
+
+    `stdout_to` sends git's stdout to that file instead of memory (for packs).
+    """
     argv = ["git", "--no-optional-locks", "-C", str(root), *args]
-    res = await runner.run(argv, check=False, input=input, timeout=timeout)
+    if stdout_to is not None:
+        argv = ["sh", "-c", 'f=$1; shift; exec "$@" > "$f"', "sh", str(stdout_to), *argv]
+    res = await runner.run(argv, check=False, input=input, timeout=timeout, env=env)
     if res.returncode != 0 and _dubious(res):
         raise PermissionDenied(
             f"git refuses to read {root}: the repository belongs to another user than the one "

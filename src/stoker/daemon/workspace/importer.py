@@ -1,13 +1,18 @@
 """The guest half of a prepare: a bash script that reads the payload on stdin.
 
-It needs bash, git, coreutils, findutils and GNU tar in the guest. In order it: creates the
-checkout (fresh) or enters it; stores the pack and its index; extends `.git/shallow`; points
-HEAD at the commit (on the host's branch, on `--branch NAME`, or detached when the host's HEAD
-is detached); rebuilds the index from the commit (keeping stat data of unchanged files, or a
-hard reset in fresh/reset mode); deletes, restores and chmods what the plan says; extracts the
-tar; marks new files of the host's index intent-to-add (so they show as new, not untracked;
-the host's staged/unstaged split is otherwise not reproduced); sets origin and the
-repository's identity; and records the import:
+It needs bash, git, coreutils, findutils and GNU tar in the guest. In order it:
+
+1. creates the checkout (fresh) or enters it;
+2. stores the tree packs with their indexes, indexes the thin history pack, and extends
+   `.git/shallow`;
+3. points HEAD at the commit: on the host's branch, on `--branch NAME`, or detached when the
+   host's HEAD is detached;
+4. rebuilds the index from the commit: a hard reset in fresh/reset mode, a mixed reset in
+   update mode (stat data of unchanged files is kept, so nothing is re-hashed);
+5. deletes, restores and chmods what the plan says, extracts the tar, and marks new files of
+   the host's index intent-to-add (so they show as new, not untracked; the host's
+   staged/unstaged split is otherwise not reproduced);
+6. sets origin and the repository's identity, and records the import:
 
 - `refs/stoker/base`: the commit checked out (what `export` diffs against by default),
 - `refs/stoker/host-head`: the host's HEAD, `refs/stoker/previous-head`: a guest HEAD that
@@ -15,8 +20,10 @@ repository's identity; and records the import:
 - `refs/stoker/shipped`: a commit (parent: base) of the work tree exactly as shipped; an export
   against it yields only what changed in the guest, which applies on the host's work tree.
 
-`stoker.importing` is set while the import runs, so a probe after a cut-short import reports
-"incomplete" and the next prepare resets the checkout instead of trusting it.
+`.git/stoker-workspace` marks a checkout stoker made; `.git/stoker-importing` exists while an
+import runs, so a probe after a cut-short import reports "incomplete" and the next prepare
+resets the checkout instead of trusting it. The script keeps the number of processes it
+starts small: under an emulated CPU every fork and exec is expensive.
 """
 
 from __future__ import annotations
@@ -39,69 +46,79 @@ _IMPORT_BODY = r"""
 exec 3<&0 0</dev/null
 readhdr STOKER-PAYLOAD
 [ "$H_LEN" = 1 ] || die 4 "payload version $H_LEN is not understood by this script"
+gitdir=$P/.git
+say() { printf 'stage %s\n' "$1"; }
+is_empty() {
+    local f
+    for f in "$1"/* "$1"/.[!.]* "$1"/..?*; do [ -e "$f" ] || [ -L "$f" ] && return 1; done
+    return 0
+}
 case $MODE in
 fresh)
     if [ -e "$P" ] || [ -L "$P" ]; then
-        [ -d "$P" ] && [ -z "$(ls -A -- "$P")" ] ||
+        [ -d "$P" ] && [ ! -L "$P" ] && is_empty "$P" ||
             die 5 "$P appeared in the VM while preparing: run prepare again"
     fi
-    mkdir -p -- "$P" || die 5 "cannot create $P"
-    cd -- "$P" || die 5 "cannot enter $P"
+    mkdir -p -- "$P" && cd -- "$P" || die 5 "cannot create $P"
     git init -q . || die 1 "git init failed in $P"
     ;;
 *)
-    cd -- "$P" 2>/dev/null || die 5 "$P disappeared from the VM while preparing: run prepare again"
-    [ "$(git config --bool --get stoker.workspace 2>/dev/null)" = true ] ||
+    cd -- "$P" 2>/dev/null &&
+        { [ -e "$gitdir/stoker-workspace" ] || [ -e "$gitdir/stoker-importing" ]; } ||
         die 5 "$P is no longer a stoker workspace: run prepare again"
     ;;
 esac
-gitdir=$(git rev-parse --absolute-git-dir) || die 1 "cannot find the git directory of $P"
-git config stoker.importing true || die 1 "cannot write $gitdir/config"
+: > "$gitdir/stoker-importing" || die 1 "cannot write in $gitdir"
 T=$(mktemp -d "$gitdir/stoker-import.XXXXXX") || die 1 "mktemp failed"
-trap 'rm -rf -- "$T" "$gitdir/objects/pack/tmp_stoker_$$".*' EXIT
-say() { printf 'stage %s\n' "$1"; }
+trap 'rm -rf -- "$T"' EXIT
 
 say objects
+while :; do
+    readhdr tree
+    [ "$H_LEN" = 0 ] && break
+    case $H_ARG in *[!0-9a-f]*|'') die 4 "bad pack name in payload" ;; esac
+    # git only looks at a pack once its .idx exists: the .idx is moved in last.
+    take "$gitdir/objects/pack/pack-$H_ARG.pack"
+    name=$H_ARG
+    readhdr treeidx
+    take "$T/idx"
+    mv -f -- "$T/idx" "$gitdir/objects/pack/pack-$name.idx" || die 1 "cannot store pack-$name"
+done
 readhdr pack
-PACKNAME=$H_ARG PACKLEN=$H_LEN
-if [ "$PACKLEN" -gt 0 ]; then
-    case $PACKNAME in *[!0-9a-f]*|'') die 4 "bad pack name in payload" ;; esac
-    take "$gitdir/objects/pack/tmp_stoker_$$.pack"
+if [ "$H_LEN" -gt 0 ]; then
+    head -c "$H_LEN" <&3 | git index-pack --stdin --fix-thin >/dev/null 2>"$T/err" ||
+        die 4 "storing the history pack failed: $(tail -c 2000 "$T/err")"
 fi
-readhdr idx
-if [ "$PACKLEN" -gt 0 ]; then
-    take "$gitdir/objects/pack/tmp_stoker_$$.idx"
-    chmod 0444 "$gitdir/objects/pack/tmp_stoker_$$".*
-    # git finds a pack through its .idx: move the .pack into place first.
-    mv -f -- "$gitdir/objects/pack/tmp_stoker_$$.pack" "$gitdir/objects/pack/pack-$PACKNAME.pack"
-    mv -f -- "$gitdir/objects/pack/tmp_stoker_$$.idx" "$gitdir/objects/pack/pack-$PACKNAME.idx"
-fi
-readhdr shallow; take "$T/shallow"
+readhdr shallow
+take "$T/shallow"
 if [ -s "$T/shallow" ]; then
-    cat -- "$T/shallow" > "$T/shallow.new"
-    [ -f "$gitdir/shallow" ] && cat -- "$gitdir/shallow" >> "$T/shallow.new"
-    sort -u -- "$T/shallow.new" > "$T/shallow.sorted" &&
-        mv -f -- "$T/shallow.sorted" "$gitdir/shallow" || die 1 "cannot write $gitdir/shallow"
+    [ -f "$gitdir/shallow" ] && set -- "$gitdir/shallow" || set --
+    sort -u -o "$T/shallow.new" -- "$T/shallow" "$@" &&
+        mv -f -- "$T/shallow.new" "$gitdir/shallow" || die 1 "cannot write $gitdir/shallow"
 fi
 for f in delete rmdir restore exec noexec ita; do readhdr "$f"; take "$T/$f"; done
 
 say checkout
 old=$(git rev-parse -q --verify 'HEAD^{commit}' 2>/dev/null) || old=
-if [ -n "$old" ] && [ "$old" != "$TARGET" ]; then
-    git update-ref refs/stoker/previous-head "$old" || die 1 "cannot record the previous HEAD"
-fi
-if [ -n "$BRANCH" ]; then
-    if [ -n "$TARGET" ]; then
-        git update-ref "refs/heads/$BRANCH" "$TARGET" || die 1 "cannot set branch $BRANCH"
+{
+    [ -n "$old" ] && [ "$old" != "$TARGET" ] &&
+        printf 'update refs/stoker/previous-head %s\n' "$old"
+    if [ -n "$BRANCH" ] && [ -n "$TARGET" ]; then
+        printf 'update refs/heads/%s %s\n' "$BRANCH" "$TARGET"
+    elif [ -n "$BRANCH" ]; then
+        printf 'delete refs/heads/%s\n' "$BRANCH"
     else
-        git update-ref -d "refs/heads/$BRANCH" 2>/dev/null
+        printf 'option no-deref\nupdate HEAD %s\n' "$TARGET"
     fi
-    git symbolic-ref HEAD "refs/heads/$BRANCH" || die 1 "cannot check out branch $BRANCH"
-else
-    git update-ref --no-deref HEAD "$TARGET" || die 1 "cannot detach HEAD at $TARGET"
-fi
-if [ -n "$EXTRA" ]; then
-    git update-ref "refs/heads/$EXTRA" "$HOSTHEAD" || die 1 "cannot set branch $EXTRA"
+    [ -n "$EXTRA" ] && printf 'update refs/heads/%s %s\n' "$EXTRA" "$HOSTHEAD"
+} > "$T/refs"
+git update-ref --stdin < "$T/refs" || die 1 "cannot move HEAD to ${TARGET:-an empty branch}"
+if [ -n "$BRANCH" ]; then
+    cur=
+    read -r cur < "$gitdir/HEAD"
+    if [ "$cur" != "ref: refs/heads/$BRANCH" ]; then
+        git symbolic-ref HEAD "refs/heads/$BRANCH" || die 1 "cannot check out branch $BRANCH"
+    fi
 fi
 if [ -z "$TARGET" ]; then
     git read-tree --empty || die 1 "git read-tree failed"
@@ -116,34 +133,44 @@ if [ "$MODE" = reset ]; then
 fi
 
 say files
-xargs -0 -r rm -f -- < "$T/delete" 2>/dev/null
-xargs -0 -r rmdir --ignore-fail-on-non-empty -- < "$T/rmdir" 2>/dev/null
+[ -s "$T/delete" ] && xargs -0 rm -f -- < "$T/delete" 2>/dev/null
+[ -s "$T/rmdir" ] && xargs -0 rmdir --ignore-fail-on-non-empty -- < "$T/rmdir" 2>/dev/null
 if [ -s "$T/restore" ]; then
     git checkout-index -f -z --stdin < "$T/restore" || die 1 "git checkout-index failed"
 fi
-xargs -0 -r chmod 0755 -- < "$T/exec" || die 1 "chmod failed"
-xargs -0 -r chmod 0644 -- < "$T/noexec" || die 1 "chmod failed"
+if [ -s "$T/exec" ]; then xargs -0 chmod 0755 -- < "$T/exec" || die 1 "chmod failed"; fi
+if [ -s "$T/noexec" ]; then xargs -0 chmod 0644 -- < "$T/noexec" || die 1 "chmod failed"; fi
 readhdr tar
 if [ "$H_LEN" != 0 ]; then
     tar -x -f - -p --no-same-owner --no-overwrite-dir <&3 2>"$T/err" ||
         die 4 "extracting the work-tree files failed: $(tail -c 2000 "$T/err")"
 fi
-
 if [ -s "$T/ita" ]; then
     GIT_LITERAL_PATHSPECS=1 xargs -0 git add -N -- < "$T/ita" 2>"$T/err" ||
         die 1 "git add -N failed: $(tail -c 2000 "$T/err")"
 fi
 
 say config
+declare -A cfg=()
+while IFS= read -r -d '' rec; do
+    cfg[${rec%%$'\n'*}]=${rec#*$'\n'}
+done < <(git config -z --get-regexp '^(user\.(name|email)|remote\.origin\.(url|fetch))$')
+setcfg() {
+    if [ -n "$2" ]; then
+        [ "${cfg[$1]-}" = "$2" ] || git config "$1" "$2" || die 1 "cannot set $1"
+    elif [ -n "${cfg[$1]+set}" ]; then
+        git config --unset-all "$1"
+    fi
+}
+setcfg user.name "$NAME"
+setcfg user.email "$EMAIL"
 if [ -n "$ORIGIN" ]; then
-    git config remote.origin.url "$ORIGIN" || die 1 "cannot set origin"
-    git config --get remote.origin.fetch >/dev/null ||
+    setcfg remote.origin.url "$ORIGIN"
+    [ -n "${cfg[remote.origin.fetch]+set}" ] ||
         git config remote.origin.fetch '+refs/heads/*:refs/remotes/origin/*'
-else
+elif [ -n "${cfg[remote.origin.url]+set}" ]; then
     git remote remove origin >/dev/null 2>&1
 fi
-if [ -n "$NAME" ]; then git config user.name "$NAME"; else git config --unset-all user.name; fi
-if [ -n "$EMAIL" ]; then git config user.email "$EMAIL"; else git config --unset-all user.email; fi
 git update-index -q --refresh >/dev/null 2>&1
 
 say record
@@ -153,18 +180,17 @@ if [ -n "$TARGET" ]; then
         GIT_INDEX_FILE="$T/index" git write-tree) || die 1 "cannot snapshot the work tree"
     shipped=$(git commit-tree "$tree" -p "$TARGET" -m "stoker: work tree as prepared" \
         </dev/null) || die 1 "cannot record the prepared work tree"
-    git update-ref refs/stoker/shipped "$shipped" || die 1 "cannot record the prepared work tree"
-    git update-ref refs/stoker/base "$TARGET" || die 1 "cannot record the base commit"
+    printf 'update refs/stoker/shipped %s\nupdate refs/stoker/base %s\n' "$shipped" "$TARGET"
 else
-    git update-ref -d refs/stoker/shipped 2>/dev/null
-    git update-ref -d refs/stoker/base 2>/dev/null
-fi
+    printf 'delete refs/stoker/shipped\ndelete refs/stoker/base\n'
+fi > "$T/refs"
 if [ -n "$HOSTHEAD" ]; then
-    git update-ref refs/stoker/host-head "$HOSTHEAD" || die 1 "cannot record the host HEAD"
+    printf 'update refs/stoker/host-head %s\n' "$HOSTHEAD"
 else
-    git update-ref -d refs/stoker/host-head 2>/dev/null
-fi
-git config stoker.workspace true && git config --unset stoker.importing ||
+    printf 'delete refs/stoker/host-head\n'
+fi >> "$T/refs"
+git update-ref --stdin < "$T/refs" || die 1 "cannot record the import"
+: > "$gitdir/stoker-workspace" && rm -f -- "$gitdir/stoker-importing" ||
     die 1 "cannot mark $P as a stoker workspace"
 printf 'ok %s\n' "${TARGET:--}"
 """

@@ -1,8 +1,10 @@
 """The prepare payload: one byte stream the guest's import script reads from stdin.
 
     STOKER-PAYLOAD 1
-    pack LEN NAME    the pack of commits the guest lacks (LEN 0: none), named like git names it
-    idx LEN          its index, built on the host so the guest does not re-hash every object
+    tree LEN NAME    a pack of the checked-out commit's tree objects, undeltified; repeated,
+    treeidx LEN      each followed by its index (built on the host: the guest hashes nothing)
+    tree 0           end of the tree packs (the only one when the guest needs none)
+    pack LEN         a thin pack of the commits and other objects the guest lacks (LEN 0: none)
     shallow LEN      commit ids to add to the guest's .git/shallow, one a line
     delete LEN       NUL-terminated paths to remove
     rmdir LEN        NUL-terminated directories to remove when left empty
@@ -12,15 +14,19 @@
     ita LEN          NUL-terminated new paths to mark intent-to-add (`git add -N`)
     tar -1 | tar 0   a tar of the host files to overlay, to the end of the stream (or nothing)
 
-The pack carries the history (a shallow cut, `.git/shallow` in the guest says where), so the
+The packs carry the history (a shallow cut, `.git/shallow` in the guest says where), so the
 guest has real commits to diff against; the tar only carries files that differ from what the
-guest can produce itself. Symlinks travel as links (never followed), file modes as git sees
-them (0755 when the owner may execute, else 0644).
+guest can produce itself. The tree pack is the bulk of a fresh prepare and is built for a
+cheap checkout (no deltas to resolve, no compression by default, index included); history
+comes as a thin pack with git's existing deltas, completed by `index-pack --fix-thin`.
+Symlinks travel as links (never followed), file modes as git sees them (0755 when the owner
+may execute, else 0644).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import tarfile
@@ -31,7 +37,7 @@ from pathlib import Path
 from stoker.daemon.workspace.framing import frame, frame_header
 from stoker.daemon.workspace.gitcmd import MODE_EXEC, MODE_LINK, git, join_z
 from stoker.daemon.workspace.plan import Plan, ShipItem
-from stoker.errors import CommandFailed, Conflict
+from stoker.errors import CommandFailed, Conflict, StokerError
 from stoker.runner import Runner
 
 PAYLOAD_MAGIC = b"STOKER-PAYLOAD 1\n"
@@ -39,41 +45,162 @@ CHUNK = 1 << 20
 PACK_TIMEOUT = 1800.0
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
+FIRST_BATCH = 16 << 20  # bytes of blobs in the first tree pack; later ones double
+MAX_BATCH = 256 << 20
 _SMALL = 256 << 10  # reads below this size stay on the event loop thread
 
 
-async def _pack(
-    runner: Runner, plan: Plan, tmp: Path, compression: int, window: int
-) -> tuple[str, Path, Path] | None:
-    """Write the pack (+ index) of what the guest lacks into `tmp`; None when empty."""
-    if not plan.pack_tips:
-        return None
-    revs = [*plan.pack_tips, *(f"--shallow {c}" for c in plan.pack_grafts)]
-    if plan.pack_exclude:
-        revs += ["--not", *plan.pack_exclude]
+def _objects_env(tmp: Path, objects: Path) -> dict[str, str]:
+    """Write new objects to `tmp` (never into the user's repository) while reading both."""
+    who = {"GIT_AUTHOR_NAME": "stoker", "GIT_AUTHOR_EMAIL": "stoker@localhost"}
+    who |= {"GIT_COMMITTER_NAME": "stoker", "GIT_COMMITTER_EMAIL": "stoker@localhost"}
+    return {
+        "GIT_OBJECT_DIRECTORY": str(tmp),
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects),
+        **who,
+    }
+
+
+async def _tree_objects(runner: Runner, plan: Plan) -> list[tuple[str, int]]:
+    """(object id, size) of every tree and blob of the checked-out commit, trees first."""
+    assert plan.target is not None
+    root = plan.root
+    tree = (await git(runner, root, "rev-parse", f"{plan.target}^{{tree}}")).out.strip()
+    listing = await git(runner, root, "ls-tree", "-r", "-t", "-l", "-z", "--full-tree", plan.target)
+    trees: list[tuple[str, int]] = [(tree, 0)]
+    blobs: list[tuple[str, int]] = []
+    for rec in listing.stdout.split(b"\0"):
+        meta = rec.partition(b"\t")[0].split()
+        if len(meta) != 4:
+            continue
+        oid = meta[2].decode("ascii")
+        if meta[1] == b"tree":
+            trees.append((oid, 0))
+        elif meta[1] == b"blob":
+            blobs.append((oid, int(meta[3])))
+    return list(dict.fromkeys(trees + blobs))
+
+
+def _batches(objects: list[tuple[str, int]]) -> list[list[str]]:
+    """Split the tree's objects into packs of doubling size (the first small, so sending
+    starts early; later ones large, so the guest handles few packs)."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    size, limit = 0, FIRST_BATCH
+    for oid, n in objects:
+        cur.append(oid)
+        size += n
+        if size >= limit:
+            out.append(cur)
+            cur, size, limit = [], 0, min(limit * 2, MAX_BATCH)
+    if cur:
+        out.append(cur)
+    return out
+
+
+async def _pack_batch(
+    runner: Runner, root: Path, oids: list[str], tmp: Path, n: int, compression: int
+) -> tuple[str, Path, Path]:
     res = await git(
         runner,
-        plan.root,
+        root,
         "-c",
         f"pack.compression={compression}",
         "pack-objects",
-        "--revs",
         "-q",
-        f"--window={window}",
-        "--delta-base-offset",
-        str(tmp / "pack"),
-        input="".join(r + "\n" for r in revs).encode(),
+        "--no-reuse-object",
+        "--window=0",
+        str(tmp / f"tree{n}"),
+        input="".join(o + "\n" for o in oids).encode(),
         timeout=PACK_TIMEOUT,
     )
     name = res.out.strip()
     if len(name) != 40:
-        raise CommandFailed(f"git pack-objects in {plan.root} printed no pack name")
-    pack, idx = tmp / f"pack-{name}.pack", tmp / f"pack-{name}.idx"
-    with open(pack, "rb") as f:
-        header = f.read(12)
-    if int.from_bytes(header[8:12], "big") == 0:
+        raise CommandFailed(f"git pack-objects in {root} printed no pack name")
+    return name, tmp / f"tree{n}-{name}.pack", tmp / f"tree{n}-{name}.idx"
+
+
+async def _tree_packs(
+    runner: Runner, plan: Plan, tmp: Path, compression: int
+) -> AsyncIterator[tuple[str, Path, Path]]:
+    """The checked-out commit's tree as packs without deltas, each with its index.
+
+    This is the bulk of a fresh prepare. Stored without deltas (and by default without
+    compression) the guest's checkout is little more than a copy, and the index built here
+    spares the guest hashing every object. The next pack is built while the previous one is
+    being sent, so packing overlaps the transfer.
+    """
+    if plan.mode == "update" or plan.target is None or plan.target not in plan.pack_tips:
+        return
+    batches = _batches(await _tree_objects(runner, plan))
+    nxt = asyncio.create_task(_pack_batch(runner, plan.root, batches[0], tmp, 0, compression))
+    try:
+        for i in range(len(batches)):
+            done = await nxt
+            if i + 1 < len(batches):
+                nxt = asyncio.create_task(
+                    _pack_batch(runner, plan.root, batches[i + 1], tmp, i + 1, compression)
+                )
+            yield done
+            for p in done[1:]:
+                p.unlink()
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StokerError):
+                await nxt
+
+
+async def _history_pack(
+    runner: Runner, plan: Plan, tmp: Path, compression: int, window: int, tree_sent: bool
+) -> Path | None:
+    """Commits and objects the guest lacks beyond the tree pack, as a thin pack.
+
+    Thin: deltas may refer to objects the guest has (excluded commits' objects, and the tree
+    pack's objects, named through a throwaway commit of that tree), which the guest's
+    `index-pack --fix-thin` completes. Existing deltas and compression are reused.
+    """
+    if not plan.pack_tips:
         return None
-    return name, pack, idx
+    root = plan.root
+    objects_rel = (await git(runner, root, "rev-parse", "--git-path", "objects")).out.strip()
+    objects = Path(objects_rel) if os.path.isabs(objects_rel) else root / objects_rel
+    scratch = tmp / "objects"
+    scratch.mkdir()
+    env = _objects_env(scratch, objects)
+    exclude = list(plan.pack_exclude)
+    if tree_sent:
+        assert plan.target is not None
+        tree = (await git(runner, root, "rev-parse", f"{plan.target}^{{tree}}")).out.strip()
+        edge = await git(runner, root, "commit-tree", tree, "-m", "stoker edge", input=b"", env=env)
+        exclude.append(edge.out.strip())
+    revs = [*plan.pack_tips, *(f"--shallow {c}" for c in plan.pack_grafts)]
+    if exclude:
+        revs += ["--not", *exclude]
+    out = tmp / "history.pack"
+    await git(
+        runner,
+        root,
+        "-c",
+        f"pack.compression={compression}",
+        "pack-objects",
+        "--revs",
+        "--thin",
+        "--shallow",
+        "--stdout",
+        "-q",
+        f"--window={window}",
+        "--delta-base-offset",
+        input="".join(r + "\n" for r in revs).encode(),
+        timeout=PACK_TIMEOUT,
+        env=env,
+        stdout_to=out,
+    )
+    with open(out, "rb") as f:
+        header = f.read(12)
+    if len(header) < 12 or header[:4] != b"PACK":
+        raise CommandFailed(f"git pack-objects in {root} wrote no pack")
+    return None if int.from_bytes(header[8:12], "big") == 0 else out
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
@@ -186,16 +313,24 @@ async def build_payload(
     """
     yield PAYLOAD_MAGIC
     with tempfile.TemporaryDirectory(prefix="stoker-pack-", dir=tmp_dir) as tmp:
-        packed = await _pack(runner, plan, Path(tmp), compression, window)
-        if packed is None:
-            yield frame_header("pack", 0) + frame_header("idx", 0)
-        else:
-            name, pack, idx = packed
-            yield frame_header("pack", pack.stat().st_size, name)
+        sent_tree = False
+        async for name, pack, idx in _tree_packs(runner, plan, Path(tmp), compression):
+            sent_tree = True
+            yield frame_header("tree", pack.stat().st_size, name)
             async for chunk in _file_chunks(pack):
                 yield chunk
-            yield frame_header("idx", idx.stat().st_size)
+            yield frame_header("treeidx", idx.stat().st_size)
             async for chunk in _file_chunks(idx):
+                yield chunk
+        yield frame_header("tree", 0)
+        history = await _history_pack(
+            runner, plan, Path(tmp), compression, window, tree_sent=sent_tree
+        )
+        if history is None:
+            yield frame_header("pack", 0)
+        else:
+            yield frame_header("pack", history.stat().st_size)
+            async for chunk in _file_chunks(history):
                 yield chunk
     yield frame("shallow", "".join(c + "\n" for c in plan.shallow_add).encode("ascii"))
     yield frame("delete", join_z(plan.delete))

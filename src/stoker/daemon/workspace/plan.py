@@ -112,10 +112,14 @@ def _worktree_entry(root: Path, path: str) -> Entry | None:
 def blob_id(root: Path, path: str, mode: str) -> str:
     """git's blob id of a work-tree file's raw bytes (a link's target for symlinks)."""
     full = os.path.join(root, path)
-    if mode == MODE_LINK:
-        data = os.fsencode(os.readlink(full))
-        return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if mode == MODE_LINK:
+            data = os.fsencode(os.readlink(full))
+            header = b"blob %d\0" % len(data)
+            return hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise Conflict(f"{full} changed while stoker read it: run prepare again") from None
     try:
         size = os.fstat(fd).st_size
         h = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)

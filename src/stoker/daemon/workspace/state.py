@@ -24,25 +24,30 @@ STATE_MAGIC = "STOKER-STATE 1"
 _STATE_BODY = r"""
 printf '%s\n' "$MAGIC"
 if [ ! -e "$P" ] && [ ! -L "$P" ]; then printf 'status absent\nend\n'; exit 0; fi
-if [ ! -d "$P" ]; then printf 'status notdir\nend\n'; exit 0; fi
+if [ ! -d "$P" ] || [ -L "$P" ]; then printf 'status notdir\nend\n'; exit 0; fi
 cd -- "$P" || die 1 "cannot enter $P"
-if [ -z "$(ls -A)" ]; then printf 'status empty\nend\n'; exit 0; fi
-top=$(git rev-parse --show-toplevel 2>/dev/null) || { printf 'status foreign\nend\n'; exit 0; }
-[ "$top" = "$(pwd -P)" ] || { printf 'status foreign\nend\n'; exit 0; }
-if [ "$(git config --bool --get stoker.workspace 2>/dev/null)" != true ]; then
-    printf 'status foreign\nend\n'; exit 0
+gitdir=$P/.git
+if [ ! -e "$gitdir/stoker-workspace" ] && [ ! -e "$gitdir/stoker-importing" ]; then
+    for f in ./* ./.[!.]* ./..?*; do
+        if [ -e "$f" ] || [ -L "$f" ]; then printf 'status foreign\nend\n'; exit 0; fi
+    done
+    printf 'status empty\nend\n'; exit 0
 fi
 st=ok
-[ "$(git config --bool --get stoker.importing 2>/dev/null)" = true ] && st=incomplete
-head=$(git rev-parse -q --verify 'HEAD^{commit}' 2>/dev/null) || head=
-base=$(git rev-parse -q --verify 'refs/stoker/base^{commit}' 2>/dev/null) || base=
-hosthead=$(git rev-parse -q --verify 'refs/stoker/host-head^{commit}' 2>/dev/null) || hosthead=
-gitdir=$(git rev-parse --absolute-git-dir) || die 1 "cannot find the git directory of $P"
+[ -e "$gitdir/stoker-importing" ] && st=incomplete
+head= base= hosthead=
+while read -r sha ref; do
+    case $ref in
+    HEAD) head=$sha ;;
+    refs/stoker/base) base=$sha ;;
+    refs/stoker/host-head) hosthead=$sha ;;
+    esac
+done < <(git show-ref --head refs/stoker/base refs/stoker/host-head 2>/dev/null)
 T=$(mktemp -d) || die 1 "mktemp failed"
 trap 'rm -rf -- "$T"' EXIT
 : > "$T/shallow"
-[ -f "$gitdir/shallow" ] && cat -- "$gitdir/shallow" > "$T/shallow"
 : > "$T/dirty"
+[ -f "$gitdir/shallow" ] && cp -- "$gitdir/shallow" "$T/shallow"
 if [ "$st" = ok ]; then
     [ -f "$gitdir/index" ] && cp -- "$gitdir/index" "$T/index"
     mkdir -- "$T/objects"
