@@ -7,12 +7,16 @@ from collections.abc import Iterator
 import pytest
 from stokerenv import StokerEnv, destroy_env, make_env
 
+BUILD_TIMEOUT = 1800
+
 
 @pytest.fixture(scope="session")
-def stoker_env() -> Iterator[StokerEnv]:
-    """One daemon + golden image for the e2e session (building the image is the slow part)."""
+def env() -> Iterator[StokerEnv]:
+    """One namespace, daemon and golden image for the whole e2e session: building the image
+    is the slow part (~1 min with a warm apt cache), each boot ~30 s more."""
     e = make_env("e2e")
     try:
+        e.build_image(BUILD_TIMEOUT)
         yield e
     finally:
         destroy_env(e)

@@ -12,24 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
-from stokerenv import StokerEnv, destroy_env, make_env, ns_pids
+from stokerenv import StokerEnv, ns_pids
 
 pytestmark = pytest.mark.e2e
-
-BUILD_TIMEOUT = 1800
-
-
-@pytest.fixture(scope="module")
-def env() -> Iterator[StokerEnv]:
-    e = make_env("boot")
-    try:
-        e.build_image(BUILD_TIMEOUT)
-        yield e
-    finally:
-        destroy_env(e)
 
 
 def vm_json(e: StokerEnv, name: str) -> dict:  # type: ignore[type-arg]
@@ -89,6 +76,61 @@ def test_boot_ssh_dns_and_persistence(env: StokerEnv) -> None:
     assert guest(env, "t1", "cat /etc/marker").strip() == "overlay"
     assert "Linux version" in env.run("vm", "logs", "t1").stdout
     print(f"stop took {stop_s:.2f}s")
+
+
+def wait_for(pred, timeout: float = 60.0, every: float = 1.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(every)
+    return last
+
+
+def test_agent_health_ports_and_stats(env: StokerEnv) -> None:
+    # Health comes from the agent over the virtio-serial channel.
+    h = json.loads(env.run("vm", "health", "t1", "--json").stdout)
+    assert h["healthy"] and h["agent"]["hostname"] == "t1"
+    # A listener in the guest shows up as NAME.vm:PORT with an http link.
+    guest(env, "t1", "setsid nohup python3 -m http.server 8080 >/dev/null 2>&1 < /dev/null &")
+
+    def listed() -> list[dict]:  # type: ignore[type-arg]
+        ports = json.loads(env.run("vm", "ports", "t1", "--json").stdout)
+        return [p for p in ports if p["port"] == 8080]
+
+    got = wait_for(listed, 30)
+    assert got, "port 8080 never listed"
+    assert got[0]["endpoint"] == "t1.vm:8080"
+    assert got[0]["url"] == "http://t1.vm:8080/"
+    assert got[0]["process"].startswith("python")
+    # Stopping the agent makes health fall back to SSH (and report the agent down);
+    # restarting it brings it back.
+    guest(env, "t1", "systemctl stop stoker-agent")
+    h = json.loads(env.run("vm", "health", "t1", "--json", check=False).stdout)
+    assert h["agent"] is None and h.get("via") == "ssh" and h["healthy"]
+    guest(env, "t1", "systemctl start stoker-agent")
+    back = wait_for(
+        lambda: json.loads(env.run("vm", "health", "t1", "--json", check=False).stdout)["agent"],
+        30,
+    )
+    assert back, "the agent did not come back"
+    # Stats move when the guest burns CPU.
+    idle = json.loads(env.run("vm", "stats", "t1", "--json").stdout)[0]
+    guest(env, "t1", "setsid nohup timeout 20 sh -c 'while :; do :; done' >/dev/null 2>&1 &")
+    time.sleep(4)
+    busy = json.loads(env.run("vm", "stats", "t1", "--json").stdout)[0]
+    assert busy["cpu_percent"] is not None and busy["cpu_percent"] > 30, (idle, busy)
+    assert busy["vmm_rss_bytes"] > 50 * 1024**2
+    assert busy["guest_mem_used"] and busy["uptime_s"]
+    assert busy["work_disk_bytes"] > 0 and busy["overlay_bytes"] > 0
+    # A stopped VM fails alone in a multi-VM ports query.
+    env.run("vm", "create", "--name", "idle1", "--no-start")
+    r = env.run("vm", "ports", "t1", "idle1", "--json", check=False)
+    assert r.returncode == 1 and "idle1" in r.stderr
+    assert any(p["port"] == 8080 for p in json.loads(r.stdout))
+    env.run("vm", "delete", "idle1")
 
 
 def test_nat_only_with_flag(env: StokerEnv) -> None:

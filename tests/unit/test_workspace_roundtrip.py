@@ -265,8 +265,8 @@ UNTRACKED = ("untracked file.txt", "-untracked-dash", "udir", os.fsdecode(b"untr
 
 
 async def test_prepare_ships_history_worktree_identity_origin(tmp_path: Path) -> None:
-    host = build_host(tmp_path)
-    guest = tmp_path / "guest" / "repo"
+    host = build_host(tmp_path / "host: a dir")  # ':' would split git's alternates list
+    guest = tmp_path / "guest: $x 'q'" / "repo"
     host_index = (host / ".git" / "index").read_bytes()
     p = await prepare(host, guest, include_untracked=True)
     assert p.plan.mode == "fresh" and p.state.status == "absent"
@@ -440,6 +440,25 @@ async def test_tree_split_into_several_packs(
     assert status_paths(guest, GUEST_ENV) == {"d0/f000.txt": "changed"}
 
 
+async def test_abandoned_payload_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(payload_mod, "FIRST_BATCH", 50_000)
+    host = spread_repo(tmp_path)
+    runner = Runner()
+    info = await inspect_repo(runner, host)
+    plan = await plan_transfer(runner, info, await list_files(runner, host, False), None)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    gen = build_payload(runner, plan, tmp_dir=scratch)
+    got = b""
+    async for chunk in gen:
+        got += chunk
+        if len(got) > 100_000:
+            break
+    assert any(scratch.iterdir())  # packs are being built there
+    await gen.aclose()  # the SSH session died: the service closes the stream
+    assert list(scratch.iterdir()) == []
+
+
 async def test_reprepare_after_host_commit_sends_only_new_objects(tmp_path: Path) -> None:
     host = spread_repo(tmp_path)
     guest = tmp_path / "g" / "repo"
@@ -463,7 +482,7 @@ async def test_reprepare_after_host_commit_sends_only_new_objects(tmp_path: Path
 
 async def test_reprepare_mirrors_host_and_keeps_guest_commits_reachable(tmp_path: Path) -> None:
     host = build_host(tmp_path)
-    guest = tmp_path / "g" / "repo"
+    guest = tmp_path / "g:1" / "repo"
     await prepare(host, guest, include_untracked=True)
     # the guest edits, commits, adds and ignores things
     (guest / "dir" / "b.txt").write_text("guest edit\n")
@@ -580,7 +599,7 @@ def apply_patch(repo: Path, patch: bytes) -> None:
 
 async def test_export_round_trip_onto_prepared_commit(tmp_path: Path) -> None:
     host = build_host(tmp_path)
-    guest = tmp_path / "g" / "repo"
+    guest = tmp_path / "g:1" / "repo"
     p = await prepare(host, guest, include_untracked=True)
     assert p.target is not None
     guest_changes(guest)

@@ -55,6 +55,14 @@ def register(sub: Any) -> None:
     p.set_defaults(func=vm_set)
 
     register_run(vsub)
+    from stoker.cli import workspace
+
+    workspace.register(vsub)
+
+    p = vsub.add_parser("health", help="is the VM up? (guest agent, SSH fallback)")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vm_health)
 
     p = vsub.add_parser("stats", help="CPU, memory, disk use, uptime, last activity")
     p.add_argument("names", nargs="*", metavar="NAME")
@@ -619,3 +627,23 @@ def remind_running(args: argparse.Namespace, name: str) -> None:
         )
     else:
         print(f"stoker: {name} has stopped", file=sys.stderr)
+
+
+def vm_health(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        h = c.call("vm.health", {"ref": args.name})
+    if args.json:
+        print_json(h)
+    elif not h.get("running"):
+        print(f"{h['name']}: not running ({h['state']})")
+    elif h.get("agent"):
+        a = h["agent"]
+        print(
+            f"{h['name']}: {'healthy' if h['healthy'] else 'unhealthy'} (agent "
+            f"{a['agent_version']}, up {a['uptime_s']:.0f}s, load {a['load'][0]:.2f}, "
+            f"sshd {'up' if a['sshd_running'] else 'down'})"
+        )
+    else:
+        via = "SSH answers" if h.get("healthy") else "SSH does not answer either"
+        print(f"{h['name']}: agent not responding ({h.get('agent_error')}); {via}")
+    return 0 if h.get("healthy") else 1

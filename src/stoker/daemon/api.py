@@ -100,3 +100,23 @@ class PruneVMs(Params):
 
 class OptionalRefs(Params):
     refs: list[str] = []
+
+
+class WorkspaceInspect(Params):
+    path: str
+    include_untracked: bool = False
+    list_files: bool = False
+
+
+class WorkspacePrepare(Params):
+    ref: str
+    path: str
+    guest_path: str = "/root/repo"
+    branch: str | None = None
+    from_ref: str | None = None
+    include_untracked: bool | None = None
+
+
+class WorkspaceExport(Params):
+    ref: str
+    base_commit: str | None = None

@@ -168,6 +168,26 @@ class Daemon:
         async def vm_ports(p: api.OptionalRefs, ctx: RequestContext) -> Any:
             return await vm.ports(p.refs)
 
+        wsvc = self.ws
+        assert wsvc is not None
+
+        async def ws_inspect(p: api.WorkspaceInspect, ctx: RequestContext) -> Any:
+            return await wsvc.inspect(p.path, p.include_untracked, p.list_files)
+
+        async def ws_prepare(p: api.WorkspacePrepare, ctx: RequestContext) -> Any:
+            return await wsvc.prepare(
+                p.ref,
+                p.path,
+                p.guest_path,
+                p.branch,
+                p.from_ref,
+                p.include_untracked,
+                ctx.progress,
+            )
+
+        async def ws_export(p: api.WorkspaceExport, ctx: RequestContext) -> Any:
+            return await wsvc.export(p.ref, p.base_commit)
+
         async def vm_prune(p: api.PruneVMs, ctx: RequestContext) -> Any:
             return await vm.prune_vms(p.names)
 
@@ -228,6 +248,9 @@ class Daemon:
             "vm.delete": Method(api.VMRefs, fan(vm.delete_vm)),
             "vm.set": Method(api.SetVM, vm_set),
             "vm.prune": Method(api.PruneVMs, vm_prune),
+            "vm.workspace.inspect": Method(api.WorkspaceInspect, ws_inspect),
+            "vm.workspace.prepare": Method(api.WorkspacePrepare, ws_prepare),
+            "vm.workspace.export": Method(api.WorkspaceExport, ws_export),
             "vm.health": Method(api.VMRef, vm_health),
             "vm.ping": Method(api.VMRef, vm_health),
             "vm.stats": Method(api.OptionalRefs, vm_stats),

@@ -478,6 +478,7 @@ class VMService:
         driver = self._driver()
         running = handle is not None and driver.is_running(handle)
         if running and not force:
+            synced = False
             try:
                 # `sync` is what saves data: Ctrl-Alt-Del makes Debian reboot, not halt.
                 await self.ssh.run(
@@ -486,12 +487,15 @@ class VMService:
                     timeout=30,
                     connect_timeout=1.0,
                 )
+                synced = True
             except StokerError as e:
                 self.log.info("stop %s: guest unreachable over SSH (%s): killing", vm.name, e)
             assert handle is not None
-            deadline = time.monotonic() + STOP_GRACE
-            while time.monotonic() < deadline and driver.is_running(handle):
-                await asyncio.sleep(0.05)
+            if synced:
+                # The data is on disk; give the guest a moment to power off, then end it.
+                deadline = time.monotonic() + STOP_GRACE
+                while time.monotonic() < deadline and driver.is_running(handle):
+                    await asyncio.sleep(0.05)
         errs = await self._cleanup(vm)
         vm.state = VMState.STOPPED
         vm.last_error = ("; ".join(errs)) if errs else None

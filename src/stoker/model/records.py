@@ -37,6 +37,7 @@ class Workspace:
     head: str
     branch: str | None = None
     prepared_at: str | None = None
+    include_untracked: bool = False
 
 
 @dataclass

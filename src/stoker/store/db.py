@@ -157,14 +157,27 @@ class Store:
         vm.updated_at = now()
         with self.tx() as c:
             row = _vm_row(vm)
+            # The workspace column is not written here: WorkspaceService records it with
+            # set_vm_workspace without the VM lock, and a lifecycle op's stale copy must not
+            # overwrite it.
             cur = c.execute(
                 "UPDATE vms SET name=?, state=?, image=?, spec=?, guest_ip=?, dns_name=?, "
-                "vm_dir=?, last_error=?, workspace=?, teardown=?, created_at=?, updated_at=?, "
+                "vm_dir=?, last_error=?, teardown=?, created_at=?, updated_at=?, "
                 "started_at=? WHERE id=?",
-                (*row[1:], row[0]),
+                (*row[1:9], *row[10:], row[0]),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"VM {vm.name!r} no longer exists")
+
+    def set_vm_workspace(self, vm_id: str, ws: Workspace | None) -> None:
+        """Record (or clear) the workspace shipped into a VM."""
+        with self.tx() as c:
+            cur = c.execute(
+                "UPDATE vms SET workspace=?, updated_at=? WHERE id=?",
+                (json.dumps(dataclasses.asdict(ws)) if ws else None, now(), vm_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm_id} no longer exists")
 
     def delete_vm(self, vm_id: str) -> None:
         with self.tx() as c:

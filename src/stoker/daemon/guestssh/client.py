@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -202,6 +202,59 @@ class GuestSSH:
             out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
             err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
             return ExecResult(r.exit_status if r.exit_status is not None else 255, out, err)
+
+    async def run_stream(
+        self,
+        t: SSHTarget,
+        command: str,
+        stdin: AsyncIterator[bytes],
+        *,
+        timeout: float = 3600.0,
+        on_stdout_line: Callable[[bytes], None] | None = None,
+    ) -> ExecResult:
+        """Run one command with `stdin` streamed from an async iterator (flow-controlled);
+        stdout lines are passed to `on_stdout_line` as they arrive and also collected."""
+        async with self.connect(t) as conn:
+            proc = await conn.create_process(command, encoding=None)
+            out = bytearray()
+            err = bytearray()
+
+            async def feed() -> None:
+                try:
+                    async for chunk in stdin:
+                        proc.stdin.write(chunk)
+                        await proc.stdin.drain()
+                finally:
+                    with contextlib.suppress(Exception):
+                        proc.stdin.write_eof()
+
+            async def read_out() -> None:
+                while True:
+                    line = await proc.stdout.readline()
+                    if not line:
+                        return
+                    out.extend(line)
+                    if on_stdout_line is not None:
+                        on_stdout_line(line)
+
+            async def read_err() -> None:
+                while True:
+                    chunk = await proc.stderr.read(65536)
+                    if not chunk:
+                        return
+                    if len(err) < 1 << 20:
+                        err.extend(chunk)
+
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(feed(), read_out(), read_err(), proc.wait()), timeout
+                )
+            except TimeoutError:
+                raise Timeout(f"`{command[:60]}` on VM {t.name} ran past {timeout:.0f}s") from None
+            except (OSError, asyncssh.Error) as e:
+                raise Unavailable(f"lost the SSH connection to VM {t.name}: {e}") from None
+            status = proc.exit_status if proc.exit_status is not None else 255
+            return ExecResult(status, bytes(out), bytes(err))
 
     async def wait_ready(self, t: SSHTarget, timeout: float, alive: object = None) -> float:
         """Poll until SSH answers `true`. Returns seconds waited. `alive` is an optional

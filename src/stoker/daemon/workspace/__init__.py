@@ -1,12 +1,26 @@
 """Leaf: workspace helpers. Git inspection on the host, the prepare transfer (plan, payload,
 guest import script), the guest state probe, and the guest export script.
 
-Nothing here talks SSH: each guest step is a bash script (run in the guest with `bash -c`)
-plus a parser for what it prints, so the service layer owns the connection, the locks and
-the timeouts, and tests run the scripts against a local directory standing in for the guest.
-A prepare is two guest round trips: `guest_state_script` (parsed by `parse_guest_state`),
-then `guest_import_script` with `build_payload`'s stream on stdin (checked by
-`check_import_result`). An export is one: `guest_export_script` -> `parse_export_output`.
+Nothing here talks SSH: each guest step is a bash script plus a parser for what it prints,
+so the service owns the connection, the locks and the timeouts, and tests run the scripts
+against a local directory standing in for the guest. Run a script in the guest as the SSH
+command `remote_command(script)` (it needs bash, git, coreutils, findutils, GNU tar there).
+
+prepare (two round trips)::
+
+    info = await inspect_repo(runner, path)                 # refusals: InvalidArgument
+    files = await list_files(runner, info.root, include_untracked)
+    r = ssh(remote_command(guest_state_script(guest_path)))  # stdin: none
+    state = parse_guest_state(r.exit_status, r.stdout, r.stderr)
+    plan = await plan_transfer(runner, info, files, state, branch=..., from_ref=...)
+    r = ssh(remote_command(guest_import_script(guest_path, plan)),
+            stdin=build_payload(runner, plan, tmp_dir=...))  # stream; close it on failure
+    base = check_import_result(r.exit_status, r.stdout, r.stderr)   # record as the head
+
+export (one round trip)::
+
+    r = ssh(remote_command(guest_export_script(guest_path, base or EMPTY_TREE)))
+    result = parse_export_output(r.exit_status, r.stdout, r.stderr)  # .patch, .files
 """
 
 from stoker.daemon.workspace.export import ExportResult, guest_export_script, parse_export_output

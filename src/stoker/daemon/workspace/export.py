@@ -38,7 +38,7 @@ trap 'rm -rf -- "$T"' EXIT
 [ -f "$gitdir/index" ] && cp -- "$gitdir/index" "$T/index"
 mkdir -- "$T/objects"
 export GIT_INDEX_FILE="$T/index" GIT_OBJECT_DIRECTORY="$T/objects"
-export GIT_ALTERNATE_OBJECT_DIRECTORIES="$gitdir/objects"
+export GIT_ALTERNATE_OBJECT_DIRECTORIES="\"$gitdir/objects\""
 git -c core.loosecompression=0 add -A 2>"$T/err" ||
     die 1 "git add -A failed: $(tail -c 2000 "$T/err")"
 git diff-index --cached --name-status -z --no-renames "$BASE" > "$T/files" ||

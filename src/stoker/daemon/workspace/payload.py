@@ -16,7 +16,7 @@
 
 The packs carry the history (a shallow cut, `.git/shallow` in the guest says where), so the
 guest has real commits to diff against; the tar only carries files that differ from what the
-guest can produce itself. The tree pack is the bulk of a fresh prepare and is built for a
+guest can produce itself. The tree packs are the bulk of a fresh prepare and are built for a
 cheap checkout (no deltas to resolve, no compression by default, index included); history
 comes as a thin pack with git's existing deltas, completed by `index-pack --fix-thin`.
 Symlinks travel as links (never followed), file modes as git sees them (0755 when the owner
@@ -31,7 +31,7 @@ import os
 import stat
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from stoker.daemon.workspace.framing import frame, frame_header
@@ -56,9 +56,17 @@ def _objects_env(tmp: Path, objects: Path) -> dict[str, str]:
     who |= {"GIT_COMMITTER_NAME": "stoker", "GIT_COMMITTER_EMAIL": "stoker@localhost"}
     return {
         "GIT_OBJECT_DIRECTORY": str(tmp),
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects),
+        # C-quoted, so a ':' in the repository's path is not taken for a list separator.
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES": '"'
+        + str(objects).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        + '"',
         **who,
     }
+
+
+def _sends_tree(plan: Plan) -> bool:
+    """Whether the checked-out commit's tree travels as tree packs (fresh and reset mode)."""
+    return plan.mode != "update" and plan.target is not None and plan.target in plan.pack_tips
 
 
 async def _tree_objects(runner: Runner, plan: Plan) -> list[tuple[str, int]]:
@@ -122,7 +130,7 @@ async def _pack_batch(
 
 async def _tree_packs(
     runner: Runner, plan: Plan, tmp: Path, compression: int
-) -> AsyncIterator[tuple[str, Path, Path]]:
+) -> AsyncGenerator[tuple[str, Path, Path], None]:
     """The checked-out commit's tree as packs without deltas, each with its index.
 
     This is the bulk of a fresh prepare. Stored without deltas (and by default without
@@ -130,7 +138,7 @@ async def _tree_packs(
     spares the guest hashing every object. The next pack is built while the previous one is
     being sent, so packing overlaps the transfer.
     """
-    if plan.mode == "update" or plan.target is None or plan.target not in plan.pack_tips:
+    if not _sends_tree(plan):
         return
     batches = _batches(await _tree_objects(runner, plan))
     nxt = asyncio.create_task(_pack_batch(runner, plan.root, batches[0], tmp, 0, compression))
@@ -313,19 +321,28 @@ async def build_payload(
     """
     yield PAYLOAD_MAGIC
     with tempfile.TemporaryDirectory(prefix="stoker-pack-", dir=tmp_dir) as tmp:
-        sent_tree = False
-        async for name, pack, idx in _tree_packs(runner, plan, Path(tmp), compression):
-            sent_tree = True
-            yield frame_header("tree", pack.stat().st_size, name)
-            async for chunk in _file_chunks(pack):
-                yield chunk
-            yield frame_header("treeidx", idx.stat().st_size)
-            async for chunk in _file_chunks(idx):
-                yield chunk
-        yield frame_header("tree", 0)
-        history = await _history_pack(
-            runner, plan, Path(tmp), compression, window, tree_sent=sent_tree
+        # The history pack is usually small: build it while the tree packs are being sent.
+        history_task = asyncio.create_task(
+            _history_pack(runner, plan, Path(tmp), compression, window, _sends_tree(plan))
         )
+        try:
+            async with contextlib.aclosing(
+                _tree_packs(runner, plan, Path(tmp), compression)
+            ) as packs:
+                async for name, pack, idx in packs:
+                    yield frame_header("tree", pack.stat().st_size, name)
+                    async for chunk in _file_chunks(pack):
+                        yield chunk
+                    yield frame_header("treeidx", idx.stat().st_size)
+                    async for chunk in _file_chunks(idx):
+                        yield chunk
+            yield frame_header("tree", 0)
+            history = await history_task
+        finally:
+            if not history_task.done():
+                history_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StokerError):
+                    await history_task
         if history is None:
             yield frame_header("pack", 0)
         else:

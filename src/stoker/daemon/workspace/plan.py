@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stoker.daemon.workspace.gitcmd import (
     EMPTY_TREE,
@@ -50,6 +51,7 @@ from stoker.errors import Conflict, InvalidArgument
 from stoker.runner import Runner
 
 DEFAULT_DEPTH = 50
+Mode = Literal["fresh", "update", "reset"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Plan:
     """Everything one prepare does, computed on the host before any byte is sent."""
 
     root: Path
-    mode: str  # "fresh" | "update" | "reset"
+    mode: Mode
     target: str | None  # the commit checked out in the guest (export base); None: no commits
     host_head: str | None
     branch: str | None  # the branch the guest's HEAD names; None: detached HEAD
@@ -218,6 +220,90 @@ async def _desired(
     return tree, want, added
 
 
+@dataclass
+class _FilesPlan:
+    ship: list[ShipItem]
+    delete: list[str]
+    restore: list[str]
+    make_exec: list[str]
+    make_noexec: list[str]
+
+
+async def _update_files(
+    runner: Runner, root: Path, tree: dict[str, Entry], want: dict[str, Entry], guest: GuestState
+) -> _FilesPlan:
+    """File actions that turn the guest's work tree (its base commit's tree plus what it
+    reported as changed) into the host's, sending only content the guest cannot produce."""
+    base_tree = await ls_tree(runner, root, guest.base)
+    cand = set(guest.dirty)
+    cand.update(p for p, e in want.items() if e.sha == NULL_SHA or tree.get(p) != e)
+    cand.update(p for p in tree if p not in want)
+    cand.update(p for p in base_tree.keys() | tree.keys() if base_tree.get(p) != tree.get(p))
+    unknown = [p for p in cand if p in want and want[p].sha == NULL_SHA]
+    shas = await asyncio.gather(
+        *(asyncio.to_thread(blob_id, root, p, want[p].mode) for p in unknown)
+    )
+    for p, sha in zip(unknown, shas, strict=True):
+        want[p] = Entry(want[p].mode, sha)
+    out = _FilesPlan([], [], [], [], [])
+    for p in sorted(cand):
+        cur = guest.dirty[p] if p in guest.dirty else base_tree.get(p)
+        des = want.get(p)
+        if des == cur:
+            continue
+        if des is None:
+            if cur is not None:
+                out.delete.append(p)
+        elif (
+            cur is not None
+            and cur.sha == des.sha
+            and {cur.mode, des.mode} == {MODE_FILE, MODE_EXEC}
+        ):
+            (out.make_exec if des.mode == MODE_EXEC else out.make_noexec).append(p)
+        elif des == tree.get(p):
+            out.restore.append(p)
+        else:
+            out.ship.append(ShipItem(p, des.mode))
+    return out
+
+
+async def _plan_history(
+    runner: Runner,
+    root: Path,
+    tips: tuple[str, ...],
+    known: set[str],
+    guest: GuestState | None,
+    depth: int | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Which commits to pack: (tips, excluded, grafts for the packing walk, commits the guest
+    adds to .git/shallow). No tips: the guest has every commit it needs."""
+    # Commits the guest verifiably has: objects reachable from them are not sent. Their
+    # history in the guest stops at the guest's shallow commits, so the packing walk must
+    # stop there too or it would leave out objects only that older history holds.
+    exclude = tuple(sorted(known))
+    if all(t in known for t in tips):
+        return (), (), (), ()
+    grafts: set[str] = set()
+    if exclude and guest is not None:
+        grafts.update(await existing_commits(runner, root, guest.shallow))
+    host_shallow = await _host_shallow(runner, root)
+    fast_forward = bool(exclude)
+    for t in tips:
+        if fast_forward and not any([await _is_ancestor(runner, root, e, t) for e in exclude]):
+            fast_forward = False
+    shallow_add: set[str] = set()
+    if fast_forward or depth is None:
+        # New commits on top of what the guest has: send them all, as `git fetch` does.
+        if host_shallow:
+            res = await git(runner, root, "rev-list", *tips, "--not", *exclude)
+            shallow_add = host_shallow & set(res.out.split())
+    else:
+        included, boundary = await _depth_walk(runner, root, tips, depth)
+        shallow_add = boundary | (host_shallow & included)
+    grafts |= shallow_add
+    return tips, exclude, tuple(sorted(grafts)), tuple(sorted(shallow_add))
+
+
 async def plan_transfer(
     runner: Runner,
     repo: RepoInfo,
@@ -260,7 +346,7 @@ async def plan_transfer(
 
     tree, want, added = await _desired(runner, root, files, target)
 
-    mode = "fresh"
+    mode: Mode = "fresh"
     known: set[str] = set()
     if guest is not None and guest.status == "incomplete":
         mode = "reset"
@@ -270,74 +356,18 @@ async def plan_transfer(
         )
         mode = "update" if guest.base is None or guest.base in known else "reset"
 
-    ship: list[ShipItem] = []
-    delete: list[str] = []
-    restore: list[str] = []
-    make_exec: list[str] = []
-    make_noexec: list[str] = []
-    if mode in ("fresh", "reset"):
-        for p, e in want.items():
-            if e.sha == NULL_SHA or tree.get(p) != e:
-                ship.append(ShipItem(p, e.mode))
-        delete = [p for p in tree if p not in want]
-    else:
+    if mode == "update":
         assert guest is not None
-        base_tree = await ls_tree(runner, root, guest.base)
-        cand = set(guest.dirty)
-        cand.update(p for p, e in want.items() if e.sha == NULL_SHA or tree.get(p) != e)
-        cand.update(p for p in tree if p not in want)
-        cand.update(p for p in base_tree.keys() | tree.keys() if base_tree.get(p) != tree.get(p))
-        unknown = [p for p in cand if p in want and want[p].sha == NULL_SHA]
-        shas = await asyncio.gather(
-            *(asyncio.to_thread(blob_id, root, p, want[p].mode) for p in unknown)
-        )
-        for p, sha in zip(unknown, shas, strict=True):
-            want[p] = Entry(want[p].mode, sha)
-        for p in sorted(cand):
-            cur = guest.dirty[p] if p in guest.dirty else base_tree.get(p)
-            des = want.get(p)
-            if des == cur:
-                continue
-            if des is None:
-                if cur is not None:
-                    delete.append(p)
-            elif (
-                cur is not None
-                and cur.sha == des.sha
-                and {cur.mode, des.mode} == {MODE_FILE, MODE_EXEC}
-            ):
-                (make_exec if des.mode == MODE_EXEC else make_noexec).append(p)
-            elif des == tree.get(p):
-                restore.append(p)
-            else:
-                ship.append(ShipItem(p, des.mode))
-
+        files_plan = await _update_files(runner, root, tree, want, guest)
+    else:
+        ship = [
+            ShipItem(p, e.mode) for p, e in want.items() if e.sha == NULL_SHA or tree.get(p) != e
+        ]
+        files_plan = _FilesPlan(ship, [p for p in tree if p not in want], [], [], [])
     tips = tuple(dict.fromkeys(c for c in (target, repo.head) if c))
-    # Commits the guest verifiably has: objects reachable from them are not sent. Their
-    # history in the guest stops at the guest's shallow commits, so the packing walk must
-    # stop there too or it would leave out objects only that older history holds.
-    exclude = tuple(sorted(known))
-    grafts: set[str] = set()
-    shallow_add: set[str] = set()
-    if exclude and guest is not None:
-        grafts.update(await existing_commits(runner, root, guest.shallow))
-    if all(t in exclude for t in tips):
-        tips = ()
-    if tips:
-        host_shallow = await _host_shallow(runner, root)
-        fast_forward = bool(exclude)
-        for t in tips:
-            if fast_forward and not any([await _is_ancestor(runner, root, e, t) for e in exclude]):
-                fast_forward = False
-        if fast_forward or depth is None:
-            # New commits on top of what the guest has: send them all, as `git fetch` does.
-            if host_shallow:
-                res = await git(runner, root, "rev-list", *tips, "--not", *exclude)
-                shallow_add = host_shallow & set(res.out.split())
-        else:
-            included, boundary = await _depth_walk(runner, root, tips, depth)
-            shallow_add = boundary | (host_shallow & included)
-        grafts |= shallow_add
+    tips, exclude, grafts, shallow_add = await _plan_history(
+        runner, root, tips, known, guest, depth
+    )
     return Plan(
         root=root,
         mode=mode,
@@ -349,13 +379,13 @@ async def plan_transfer(
         user_name=repo.user_name,
         user_email=repo.user_email,
         pack_tips=tips,
-        pack_exclude=exclude if tips else (),
-        pack_grafts=tuple(sorted(grafts)) if tips else (),
-        shallow_add=tuple(sorted(shallow_add)),
-        ship=tuple(ship),
-        delete=tuple(delete),
-        restore=tuple(restore),
-        make_exec=tuple(make_exec),
-        make_noexec=tuple(make_noexec),
+        pack_exclude=exclude,
+        pack_grafts=grafts,
+        shallow_add=shallow_add,
+        ship=tuple(files_plan.ship),
+        delete=tuple(files_plan.delete),
+        restore=tuple(files_plan.restore),
+        make_exec=tuple(files_plan.make_exec),
+        make_noexec=tuple(files_plan.make_noexec),
         intent_to_add=tuple(added),
     )

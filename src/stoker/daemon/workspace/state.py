@@ -52,7 +52,7 @@ if [ "$st" = ok ]; then
     [ -f "$gitdir/index" ] && cp -- "$gitdir/index" "$T/index"
     mkdir -- "$T/objects"
     export GIT_INDEX_FILE="$T/index" GIT_OBJECT_DIRECTORY="$T/objects"
-    export GIT_ALTERNATE_OBJECT_DIRECTORIES="$gitdir/objects"
+    export GIT_ALTERNATE_OBJECT_DIRECTORIES="\"$gitdir/objects\""
     git -c core.loosecompression=0 add -A 2>"$T/err" ||
         die 1 "git add -A failed: $(tail -c 2000 "$T/err")"
     git diff-index --cached --raw -z --no-renames "${base:-$EMPTY}" > "$T/dirty" ||
@@ -84,12 +84,14 @@ class GuestState:
 
 
 def check_guest_path(guest_path: str) -> str:
-    """Validate a guest destination: absolute, normalised, not the root or a system dir."""
+    """Validate a guest destination: absolute, normalised, not the root or a system dir, and
+    free of newlines, NULs, double quotes and backslashes (which git's alternates list and
+    the scripts would have to escape)."""
     norm = posixpath.normpath(guest_path) if guest_path else ""
     if (
         not guest_path.startswith("/")
         or norm != guest_path.rstrip("/")
-        or any(c in guest_path for c in "\0\n")
+        or any(c in guest_path for c in '\0\n"\\')
         or norm in ("/", "/root", "/home", "/etc", "/usr", "/var", "/tmp", "/bin", "/sbin")
     ):
         raise InvalidArgument(
