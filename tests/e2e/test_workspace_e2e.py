@@ -108,10 +108,10 @@ def test_round_trip(env: StokerEnv) -> None:
         env.run("vm", "workspace", "export", "w1", "--output", str(patch))
         # Export never touches the guest repo.
         assert env.run("vm", "exec", "w1", "--", "sha256sum", ".git/index").stdout == guest_index
-        # Apply on a copy of the host repo as it was prepared.
+        # The patch is against the prepared commit (it carries the host's uncommitted
+        # changes too): apply it on a clean copy of the host repo at that commit.
         copy = tmp / "copy"
-        shutil.copytree(repo, copy, symlinks=True)
-        (copy / "secret.env").unlink()
+        subprocess.run(["git", "clone", "-q", str(repo), str(copy)], check=True)
         subprocess.run(["git", "-C", str(copy), "apply", "--binary", str(patch)], check=True)
         assert host_tree(copy) == guest_tree
         # Nothing changed since: an empty patch, exit 0.

@@ -14,12 +14,17 @@ def register(sub: Any) -> None:
     ksub = k.add_subparsers(dest="kernel_command", metavar="KERNEL_COMMAND")
     k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
     p = ksub.add_parser("list", aliases=["ls"], help="list kernels")
+    p.add_argument("--available", action="store_true", help="list the catalog's kernels")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=kernel_list)
     p = ksub.add_parser("show", help="one kernel in detail")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=kernel_show)
+    p = ksub.add_parser("pull", help="download a kernel from the catalog")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=kernel_pull)
     p = ksub.add_parser("import", help="import a kernel from a directory or a .deb")
     p.add_argument("name")
     p.add_argument("--from", dest="source", required=True, metavar="DIR|PACKAGE.deb")
@@ -32,9 +37,20 @@ def register(sub: Any) -> None:
 
 def kernel_list(args: argparse.Namespace) -> int:
     with client(args) as c:
-        kernels = c.call("kernel.list")
+        kernels = c.call("kernel.list", {"available": args.available})
     if args.json:
         print_json(kernels)
+        return 0
+    if args.available:
+        if not kernels:
+            print("the catalog lists no kernels: import one with `stoker kernel import`")
+        table(
+            ["NAME", "VERSION", "ARCH", "SIZE", "INSTALLED"],
+            [
+                [k["name"], k["version"], k["arch"], k["size"], "yes" if k["installed"] else "no"]
+                for k in kernels
+            ],
+        )
         return 0
     if not kernels:
         print("no kernels: `stoker image build debian-bookworm` imports one")
@@ -94,4 +110,20 @@ def kernel_import(args: argparse.Namespace) -> int:
         print_json(k)
     else:
         print(f"imported kernel {k['name']} ({k['version']}, {k['arch']})")
+    return 0
+
+
+def kernel_pull(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import ProgressPrinter
+
+    pp = ProgressPrinter(quiet=args.json)
+    with client(args) as c:
+        try:
+            k = c.call("kernel.pull", {"name": args.name}, pp)
+        finally:
+            pp.done()
+    if args.json:
+        print_json(k)
+    else:
+        print(f"kernel {k['name']} ready ({k['version']}, {k['arch']})")
     return 0

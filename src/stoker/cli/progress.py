@@ -36,7 +36,7 @@ class ProgressPrinter:
             self._live = True
         else:
             self._end_live()
-            print(f"{line} ({el:.1f}s)" if self.tty else line, file=self.stream, flush=True)
+            print(f"{line} ({el:.1f}s)", file=self.stream, flush=True)
 
     def _end_live(self) -> None:
         if self._live:

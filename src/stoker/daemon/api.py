@@ -120,3 +120,7 @@ class WorkspacePrepare(Params):
 class WorkspaceExport(Params):
     ref: str
     base_commit: str | None = None
+
+
+class KernelList(Params):
+    available: bool = False

@@ -143,8 +143,13 @@ class Daemon:
         async def image_list(p: api.ListParams, ctx: RequestContext) -> Any:
             return await images.list_images()
 
-        async def kernel_list(p: api.ListParams, ctx: RequestContext) -> Any:
+        async def kernel_list(p: api.KernelList, ctx: RequestContext) -> Any:
+            if p.available:
+                return images.available_kernels()
             return await images.list_kernels()
+
+        async def kernel_pull(p: api.NameParam, ctx: RequestContext) -> Any:
+            return await images.pull_kernel(p.name, ctx.progress)
 
         async def vm_create(p: api.CreateVM, ctx: RequestContext) -> Any:
             req = CreateRequest(**p.model_dump())
@@ -266,7 +271,8 @@ class Daemon:
             "image.build": Method(api.BuildImage, image_build),
             "kernel.import": Method(api.ImportKernel, kernel_import),
             "image.cache.prune": Method(api.PruneCache, cache_prune),
-            "kernel.list": Method(api.ListParams, kernel_list),
+            "kernel.list": Method(api.KernelList, kernel_list),
+            "kernel.pull": Method(api.NameParam, kernel_pull),
             "kernel.show": Method(api.NameParam, kernel_show),
             "kernel.rm": Method(api.NameParam, kernel_rm),
         }

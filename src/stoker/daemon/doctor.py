@@ -4,7 +4,6 @@ and a one-line fix. Runs in the CLI process; it needs no daemon but asks one if 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import re
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stoker.config import Config
+from stoker.daemon.vmm.select import kvm_usable, nested_virt
 from stoker.layout import Layout
 from stoker.runner import Runner
 
@@ -23,7 +23,6 @@ Status = Literal["PASS", "WARN", "FAIL"]
 # Firecracker versions this code is tested against (inclusive lower, exclusive upper).
 FC_MIN = (1, 8, 0)
 FC_MAX_EXCL = (1, 17, 0)
-KVM_GET_API_VERSION = 0xAE00
 
 REQUIRED_TOOLS = (
     "ip",
@@ -62,39 +61,6 @@ def _parse_version(text: str) -> tuple[int, int, int] | None:
     if not m:
         return None
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-
-
-def nested_virt() -> bool:
-    """True when this host is itself a virtual machine (cpuinfo 'hypervisor' flag)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return " hypervisor" in line
-    except OSError:
-        pass
-    return False
-
-
-def kvm_usable() -> tuple[bool, str]:
-    """Open /dev/kvm read-write and ask its API version (does not boot a guest)."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False, "/dev/kvm does not exist"
-    except PermissionError:
-        return False, "/dev/kvm exists but is not read-writable by this user"
-    except OSError as e:
-        return False, f"/dev/kvm cannot be opened: {e.strerror}"
-    try:
-        ver = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as e:
-        return False, f"KVM_GET_API_VERSION failed: {e.strerror}"
-    finally:
-        os.close(fd)
-    if ver != 12:
-        return False, f"unexpected KVM API version {ver}"
-    return True, "opened /dev/kvm and KVM_GET_API_VERSION = 12"
 
 
 async def _version_of(runner: Runner, binary: str) -> str | None:

@@ -189,6 +189,11 @@ class ImageService:
         im = self.store.get_image(name)
         if im is not None:
             return im
+        from stoker.daemon.catalog import load_catalog
+
+        if load_catalog().find_image(name) is not None:
+            progress("image", f"image {name} is not here yet: pulling it from the catalog")
+            return await self.pull(name, None, progress)
         if GOLDEN_NAME.match(name):
             progress("image", f"image {name} is not here yet: building it (first run only)")
             return await self.build_golden(name, False, progress)
@@ -339,6 +344,109 @@ class ImageService:
         return await asyncio.shield(fut)
 
     async def _pull(self, ref: str, name: str | None, progress: Progress) -> Image:
+        from stoker.daemon.catalog import load_catalog
+
+        entry = load_catalog().find_image(ref)
+        if entry is not None:
+            return await self._pull_bundle(entry, name, progress)
+        return await self._pull_oci(ref, name, progress)
+
+    async def _pull_bundle(self, entry: Any, name: str | None, progress: Progress) -> Image:
+        """Catalog fast path: a verified .tar.zst bundle, published by atomic rename."""
+        from stoker.daemon.catalog import fetch_catalog_entry
+
+        image_name = name or entry.name
+        validate_artifact_name(image_name, "image")
+        async with self.name_locks.hold(f"image:{image_name}"):
+            existing = self.store.get_image(image_name)
+            if existing is not None:
+                if existing.source == f"catalog:{entry.name}":
+                    return existing
+                raise AlreadyExists(
+                    f"image {image_name!r} already exists (from {existing.source}): pass "
+                    "--name to pull under another name"
+                )
+            kernel = await self.pull_kernel(entry.kernel_ref, progress)
+            dest = self.layout.staging_dir / f"bundle-{image_name}-{os.urandom(4).hex()}"
+            files = await fetch_catalog_entry(entry, dest, progress=progress)
+            im = Image(
+                name=image_name,
+                managed=True,
+                rootfs=str(self.layout.images_dir / image_name / "rootfs.ext4"),
+                work_seed=(
+                    str(self.layout.images_dir / image_name / "work-seed.ext4")
+                    if files.work_seed
+                    else None
+                ),
+                kernel=kernel.name,
+                source=f"catalog:{entry.name}",
+                size=files.rootfs.stat().st_size if files.rootfs else 0,
+                created_at=now(),
+                digest="sha256:" + files.sha256,
+                meta={"version": entry.version},
+            )
+            try:
+                await self._publish(im, dest)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+            progress("done", f"pulled {entry.name} {entry.version}")
+            return im
+
+    async def pull_kernel(self, name: str, progress: Progress) -> Kernel:
+        """`kernel pull NAME` from the embedded catalog (a no-op when already present)."""
+        from stoker.daemon.catalog import fetch_catalog_entry, load_catalog
+
+        existing = self.store.get_kernel(name)
+        if existing is not None:
+            return existing
+        entry = load_catalog().kernel(name)
+        key = f"kernel-pull:{name}"
+        fut = self._inflight.get(key)
+        if fut is None:
+
+            async def run() -> Kernel:
+                async with self.name_locks.hold(f"kernel:{name}"):
+                    cur = self.store.get_kernel(name)
+                    if cur is not None:
+                        return cur
+                    files = await fetch_catalog_entry(
+                        entry, self.layout.kernels_dir / name, progress=progress
+                    )
+                    k = Kernel(
+                        name=name,
+                        version=files.manifest.version,
+                        arch=files.manifest.arch,
+                        dir=str(files.dir),
+                        vmlinux=str(files.vmlinux) if files.vmlinux else None,
+                        bzimage=str(files.bzimage) if files.bzimage else None,
+                        initrd=str(files.initrd) if files.initrd else None,
+                        modules_dir=str(files.modules_dir) if files.modules_dir else None,
+                        source=f"catalog:{name}",
+                        created_at=now(),
+                    )
+                    try:
+                        async with self.image_ops_lock:
+                            self.store.upsert_kernel(k)
+                    except BaseException:
+                        shutil.rmtree(files.dir, ignore_errors=True)
+                        raise
+                    return k
+
+            fut = asyncio.ensure_future(run())
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        result: Kernel = await asyncio.shield(fut)
+        return result
+
+    def available_kernels(self) -> list[dict[str, Any]]:
+        """The catalog's kernels, with whether each is installed here."""
+        from stoker.daemon.catalog import load_catalog
+
+        have = {k.name for k in self.store.list_kernels()}
+        return [{**k.to_dict(), "installed": k.name in have} for k in load_catalog().kernels]
+
+    async def _pull_oci(self, ref: str, name: str | None, progress: Progress) -> Image:
         from stoker.daemon import oci
         from stoker.daemon.imagemgr import ext4, inject
 

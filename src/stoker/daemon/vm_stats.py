@@ -175,7 +175,18 @@ async def stats(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
 
     async def one(vm_id: str) -> dict[str, Any]:
         vm = svc.resolve(vm_id)
-        if vm.id not in svc.last_samples and vm.state == VMState.RUNNING:
+        if vm.state != VMState.RUNNING:
+            # Not running: the last sample taken while it ran (persisted, so it survives a
+            # daemon restart), with the current state and disk use.
+            last = svc.store.get_stats(vm.id) or {}
+            cur = public(await sample(svc, vm))
+            return {
+                **cur,
+                **{k: v for k, v in last.items() if cur.get(k) is None},
+                "state": str(vm.state),
+                "last_sampled_at": last.get("sampled_at"),
+            }
+        if vm.id not in svc.last_samples:
             await sample(svc, vm)  # a baseline so CPU % has something to compare with
             await asyncio.sleep(0.3)
         s = await sample(svc, vm)

@@ -1,12 +1,16 @@
-"""The catalog: named image and kernel bundles, and the verified bundle download.
+"""The catalog: named image and kernel bundles, and their verified download.
 
 A leaf: it imports only `stoker.errors`, `stoker.model`, the standard library and its
-own dependencies (aiohttp, zstandard), never a service. `ImageService` drives it:
+own dependencies (aiohttp, zstandard), never a service or another leaf. `ImageService`
+drives it:
 
-    catalog = load_catalog()                  # embedded, or $STOKER_CATALOG
-    entry = catalog.find_image(ref)           # None -> not a catalog name: OCI pull
-    files = await fetch_catalog_entry(entry, staging_dir / "x", progress=progress)
-    ...register files.rootfs / files.work_seed, then publish by rename...
+    catalog = load_catalog()              # $STOKER_CATALOG, else the embedded file
+    entry = catalog.find_image(ref)       # None: not a catalog name, pull it as OCI
+    files = await fetch_catalog_entry(entry, dest, progress=progress)
+    # dest now holds rootfs.ext4 (+ work-seed.ext4) + manifest.json, verified
+
+`fetch_bundle` is the same for any URL + sha256. `dest` must not exist; the bundle is
+staged in `.<dest name>.bundle-*` beside it and renamed into place only when complete.
 """
 
 from stoker.daemon.catalog.bundle import (
