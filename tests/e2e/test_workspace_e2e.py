@@ -162,7 +162,7 @@ def test_run_bad_input_creates_nothing(env: StokerEnv, tmp_path: Path) -> None:
     before = env.run("vm", "list", "--json").stdout
     cases = [
         (["vm", "run", str(tmp_path / "missing"), "--", "true"], "does not exist"),
-        (["vm", "run", str(tmp_path), "--", "true"], "not a git"),
+        (["vm", "run", str(tmp_path), "--", "true"], "not inside a git repository"),
         (["vm", "run", "-d", "--rm"], "-d and --rm"),
         (["vm", "run", "-d", "--", "true"], "-d and -- CMD"),
     ]

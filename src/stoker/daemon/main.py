@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # asyncssh logs every connection attempt at INFO: readiness polling would flood the log.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
     # Never die with the terminal or the CLI that started us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

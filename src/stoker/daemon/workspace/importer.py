@@ -178,7 +178,11 @@ if [ -n "$TARGET" ]; then
     cp -- "$gitdir/index" "$T/index" || die 1 "cannot copy the index"
     tree=$(GIT_INDEX_FILE="$T/index" git -c core.loosecompression=0 add -A 2>/dev/null &&
         GIT_INDEX_FILE="$T/index" git write-tree) || die 1 "cannot snapshot the work tree"
-    shipped=$(git commit-tree "$tree" -p "$TARGET" -m "stoker: work tree as prepared" \
+    # stoker's own bookkeeping commit: a fixed identity, so it works whether or not the
+    # repo or the host has one configured.
+    shipped=$(GIT_AUTHOR_NAME=stoker GIT_AUTHOR_EMAIL=stoker@localhost \
+        GIT_COMMITTER_NAME=stoker GIT_COMMITTER_EMAIL=stoker@localhost \
+        git commit-tree "$tree" -p "$TARGET" -m "stoker: work tree as prepared" \
         </dev/null) || die 1 "cannot record the prepared work tree"
     printf 'update refs/stoker/shipped %s\nupdate refs/stoker/base %s\n' "$shipped" "$TARGET"
 else
