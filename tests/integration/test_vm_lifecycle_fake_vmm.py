@@ -433,3 +433,45 @@ async def test_stats_poll_of_20_vms_never_blocks_rpcs(rig: Rig) -> None:
     finally:
         for s in listeners:
             s.close()
+
+
+async def test_cancelled_create_finishes_and_keeps_the_vmm(rig: Rig) -> None:
+    """A client that disconnects mid-create cancels its request, but the start finishes
+    under the VM lock and the VMM it spawned is not killed."""
+    vm = rig.d.vm
+    assert vm is not None
+    booted = asyncio.Event()
+
+    def progress(stage: str, message: str = "", **kw: Any) -> None:
+        if stage == "boot":
+            booted.set()
+
+    task = asyncio.ensure_future(vm.create_vm(req(name="gone"), progress))
+    await asyncio.wait_for(booted.wait(), 20)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    got = vm.resolve("gone")
+    assert got.state == VMState.RUNNING, got
+    assert pid_alive(got.teardown.vmm_pid or 0)
+    # The lock was held to the end: the next op sees a finished VM.
+    await vm.stop_vm("gone")
+    assert vm.resolve("gone").state == VMState.STOPPED
+
+
+async def test_failed_disk_prep_leaves_nothing(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None and rig.d.images is not None and rig.d.store is not None
+    seed = rig.d.store.get_image("base")
+    assert seed is not None and seed.work_seed
+    # A damaged work seed: the clone's fsck/resize fails midway through disk preparation.
+    good = Path(seed.work_seed).read_bytes()
+    Path(seed.work_seed).write_bytes(b"\0" * len(good))
+    try:
+        with pytest.raises(StokerError):
+            await vm.create_vm(req(name="nodisk", no_start=True), _noop)
+    finally:
+        Path(seed.work_seed).write_bytes(good)
+    assert await vm.list_vms() == []
+    assert rig.d.layout is not None
+    assert list(rig.d.layout.vms_dir.iterdir()) == []

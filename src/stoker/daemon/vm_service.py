@@ -7,15 +7,16 @@ narrow reservation lock: name re-check + IP allocation + initial row only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stoker.config import Config
 from stoker.daemon import vm_stats
@@ -257,11 +258,12 @@ class VMService:
             op.target = name
             op.stage = "disks"
             try:
-                await self._prepare_disks(vm, image, progress)
-            except BaseException as e:
-                vm.state = VMState.ERROR
-                vm.last_error = f"preparing disks failed: {e}"
-                self.store.update_vm(vm)
+                await run_to_end(self._prepare_disks(vm, image, progress))
+            except BaseException:
+                # Nothing ran yet: roll the half-made VM back entirely (row, dir, host key).
+                remove_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name])
+                shutil.rmtree(vm.vm_dir, ignore_errors=True)
+                self.store.delete_vm(vm.id)
                 raise
             if p.no_start:
                 op.finish()
@@ -315,8 +317,7 @@ class VMService:
     async def _start_locked(self, vm: VMRecord, progress: Progress) -> VMRecord:
         """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
         client never leaves a half-started VM or kills a VMM already spawned."""
-        task = asyncio.ensure_future(self._start_flow(vm, progress))
-        return await asyncio.shield(task)
+        return await run_to_end(self._start_flow(vm, progress))
 
     async def _start_flow(self, vm: VMRecord, progress: Progress) -> VMRecord:
         t0 = time.monotonic()
@@ -449,18 +450,18 @@ class VMService:
     async def stop_vm(self, ref: str) -> VMRecord:
         """Sync the guest's disks over SSH, power it off, end the VMM, clean up."""
         async with self.with_vm_lock_by_ref(ref) as vm:
-            return await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, force=False)))
+            return await run_to_end(self._stop_locked(vm, force=False))
 
     async def kill_vm(self, ref: str) -> VMRecord:
         """Force-stop (signal) and clean up."""
         async with self.with_vm_lock_by_ref(ref) as vm:
-            return await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, force=True)))
+            return await run_to_end(self._stop_locked(vm, force=True))
 
     async def restart_vm(self, ref: str, progress: Progress) -> VMRecord:
         """Stop (if running), then start."""
         async with self.with_vm_lock_by_ref(ref) as vm:
             if vm.state != VMState.STOPPED:
-                vm = await asyncio.shield(asyncio.ensure_future(self._stop_locked(vm, False)))
+                vm = await run_to_end(self._stop_locked(vm, False))
             return await self._start_locked(vm, progress)
 
     def _handle(self, vm: VMRecord) -> VMMHandle | None:
@@ -549,7 +550,7 @@ class VMService:
                     self.log.warning("delete %s: cleanup errors: %s", vm.name, "; ".join(errs))
                 return {"name": vm.name, "id": vm.id}
 
-            return await asyncio.shield(asyncio.ensure_future(flow()))
+            return await run_to_end(flow())
 
     async def set_vm(
         self, ref: str, vcpu: int | None, memory_mib: int | None, disk_size: str | int | None
@@ -776,3 +777,20 @@ def vsock_cid_for(ip: str) -> int:
     import ipaddress
 
     return 3 + (int(ipaddress.IPv4Address(ip)) & 0xFFFFFF)
+
+
+T = TypeVar("T")
+
+
+async def run_to_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a lifecycle step to its end even if the caller is cancelled (a client that
+    disconnects): the step finishes while the caller still holds its VM lock, then the
+    cancellation propagates. Half-made state and killed VMMs are what this prevents."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            with contextlib.suppress(BaseException):
+                await task
+        raise
