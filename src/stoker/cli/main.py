@@ -11,8 +11,24 @@ from stoker import __version__
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from stoker.cli import completion, daemon_cmd, doctor, image, kernel, vm
+# Command group -> the module that registers it. Only the group a command line names is
+# built: constructing every subparser costs more than the rest of a `stoker vm list`.
+GROUPS = {
+    "vm": "vm",
+    "ps": "vm",
+    "image": "image",
+    "kernel": "kernel",
+    "daemon": "daemon_cmd",
+    "doctor": "doctor",
+    "completion": "completion",
+    "__names": "completion",
+    "__flags": "completion",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; with `only`, just that command group's module is registered."""
+    import importlib
 
     ap = argparse.ArgumentParser(
         prog="stoker",
@@ -24,13 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print CLI and daemon versions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_version)
-    vm.register(sub)
-    image.register(sub)
-    kernel.register(sub)
-    daemon_cmd.register(sub)
-    doctor.register(sub)
-    completion.register(sub)
+    wanted = GROUPS.get(only) if only else None
+    for mod in dict.fromkeys(GROUPS.values()):
+        if wanted is None or mod == wanted:
+            importlib.import_module(f"stoker.cli.{mod}").register(sub)
     return ap
+
+
+def _group_of(argv: list[str]) -> str | None:
+    """The command group named on the command line (after global options), if known."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            i += 2
+            continue
+        if a.startswith("-"):
+            if a in ("-h", "--help"):
+                return None
+            i += 1
+            continue
+        return a if a in GROUPS else None
+    return None
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -57,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, trailing = argv[:i], argv[i + 1 :]
-    ap = build_parser()
+    ap = build_parser(_group_of(argv))
     args = ap.parse_args(argv)
     if trailing is not None:
         if not hasattr(args, "cmd"):
