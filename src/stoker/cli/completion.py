@@ -102,8 +102,6 @@ def register(sub: Any) -> None:
     f = sub.add_parser("__flags")
     f.add_argument("words", nargs="*")
     f.set_defaults(func=_flags)
-    # keep the helpers out of --help
-    sub._choices_actions = [a for a in sub._choices_actions if not a.dest.startswith("__")]
 
 
 def _names(args: argparse.Namespace) -> int:

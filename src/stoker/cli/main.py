@@ -23,6 +23,8 @@ GROUPS = {
     "completion": "completion",
     "__names": "completion",
     "__flags": "completion",
+    "ssh-config": "sshconfig",
+    "__connect": "sshconfig",
 }
 
 
@@ -44,6 +46,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for mod in dict.fromkeys(GROUPS.values()):
         if wanted is None or mod == wanted:
             importlib.import_module(f"stoker.cli.{mod}").register(sub)
+    # Helpers for completion and ssh's ProxyCommand stay out of --help.
+    sub._choices_actions = [a for a in sub._choices_actions if not a.dest.startswith("__")]
     return ap
 
 
