@@ -28,8 +28,9 @@ GROUPS = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argparse tree; with `only`, just that command group's module is registered."""
+def build_parser(only: str | None = None, sub_only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; with `only`, just that command group's module is registered (and
+    with `sub_only`, just that subcommand of `vm`)."""
     import importlib
 
     ap = argparse.ArgumentParser(
@@ -45,27 +46,39 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     wanted = GROUPS.get(only) if only else None
     for mod in dict.fromkeys(GROUPS.values()):
         if wanted is None or mod == wanted:
-            importlib.import_module(f"stoker.cli.{mod}").register(sub)
+            module = importlib.import_module(f"stoker.cli.{mod}")
+            if mod == "vm" and only == "vm":
+                module.register(sub, sub_only)
+            else:
+                module.register(sub)
     # Helpers for completion and ssh's ProxyCommand stay out of --help.
     sub._choices_actions = [a for a in sub._choices_actions if not a.dest.startswith("__")]
     return ap
 
 
-def _group_of(argv: list[str]) -> str | None:
-    """The command group named on the command line (after global options), if known."""
+def _words(argv: list[str]) -> list[str]:
+    """The positional words of a command line, up to the first help flag."""
+    out: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
+        if a in ("-h", "--help"):
+            break
         if a == "--config":
             i += 2
             continue
-        if a.startswith("-"):
-            if a in ("-h", "--help"):
-                return None
-            i += 1
-            continue
-        return a if a in GROUPS else None
-    return None
+        if not a.startswith("-"):
+            out.append(a)
+        i += 1
+    return out
+
+
+def _group_of(argv: list[str]) -> tuple[str | None, str | None]:
+    """(command group, its subcommand) named on the command line, where known."""
+    words = _words(argv)
+    group = words[0] if words and words[0] in GROUPS else None
+    sub = words[1] if group and len(words) > 1 else None
+    return group, sub
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, trailing = argv[:i], argv[i + 1 :]
-    ap = build_parser(_group_of(argv))
+    ap = build_parser(*_group_of(argv))
     args = ap.parse_args(argv)
     if trailing is not None:
         if not hasattr(args, "cmd"):

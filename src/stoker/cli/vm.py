@@ -9,30 +9,47 @@ from typing import Any
 from stoker.cli.connect import client
 from stoker.cli.render import age, err, print_json, size, table
 
+# Every `vm` subcommand (and alias): only the one a command line names is built, since
+# building all of them is most of a short command's start-up time.
+SUBCOMMANDS = frozenset(
+    {
+        "list", "ls", "show", "create", "start", "stop", "restart", "kill", "delete", "rm",
+        "set", "run", "exec", "workspace", "health", "stats", "ports", "prune", "logs", "ssh",
+    }
+)  # fmt: skip
 
-def register(sub: Any) -> None:
+
+def register(sub: Any, only: str | None = None) -> None:
+    if only not in SUBCOMMANDS:
+        only = None
+
+    def want(*names: str) -> bool:
+        return only is None or only in names
+
     vm = sub.add_parser("vm", help="create, run and manage VMs")
     vsub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
     vm.set_defaults(func=lambda a: (vm.print_help(), 2)[1])
 
-    for name, aliases in (("list", ["ls"]),):
-        p = vsub.add_parser(name, aliases=aliases, help="list VMs")
+    if want("list", "ls"):
+        p = vsub.add_parser("list", aliases=["ls"], help="list VMs")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=vm_list)
     ps = sub.add_parser("ps", help="alias of `vm list`")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.set_defaults(func=vm_list)
 
-    p = vsub.add_parser("show", help="everything known about one VM")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_show)
+    if want("show"):
+        p = vsub.add_parser("show", help="everything known about one VM")
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_show)
 
-    p = vsub.add_parser("create", help="create (and start) a VM")
-    add_sizing(p)
-    p.add_argument("--no-start", action="store_true", help="create the disks only")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_create)
+    if want("create"):
+        p = vsub.add_parser("create", help="create (and start) a VM")
+        add_sizing(p)
+        p.add_argument("--no-start", action="store_true", help="create the disks only")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_create)
 
     for verb, helptext in (
         ("start", "boot stopped VMs and wait for SSH"),
@@ -41,51 +58,63 @@ def register(sub: Any) -> None:
         ("kill", "force-stop VMs (signal) and clean up"),
         ("delete", "stop if needed and remove VMs with their disks"),
     ):
-        p = vsub.add_parser(verb, aliases=["rm"] if verb == "delete" else [], help=helptext)
+        aliases = ["rm"] if verb == "delete" else []
+        if not want(verb, *aliases):
+            continue
+        p = vsub.add_parser(verb, aliases=aliases, help=helptext)
         p.add_argument("names", nargs="+", metavar="NAME")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=vm_multi, verb=verb)
 
-    p = vsub.add_parser("set", help="change sizing (applies at next start; disks only grow)")
-    p.add_argument("name")
-    p.add_argument("--vcpu", type=int)
-    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
-    p.add_argument("--disk-size", help="work disk size, e.g. 16G (only grows)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_set)
+    if want("set"):
+        p = vsub.add_parser("set", help="change sizing (applies at next start; disks only grow)")
+        p.add_argument("name")
+        p.add_argument("--vcpu", type=int)
+        p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+        p.add_argument("--disk-size", help="work disk size, e.g. 16G (only grows)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_set)
 
-    register_run(vsub)
-    from stoker.cli import workspace
+    if want("run", "exec"):
+        register_run(vsub)
+    if want("workspace"):
+        from stoker.cli import workspace
 
-    workspace.register(vsub)
+        workspace.register(vsub)
 
-    p = vsub.add_parser("health", help="is the VM up? (guest agent, SSH fallback)")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_health)
+    if want("health"):
+        p = vsub.add_parser("health", help="is the VM up? (guest agent, SSH fallback)")
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_health)
 
-    p = vsub.add_parser("stats", help="CPU, memory, disk use, uptime, last activity")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_stats)
+    if want("stats"):
+        p = vsub.add_parser("stats", help="CPU, memory, disk use, uptime, last activity")
+        p.add_argument("names", nargs="*", metavar="NAME")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_stats)
 
-    p = vsub.add_parser("ports", help="listening sockets in the guest as NAME.vm:PORT")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=vm_ports)
+    if want("ports"):
+        p = vsub.add_parser("ports", help="listening sockets in the guest as NAME.vm:PORT")
+        p.add_argument("names", nargs="*", metavar="NAME")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_ports)
 
-    p = vsub.add_parser("prune", help="delete all VMs that are not running")
-    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
-    p.set_defaults(func=vm_prune)
+    if want("prune"):
+        p = vsub.add_parser("prune", help="delete all VMs that are not running")
+        p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+        p.set_defaults(func=vm_prune)
 
-    p = vsub.add_parser("logs", help="the guest serial console")
-    p.add_argument("name")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.set_defaults(func=vm_logs)
+    if want("logs"):
+        p = vsub.add_parser("logs", help="the guest serial console")
+        p.add_argument("name")
+        p.add_argument("-f", "--follow", action="store_true")
+        p.set_defaults(func=vm_logs)
 
-    p = vsub.add_parser("ssh", help="ssh into a VM (system ssh, managed key)")
-    p.add_argument("name")
-    p.set_defaults(func=vm_ssh, cmd=[])
+    if want("ssh"):
+        p = vsub.add_parser("ssh", help="ssh into a VM (system ssh, managed key)")
+        p.add_argument("name")
+        p.set_defaults(func=vm_ssh, cmd=[])
 
 
 def add_sizing(p: argparse.ArgumentParser) -> None:
