@@ -66,7 +66,7 @@ SERIAL_LOG = "serial.log"
 BOOT_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro rootwait init=/usr/lib/stoker/overlay-init"
 )
-STOP_GRACE = 1.0  # seconds the VMM gets to exit after poweroff before it is killed
+STOP_GRACE = 0.5  # seconds the VMM gets to exit after poweroff before it is killed
 DEFAULT_BOOT_TIMEOUT = 180.0
 
 
