@@ -113,6 +113,9 @@ class Daemon:
             self.listener = None
         if self.net is not None:
             await self.net.close()
+        close_ssh = getattr(self.vm.ssh, "close", None) if self.vm is not None else None
+        if close_ssh is not None:
+            await close_ssh()
         if self.store is not None:
             self.store.close()
             self.store = None

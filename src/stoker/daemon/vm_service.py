@@ -529,6 +529,9 @@ class VMService:
             except Exception as e:
                 errs.append(f"release tap {vm.teardown.tap}: {e}")
         await vm_stats.drop_agent(self, vm.id)
+        forget = getattr(self.ssh, "forget", None)
+        if forget is not None:
+            await forget(self.ssh_target(vm))
         self.last_samples.pop(vm.id, None)
         self.handles.drop(vm.id, Path(vm.vm_dir))
         vm.teardown = Teardown()

@@ -88,6 +88,10 @@ def wire_services(d: Daemon) -> None:
             d.ws,
             d.hooks,
         )
+    # One SSH client (and its kept connections) for both services, so VMService can drop a
+    # guest's connection whenever that VM stops.
+    if type(d.ws.ssh) is type(d.vm.ssh):
+        d.ws.ssh = d.vm.ssh
     if d.capabilities is None:
         d.capabilities = [
             WorkDiskCapability(

@@ -144,14 +144,19 @@ class GuestSSH:
 
     def __init__(self, connect_timeout: float = 5.0) -> None:
         self.connect_timeout = connect_timeout
+        # One kept connection per guest: an SSH handshake costs ~1.4 s on a TCG guest, and
+        # prepare/exec/export/stop each need one. Dropped on any error and by `forget`
+        # (VMService calls it whenever a VM's VMM goes away).
+        self._pool: dict[str, asyncssh.SSHClientConnection] = {}
+        self._pool_locks: dict[str, asyncio.Lock] = {}
 
-    @contextlib.asynccontextmanager
-    async def connect(
-        self, t: SSHTarget, timeout: float | None = None
-    ) -> AsyncIterator[asyncssh.SSHClientConnection]:
-        """An authenticated connection; host key checked against stoker's known_hosts."""
+    @staticmethod
+    def _key(t: SSHTarget) -> str:
+        return f"{t.user}@{t.host}:{t.port}/{t.name}"
+
+    async def _dial(self, t: SSHTarget, timeout: float | None) -> asyncssh.SSHClientConnection:
         try:
-            conn = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 asyncssh.connect(
                     t.host,
                     port=t.port,
@@ -162,6 +167,7 @@ class GuestSSH:
                     config=None,
                     connect_timeout=timeout or self.connect_timeout,
                     keepalive_interval=15,
+                    keepalive_count_max=2,
                 ),
                 (timeout or self.connect_timeout) + 1,
             )
@@ -173,12 +179,41 @@ class GuestSSH:
             ) from e
         except (OSError, asyncssh.Error, TimeoutError) as e:
             raise Unavailable(f"cannot reach VM {t.name} over SSH at {t.host}: {e}") from None
+
+    @contextlib.asynccontextmanager
+    async def connect(
+        self, t: SSHTarget, timeout: float | None = None
+    ) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        """An authenticated connection (kept for reuse); host key checked against stoker's
+        known_hosts. An error inside the block drops it from the pool."""
+        key = self._key(t)
+        lock = self._pool_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._pool.get(key)
+            if conn is None or conn.is_closed():
+                conn = await self._dial(t, timeout)
+                self._pool[key] = conn
         try:
             yield conn
-        finally:
+        except BaseException:
+            if self._pool.get(key) is conn:
+                del self._pool[key]
+            conn.close()
+            raise
+
+    async def forget(self, t: SSHTarget) -> None:
+        """Close and drop the kept connection to a guest (its VM stopped or went away)."""
+        conn = self._pool.pop(self._key(t), None)
+        if conn is not None:
             conn.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 2)
+
+    async def close(self) -> None:
+        """Close every kept connection (daemon shutdown)."""
+        for conn in list(self._pool.values()):
+            conn.close()
+        self._pool.clear()
 
     async def run(
         self,
@@ -189,19 +224,28 @@ class GuestSSH:
         timeout: float = 60.0,
         connect_timeout: float | None = None,
     ) -> ExecResult:
-        """Run one command; returns its exit status and output (bytes)."""
-        async with self.connect(t, connect_timeout) as conn:
+        """Run one command; returns its exit status and output (bytes). A kept connection
+        that turns out dead before the command starts is replaced once."""
+        for attempt in (0, 1):
             try:
-                r = await asyncio.wait_for(
-                    conn.run(command, input=input, encoding=None, check=False), timeout
-                )
+                async with self.connect(t, connect_timeout) as conn:
+                    r = await asyncio.wait_for(
+                        conn.run(command, input=input, encoding=None, check=False), timeout
+                    )
+                break
             except TimeoutError:
                 raise Timeout(
                     f"`{command}` on VM {t.name} did not finish in {timeout:.0f}s"
                 ) from None
-            out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
-            err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
-            return ExecResult(r.exit_status if r.exit_status is not None else 255, out, err)
+            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, BrokenPipeError) as e:
+                if attempt == 0:
+                    continue  # the command never started: a stale kept connection
+                raise Unavailable(f"lost the SSH connection to VM {t.name}: {e}") from None
+            except (OSError, asyncssh.Error) as e:
+                raise Unavailable(f"SSH to VM {t.name} failed: {e}") from None
+        out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
+        err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
+        return ExecResult(r.exit_status if r.exit_status is not None else 255, out, err)
 
     async def run_stream(
         self,
