@@ -475,3 +475,73 @@ async def test_failed_disk_prep_leaves_nothing(rig: Rig) -> None:
     assert await vm.list_vms() == []
     assert rig.d.layout is not None
     assert list(rig.d.layout.vms_dir.iterdir()) == []
+
+
+@dataclass
+class SlowGuestSSH:
+    """Stands in for the guest during a workspace import: the probe answers 'empty', the
+    import blocks until released (or the connection is 'lost' when the VMM dies)."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    imports: int = 0
+    active: int = 0
+    max_active: int = 0
+
+    async def run(self, t: Any, command: str, **kw: Any) -> Any:
+        from stoker.daemon.guestssh.client import ExecResult
+
+        if "sync" in command:  # VMService's stop: pretend the guest is unreachable
+            raise Unavailable("guest unreachable (fake)")
+        # The guest-state probe: nothing there yet.
+        return ExecResult(0, b"STOKER-STATE 1\nstatus absent\nend\n", b"")
+
+    async def run_stream(self, t: Any, command: str, stdin: Any, **kw: Any) -> Any:
+        self.imports += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            async for _ in stdin:
+                pass
+            await self.release.wait()
+            raise Unavailable(f"lost the SSH connection to VM {t.name}: VMM stopped")
+        finally:
+            self.active -= 1
+
+
+async def test_prepare_lock_discipline(rig: Rig, tmp_path: Path) -> None:
+    """Two prepares on one VM serialise on the workspace lock; `vm stop` during a prepare is
+    not blocked by it (the seed's split: the VM lock is held only to validate)."""
+    import time
+
+    vm, ws = rig.d.vm, rig.d.ws
+    assert vm is not None and ws is not None
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (
+        ["init", "-q"],
+        ["-c", "user.name=a", "-c", "user.email=a@x", "commit", "-q", "--allow-empty", "-m", "x"],
+    ):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    rec = await vm.create_vm(req(name="wsl"), _noop)
+    fake = SlowGuestSSH()
+    ws.ssh = fake  # type: ignore[assignment]
+    vm.ssh = fake  # type: ignore[assignment]
+    p1 = asyncio.ensure_future(ws.prepare("wsl", str(repo), "/root/repo", None, None, None, _noop))
+    p2 = asyncio.ensure_future(ws.prepare("wsl", str(repo), "/root/repo", None, None, None, _noop))
+    for _ in range(100):
+        if fake.imports:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert fake.imports == 1 and fake.max_active == 1, "the second prepare did not wait"
+    assert ws.workspace_locks.locked(rec.id) and not vm.vm_locks.locked(rec.id)
+    t0 = time.monotonic()
+    stopped = await asyncio.wait_for(vm.stop_vm("wsl"), 10)
+    assert time.monotonic() - t0 < 3 and stopped.state == VMState.STOPPED
+    fake.release.set()  # the connection drops with the VMM
+    with pytest.raises(StokerError):
+        await p1
+    with pytest.raises(StokerError):  # the queued one finds the VM stopped
+        await p2
+    assert fake.max_active == 1
+    assert vm.resolve("wsl").workspace is None  # nothing recorded for a failed import
