@@ -42,6 +42,15 @@ def daemon_rss(e: StokerEnv) -> int:
     return 0
 
 
+def daemon_cpu_s(e: StokerEnv) -> float:
+    import os
+
+    pid = int((e.state_dir / "stokerd.pid").read_text())
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--boots", type=int, default=2)
@@ -82,6 +91,15 @@ def main() -> int:
             f"median pre-boot {statistics.median(pre) * 1000:.0f} ms (target < 200 ms); "
             f"overhead ratio (total / guest boot) "
             f"{statistics.median([r[0] for r in rows]) / statistics.median(boots):.3f}"
+        )
+        window = 30.0
+        c0 = daemon_cpu_s(e)
+        time.sleep(window)
+        used = daemon_cpu_s(e) - c0
+        print(
+            f"daemon CPU with {args.boots} running VMs at the default stats interval: "
+            f"{100 * used / window:.2f}% of one CPU ({100 * used / window / args.boots:.2f}% "
+            f"per VM; x10 VMs ~ {1000 * used / window / args.boots:.1f}%)"
         )
         stop_normal = timed(e, "vm", "stop", "b0")
         e.run("vm", "start", "b0")
