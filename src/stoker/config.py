@@ -74,6 +74,7 @@ class Config:
     golden_cache_dir: str | None = None  # apt package cache for image builds
     auto_stop_stale_after: int = 0  # seconds; 0 = off
     stats_poll_interval: int = 10  # seconds
+    boot_timeout: int = 180  # seconds from VMM start to SSH answering
     op_prune_interval: int = 60  # seconds
     vm_defaults: VMDefaults = field(
         default_factory=lambda: resolve_vm_defaults({}, os.cpu_count() or 1, _host_mem())
@@ -186,6 +187,7 @@ _TOP_KEYS = {
     "golden_cache_dir",
     "auto_stop_stale_after",
     "stats_poll_interval",
+    "boot_timeout",
     "op_prune_interval",
     "vm_defaults",
     "file_sync",
@@ -274,6 +276,8 @@ def parse_config(
         kw["auto_stop_stale_after"] = _duration(
             "auto_stop_stale_after", data["auto_stop_stale_after"]
         )
+    if "boot_timeout" in data:
+        kw["boot_timeout"] = _duration("boot_timeout", data["boot_timeout"]) or 1
     for k in ("stats_poll_interval", "op_prune_interval"):
         if k in data:
             kw[k] = _duration(k, data[k]) or 1

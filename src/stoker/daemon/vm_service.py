@@ -123,7 +123,7 @@ class VMService:
             lambda: default_driver(config, runner)
         )
         self.ssh = GuestSSH()
-        self.boot_timeout = DEFAULT_BOOT_TIMEOUT
+        self.boot_timeout = float(config.boot_timeout or DEFAULT_BOOT_TIMEOUT)
         self.last_timings: dict[str, dict[str, float]] = {}
         self._driver_cache: VMMDriver | None = None
         self.agents: dict[str, AgentClient] = {}
