@@ -147,14 +147,15 @@ def image_delete(args: argparse.Namespace) -> int:
 
 
 def image_pull(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
+    return _image_op(args, "image.pull", {"ref": args.ref, "name": args.name})
 
-    pp = ProgressPrinter(quiet=args.json)
+
+def _image_op(args: argparse.Namespace, method: str, params: dict[str, Any]) -> int:
+    """pull/build: stream progress, then one line (or the image as JSON)."""
+    from stoker.cli.progress import call_with_progress
+
     with client(args) as c:
-        try:
-            i = c.call("image.pull", {"ref": args.ref, "name": args.name}, pp)
-        finally:
-            pp.done()
+        i = call_with_progress(c, method, params, quiet=args.json)
     if args.json:
         print_json(i)
     else:
@@ -174,16 +175,4 @@ def cache_prune(args: argparse.Namespace) -> int:
 
 
 def image_build(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
-
-    pp = ProgressPrinter(quiet=args.json)
-    with client(args) as c:
-        try:
-            i = c.call("image.build", {"name": args.name, "force": args.force}, pp)
-        finally:
-            pp.done()
-    if args.json:
-        print_json(i)
-    else:
-        print(f"{i['name']} ready ({size(i['size'])}, kernel {i['kernel']})")
-    return 0
+    return _image_op(args, "image.build", {"name": args.name, "force": args.force})

@@ -114,14 +114,10 @@ def kernel_import(args: argparse.Namespace) -> int:
 
 
 def kernel_pull(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
+    from stoker.cli.progress import call_with_progress
 
-    pp = ProgressPrinter(quiet=args.json)
     with client(args) as c:
-        try:
-            k = c.call("kernel.pull", {"name": args.name}, pp)
-        finally:
-            pp.done()
+        k = call_with_progress(c, "kernel.pull", {"name": args.name}, quiet=args.json)
     if args.json:
         print_json(k)
     else:

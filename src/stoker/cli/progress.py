@@ -45,3 +45,12 @@ class ProgressPrinter:
 
     def done(self) -> None:
         self._end_live()
+
+
+def call_with_progress(c: Any, method: str, params: dict[str, Any], quiet: bool = False) -> Any:
+    """One RPC call whose progress stages are rendered as they stream in."""
+    pp = ProgressPrinter(quiet=quiet)
+    try:
+        return c.call(method, params, pp)
+    finally:
+        pp.done()

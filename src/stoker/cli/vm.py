@@ -138,14 +138,12 @@ def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def vm_create(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
+    from stoker.cli.progress import call_with_progress
 
-    pp = ProgressPrinter(quiet=args.json)
     with client(args) as c:
-        try:
-            v = c.call("vm.create", {**sizing_params(args), "no_start": args.no_start}, pp)
-        finally:
-            pp.done()
+        v = call_with_progress(
+            c, "vm.create", {**sizing_params(args), "no_start": args.no_start}, args.json
+        )
     if args.json:
         print_json(v)
     else:
@@ -157,14 +155,11 @@ def vm_create(args: argparse.Namespace) -> int:
 
 
 def vm_multi(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
+    from stoker.cli.progress import call_with_progress
 
-    pp = ProgressPrinter(quiet=args.json or args.verb not in ("start", "restart"))
+    quiet = args.json or args.verb not in ("start", "restart")
     with client(args) as c:
-        try:
-            results = c.call(f"vm.{args.verb}", {"refs": args.names}, pp)
-        finally:
-            pp.done()
+        results = call_with_progress(c, f"vm.{args.verb}", {"refs": args.names}, quiet)
     if args.json:
         print_json(results)
     else:
@@ -481,7 +476,7 @@ def vm_run(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from stoker.cli.progress import ProgressPrinter
+    from stoker.cli.progress import call_with_progress
 
     cmd = list(args.cmd)
     if args.detach and args.rm:
@@ -506,43 +501,29 @@ def vm_run(args: argparse.Namespace) -> int:
                 },
             )
             if args.dry_run:
-                mode = "tracked + untracked" if args.include_untracked else "tracked only"
-                print(
-                    f"repo: {plan['root']} @ {(plan['head'] or 'no commits')[:12]} "
-                    f"({plan.get('branch') or 'detached'}); mode: {mode}"
-                )
-                for f in plan["files"]:
-                    print(f"  {f}")
-                print(f"{len(plan['files'])} files")
-                return 0
+                from stoker.cli.workspace import print_dry_run
+
+                return print_dry_run(plan, args.include_untracked)
         elif args.dry_run:
             err("--dry-run needs a PATH: it shows which files would be copied")
             return 1
-        pp = ProgressPrinter()
-        try:
-            v = c.call("vm.create", sizing_params(args), pp)
-        finally:
-            pp.done()
+        v = call_with_progress(c, "vm.create", sizing_params(args))
         name = v["name"]
         rc = 0
         try:
             workdir = "/root"
             if path is not None:
-                pp = ProgressPrinter()
-                try:
-                    ws = c.call(
-                        "vm.workspace.prepare",
-                        {
-                            "ref": name,
-                            "path": path,
-                            "branch": args.branch,
-                            "from_ref": args.from_ref,
-                            "include_untracked": args.include_untracked,
-                        },
-                        pp,
-                    )
-                finally:
-                    pp.done()
+                ws = call_with_progress(
+                    c,
+                    "vm.workspace.prepare",
+                    {
+                        "ref": name,
+                        "path": path,
+                        "branch": args.branch,
+                        "from_ref": args.from_ref,
+                        "include_untracked": args.include_untracked,
+                    },
+                )
                 workdir = ws["guest_path"]
             if args.detach:
                 print(
@@ -600,19 +581,13 @@ def vm_exec(args: argparse.Namespace) -> int:
         if ws and ws.get("host_path"):
             moved = _host_head_moved(ws["host_path"], ws.get("head"))
             if moved and args.auto_prepare:
-                pp = _progress()
-                try:
-                    c.call(
-                        "vm.workspace.prepare",
-                        {
-                            "ref": info["name"],
-                            "path": ws["host_path"],
-                            "guest_path": ws["guest_path"],
-                        },
-                        pp,
-                    )
-                finally:
-                    pp.done()
+                from stoker.cli.progress import call_with_progress
+
+                call_with_progress(
+                    c,
+                    "vm.workspace.prepare",
+                    {"ref": info["name"], "path": ws["host_path"], "guest_path": ws["guest_path"]},
+                )
             elif moved:
                 err(
                     f"warning: {ws['host_path']} HEAD moved since the workspace was prepared "
@@ -621,12 +596,6 @@ def vm_exec(args: argparse.Namespace) -> int:
                 )
     workdir = info.get("workspace") or "/root"
     return subprocess.call([*ssh_argv(info, tty=False), _shell_cmd(args.cmd, workdir)])
-
-
-def _progress() -> Any:
-    from stoker.cli.progress import ProgressPrinter
-
-    return ProgressPrinter()
 
 
 def _host_head_moved(host_path: str, head: str | None) -> str | None:

@@ -40,7 +40,7 @@ def register(vsub: Any) -> None:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    from stoker.cli.progress import ProgressPrinter
+    from stoker.cli.progress import call_with_progress
 
     path = os.path.abspath(args.path)
     if args.from_ref and not args.branch:
@@ -52,28 +52,20 @@ def prepare(args: argparse.Namespace) -> int:
                 "vm.workspace.inspect",
                 {"path": path, "include_untracked": args.include_untracked, "list_files": True},
             )
-            mode = "tracked + untracked" if args.include_untracked else "tracked only"
-            print(f"repo: {plan['root']} @ {(plan['head'] or 'no commits')[:12]}; mode: {mode}")
-            for f in plan["files"]:
-                print(f"  {f}")
-            print(f"{len(plan['files'])} files")
-            return 0
-        pp = ProgressPrinter(quiet=args.json)
-        try:
-            w = c.call(
-                "vm.workspace.prepare",
-                {
-                    "ref": args.name,
-                    "path": path,
-                    "guest_path": args.guest_path,
-                    "branch": args.branch,
-                    "from_ref": args.from_ref,
-                    "include_untracked": True if args.include_untracked else None,
-                },
-                pp,
-            )
-        finally:
-            pp.done()
+            return print_dry_run(plan, args.include_untracked)
+        w = call_with_progress(
+            c,
+            "vm.workspace.prepare",
+            {
+                "ref": args.name,
+                "path": path,
+                "guest_path": args.guest_path,
+                "branch": args.branch,
+                "from_ref": args.from_ref,
+                "include_untracked": True if args.include_untracked else None,
+            },
+            quiet=args.json,
+        )
     if args.json:
         print_json(w)
     else:
@@ -107,4 +99,17 @@ def export(args: argparse.Namespace) -> int:
             + (f" (patch in {args.output})" if args.output else ""),
             file=sys.stderr,
         )
+    return 0
+
+
+def print_dry_run(plan: dict[str, Any], include_untracked: bool) -> int:
+    """--dry-run: the files that would be shipped and the mode; nothing is created."""
+    mode = "tracked + untracked" if include_untracked else "tracked only"
+    print(
+        f"repo: {plan['root']} @ {(plan['head'] or 'no commits')[:12]} "
+        f"({plan.get('branch') or 'detached'}); mode: {mode}"
+    )
+    for f in plan["files"]:
+        print(f"  {f}")
+    print(f"{len(plan['files'])} files")
     return 0
