@@ -1,7 +1,9 @@
 """Ten concurrent creates on real guests: ten distinct IPs, all reach SSH.
 
-Opt-in (STOKER_E2E_HEAVY=1): ten TCG guests on a 2-core machine take several minutes. The
-same orchestration runs on every CI pass with a stand-in VMM
+Opt-in (STOKER_E2E_HEAVY=1): meant for hosts where KVM boots or with many cores. Tried on
+the 2-core development machine under TCG: all ten VMMs started within a second, but the
+guests were still in early userspace after 13 minutes (load ~15). The same orchestration
+runs on every CI pass with a stand-in VMM
 (tests/integration/test_vm_lifecycle_fake_vmm.py::test_ten_concurrent_creates_get_distinct_ips).
 """
 
@@ -24,8 +26,9 @@ N = 10
 def heavy_env() -> Iterator[StokerEnv]:
     if os.environ.get("STOKER_E2E_HEAVY") != "1":
         pytest.skip(
-            f"{N} concurrent TCG guests take several minutes on a 2-core machine: set "
-            "STOKER_E2E_HEAVY=1 to run (the stand-in-VMM variant runs always)"
+            f"{N} concurrent guests need KVM or many cores (under TCG on 2 cores they did not "
+            "reach SSH in 13 min): set STOKER_E2E_HEAVY=1 to run; the stand-in-VMM variant "
+            "runs always"
         )
     e = make_env("many", extra_config="boot_timeout = 900\n")
     try:
