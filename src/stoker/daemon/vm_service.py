@@ -41,6 +41,7 @@ from stoker.daemon.vm_disks import (
     make_work_disk,
 )
 from stoker.daemon.vmm import Disk, MachineConfig, VMMDriver, VMMHandle
+from stoker.daemon.vmm.base import pid_alive
 from stoker.errors import (
     AlreadyExists,
     Ambiguous,
@@ -438,12 +439,7 @@ class VMService:
         )
 
     def ssh_target(self, vm: VMRecord) -> SSHTarget:
-        return SSHTarget(
-            name=vm.name,
-            host=vm.guest_ip,
-            key=self.layout.ssh_key,
-            known_hosts=self.layout.known_hosts,
-        )
+        return SSHTarget.for_guest(vm.name, vm.guest_ip, self.layout)
 
     # --- stop / kill / cleanup ---------------------------------------------------------
 
@@ -754,18 +750,6 @@ class VMService:
         if not pid:
             return False
         return pid_alive(pid)
-
-
-def pid_alive(pid: int) -> bool:
-    """A process exists with this pid and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # state is the field after the parenthesised comm
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state != "Z"
 
 
 def default_driver(config: Config, runner: Runner) -> VMMDriver:

@@ -158,8 +158,6 @@ async def sample(svc: VMService, vm: VMRecord) -> dict[str, Any]:
                     out["guest_cpu_percent"] = round(pc, 1)
         except AgentError as e:
             out["agent_error"] = e.message
-    elif vm.started_at is None:
-        out["uptime_s"] = None
     svc.last_samples[vm.id] = out
     return out
 

@@ -108,12 +108,7 @@ class WorkspaceService:
     # --- prepare / export ----------------------------------------------------------------
 
     def _target(self, vm: VMRecord) -> SSHTarget:
-        return SSHTarget(
-            name=vm.name,
-            host=vm.guest_ip,
-            key=self.layout.ssh_key,
-            known_hosts=self.layout.known_hosts,
-        )
+        return SSHTarget.for_guest(vm.name, vm.guest_ip, self.layout)
 
     async def inspect(self, path: str, include_untracked: bool, with_files: bool) -> dict[str, Any]:
         """Host-side preflight for `vm run PATH` (nothing created): the repo facts, and the

@@ -22,6 +22,7 @@ from typing import IO
 import asyncssh
 
 from stoker.errors import StokerError, Timeout, Unavailable
+from stoker.layout import Layout
 from stoker.runner import Runner
 
 
@@ -41,6 +42,11 @@ class SSHTarget:
     known_hosts: Path
     user: str = "root"
     port: int = 22
+
+    @classmethod
+    def for_guest(cls, name: str, host: str, layout: Layout) -> SSHTarget:
+        """A guest reached as root with stoker's managed key and its own known_hosts."""
+        return cls(name=name, host=host, key=layout.ssh_key, known_hosts=layout.known_hosts)
 
 
 async def ensure_keypair(runner: Runner, key: Path) -> str:
