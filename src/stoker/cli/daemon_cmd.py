@@ -20,6 +20,33 @@ def register(sub: Any) -> None:
     p.set_defaults(func=daemon_status)
     p = dsub.add_parser("stop", help="stop the daemon (running VMs keep running)")
     p.set_defaults(func=daemon_stop)
+    p = dsub.add_parser(
+        "unit",
+        help="print the systemd unit of a system-wide stokerd, naming this install's stokerd",
+    )
+    p.set_defaults(func=daemon_unit)
+
+
+def unit_text(template: str, python: str) -> str:
+    """The packaged unit with ExecStart pointing at the stokerd next to `python` (the
+    interpreter this stoker is installed for), or at `python -m stoker.daemon.main`."""
+    import re
+    from pathlib import Path
+
+    stokerd = Path(python).parent / "stokerd"
+    start = (
+        f"{stokerd} --system" if stokerd.is_file() else f"{python} -m stoker.daemon.main --system"
+    )
+    return re.sub(r"^ExecStart=.*$", f"ExecStart={start}", template, flags=re.M)
+
+
+def daemon_unit(args: argparse.Namespace) -> int:
+    import sys
+    from importlib.resources import files
+
+    template = files("stoker").joinpath("data/stokerd.service").read_text()
+    sys.stdout.write(unit_text(template, sys.executable))
+    return 0
 
 
 def daemon_status(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from stoker.cli.connect import client
-from stoker.cli.render import age, print_json, size, table
+from stoker.cli.render import add_output_flags, age, print_json, size, structured, table
 
 
 def register(sub: Any) -> None:
@@ -14,12 +14,12 @@ def register(sub: Any) -> None:
     isub = im.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND")
     im.set_defaults(func=lambda a: (im.print_help(), 2)[1])
     p = isub.add_parser("list", aliases=["ls"], help="list images")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p, "image", listing=True)
     p.set_defaults(func=image_list)
 
     p = isub.add_parser("show", help="one image in detail")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p, "image", listing=False)
     p.set_defaults(func=image_show)
 
     p = isub.add_parser("register", help="record an image from host paths (unmanaged)")
@@ -64,8 +64,7 @@ def register(sub: Any) -> None:
 def image_list(args: argparse.Namespace) -> int:
     with client(args) as c:
         images = c.call("image.list")
-    if args.json:
-        print_json(images)
+    if structured(args, images):
         return 0
     if not images:
         print("no images: build one with `stoker image build debian-bookworm`")
@@ -103,9 +102,7 @@ def _print_image(i: dict[str, Any]) -> None:
 def image_show(args: argparse.Namespace) -> int:
     with client(args) as c:
         i = c.call("image.show", {"name": args.name})
-    if args.json:
-        print_json(i)
-    else:
+    if not structured(args, i):
         _print_image(i)
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from stoker.cli.connect import client
-from stoker.cli.render import age, print_json, table
+from stoker.cli.render import add_output_flags, age, print_json, structured, table
 
 
 def register(sub: Any) -> None:
@@ -15,11 +15,11 @@ def register(sub: Any) -> None:
     k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
     p = ksub.add_parser("list", aliases=["ls"], help="list kernels")
     p.add_argument("--available", action="store_true", help="list the catalog's kernels")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p, "kernel", listing=True)
     p.set_defaults(func=kernel_list)
     p = ksub.add_parser("show", help="one kernel in detail")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p, "kernel", listing=False)
     p.set_defaults(func=kernel_show)
     p = ksub.add_parser("pull", help="download a kernel from the catalog")
     p.add_argument("name")
@@ -38,8 +38,9 @@ def register(sub: Any) -> None:
 def kernel_list(args: argparse.Namespace) -> int:
     with client(args) as c:
         kernels = c.call("kernel.list", {"available": args.available})
-    if args.json:
-        print_json(kernels)
+    if args.available:
+        args.output_kind = "kernel-available"
+    if structured(args, kernels):
         return 0
     if args.available:
         if not kernels:
@@ -76,8 +77,7 @@ def kernel_list(args: argparse.Namespace) -> int:
 def kernel_show(args: argparse.Namespace) -> int:
     with client(args) as c:
         k = c.call("kernel.show", {"name": args.name})
-    if args.json:
-        print_json(k)
+    if structured(args, k):
         return 0
     for key in (
         "name",

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from stoker import __version__
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with stoker's conventions: usage errors exit 2 with the subcommand's own
+    usage, and hidden helpers (`__names`, ...) never appear in a message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if (
+            isinstance(action, argparse._SubParsersAction)
+            and value not in action.choices
+            and action.choices
+        ):
+            visible = ", ".join(c for c in action.choices if not str(c).startswith("__"))
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} (choose from {visible})"
+            )
+        super()._check_value(action, value)
 
 
 # Command group -> the module that registers it. Only the group a command line names is
@@ -25,6 +48,8 @@ GROUPS = {
     "__flags": "completion",
     "ssh-config": "sshconfig",
     "__connect": "sshconfig",
+    "__complete": "completion",
+    "__manpage": "completion",
 }
 
 
@@ -33,15 +58,21 @@ def build_parser(only: str | None = None, sub_only: str | None = None) -> argpar
     with `sub_only`, just that subcommand of `vm`)."""
     import importlib
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="stoker",
         description="A clean Linux microVM with your repository inside, in one command.",
     )
     ap.add_argument("--config", help="config file (default ~/.config/stoker/config.toml)")
     ap.add_argument("--system", action="store_true", help="talk to the system-wide stokerd")
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        help="debug logging, tracebacks on errors; a daemon this command starts logs at debug",
+    )
+    ap.add_argument("--version", action="version", version=f"stoker {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("version", help="print CLI and daemon versions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON (fields: docs/json-output.md)")
     p.set_defaults(func=_version)
     wanted = GROUPS.get(only) if only else None
     for mod in dict.fromkeys(GROUPS.values()):
@@ -53,7 +84,24 @@ def build_parser(only: str | None = None, sub_only: str | None = None) -> argpar
                 module.register(sub)
     # Helpers for completion and ssh's ProxyCommand stay out of --help.
     sub._choices_actions = [a for a in sub._choices_actions if not a.dest.startswith("__")]
+    from stoker.cli.examples import document
+
+    document(ap)
     return ap
+
+
+def leaf_parser(ap: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser the positional words of `argv` lead to."""
+    p = ap
+    for w in _words(argv):
+        nxt = None
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction) and w in a.choices:
+                nxt = a.choices[w]
+        if nxt is None:
+            break
+        p = nxt
+    return p
 
 
 def _words(argv: list[str]) -> list[str]:
@@ -64,7 +112,7 @@ def _words(argv: list[str]) -> list[str]:
         a = argv[i]
         if a in ("-h", "--help"):
             break
-        if a == "--config":
+        if a in ("--config", "--format"):
             i += 2
             continue
         if not a.startswith("-"):
@@ -99,6 +147,10 @@ def _version(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["__complete"]:  # the shells' TAB: raw words, no argparse of its own
+        from stoker.cli.completion import complete_main
+
+        return complete_main(argv[1:])
     # `-- CMD...` is split off before argparse, which would otherwise take CMD's first
     # word for an optional positional (`vm run -- uname -a`).
     trailing: list[str] | None = None
@@ -109,17 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if trailing is not None:
         if not hasattr(args, "cmd"):
-            ap.error("`-- COMMAND` is only accepted by vm run, vm exec and vm ssh")
+            leaf_parser(ap, argv).error(
+                "`-- COMMAND` is only accepted by vm run, vm exec and vm ssh"
+            )
+        if not trailing:
+            leaf_parser(ap, argv).error(
+                "`--` must be followed by a command (leave `--` out to run none)"
+            )
         args.cmd = trailing
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         ap.print_help(sys.stderr)
         return 2
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="stoker: %(name)s: %(message)s")
+        # An autostarted stokerd inherits the environment: it logs at debug too.
+        os.environ["STOKER_LOG_LEVEL"] = "debug"
+    from stoker.cli.render import UsageError
     from stoker.errors import StokerError
 
     try:
         return func(args)
+    except UsageError as e:
+        leaf_parser(ap, argv).error(str(e))
     except StokerError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"stoker: {e.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

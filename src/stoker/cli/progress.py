@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -12,7 +13,11 @@ class ProgressPrinter:
 
     def __init__(self, stream: Any = None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # Live (rewritten) lines need a terminal that understands \r and ESC[K: never on a
+        # pipe or a file, nor with TERM=dumb (Emacs shells, CI logs).
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and os.environ.get(
+            "TERM", ""
+        ) not in ("dumb", "")
         self.quiet = quiet
         self.t0 = time.monotonic()
         self._live = False

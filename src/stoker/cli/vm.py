@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from stoker.cli.connect import client
-from stoker.cli.render import age, err, print_json, size, table
+from stoker.cli.render import add_output_flags, age, err, print_json, size, structured, table
 
 # Every `vm` subcommand (and alias): only the one a command line names is built, since
 # building all of them is most of a short command's start-up time.
@@ -32,16 +32,16 @@ def register(sub: Any, only: str | None = None) -> None:
 
     if want("list", "ls"):
         p = vsub.add_parser("list", aliases=["ls"], help="list VMs")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_output_flags(p, "vm", listing=True)
         p.set_defaults(func=vm_list)
     ps = sub.add_parser("ps", help="alias of `vm list`")
-    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_flags(ps, "vm", listing=True)
     ps.set_defaults(func=vm_list)
 
     if want("show"):
         p = vsub.add_parser("show", help="everything known about one VM")
         p.add_argument("name")
-        p.add_argument("--json", action="store_true")
+        add_output_flags(p, "vm", listing=False)
         p.set_defaults(func=vm_show)
 
     if want("create"):
@@ -180,8 +180,9 @@ def vm_multi(args: argparse.Namespace) -> int:
 
 def vm_set(args: argparse.Namespace) -> int:
     if args.vcpu is None and args.memory is None and args.disk_size is None:
-        err("nothing to change: give --vcpu, --memory and/or --disk-size")
-        return 1
+        from stoker.cli.render import UsageError
+
+        raise UsageError("nothing to change: give --vcpu, --memory and/or --disk-size")
     with client(args) as c:
         v = c.call(
             "vm.set",
@@ -273,8 +274,7 @@ def vm_ssh(args: argparse.Namespace) -> int:
 def vm_list(args: argparse.Namespace) -> int:
     with client(args) as c:
         vms = c.call("vm.list")
-    if args.json:
-        print_json(vms)
+    if structured(args, vms):
         return 0
     if not vms:
         print("no VMs: create one with `stoker vm create` or `stoker vm run`")
@@ -301,8 +301,7 @@ def vm_list(args: argparse.Namespace) -> int:
 def vm_show(args: argparse.Namespace) -> int:
     with client(args) as c:
         v = c.call("vm.show", {"ref": args.name})
-    if args.json:
-        print_json(v)
+    if structured(args, v):
         return 0
     spec = v["spec"]
     print(f"name:       {v['name']}")

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from stoker.cli.connect import client
-from stoker.cli.render import err, print_json
+from stoker.cli.render import print_json
 
 
 def register(vsub: Any) -> None:
@@ -44,8 +44,9 @@ def prepare(args: argparse.Namespace) -> int:
 
     path = os.path.abspath(args.path)
     if args.from_ref and not args.branch:
-        err("--from needs --branch")
-        return 1
+        from stoker.cli.render import UsageError
+
+        raise UsageError("--from needs --branch")
     with client(args) as c:
         if args.dry_run:
             plan = c.call(

@@ -37,6 +37,29 @@ REQUIRED_TOOLS = (
     "tar",
 )
 OPTIONAL_TOOLS = ("mmdebstrap", "dmsetup", "lz4", "zstd", "losetup")
+# The Debian/Ubuntu package each tool comes in, for the fix hints.
+TOOL_PACKAGES = {
+    "ip": "iproute2",
+    "nft": "nftables",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "git": "git",
+    "tar": "tar",
+    "mmdebstrap": "mmdebstrap",
+    "dmsetup": "dmsetup",
+    "lz4": "lz4",
+    "zstd": "zstd",
+    "losetup": "mount",
+}
+
+
+def _install_hint(tools: list[str]) -> str:
+    pkgs = " ".join(dict.fromkeys(TOOL_PACKAGES.get(t, t) for t in tools))
+    return f"install them (Debian/Ubuntu: apt-get install {pkgs})"
 
 
 @dataclass
@@ -162,8 +185,8 @@ async def run_doctor(
                 "firecracker",
                 st,
                 f"{config.firecracker_bin!r} not found",
-                "install Firecracker (e.g. shared/tools/get-firecracker) and set "
-                'firecracker_bin, or use vmm = "qemu"',
+                "install Firecracker (static release binaries of firecracker and jailer) and "
+                'set firecracker_bin, or use vmm = "qemu"',
             )
         )
     jl = _which(config.jailer_bin)
@@ -232,9 +255,7 @@ async def run_doctor(
             "host-tools",
             "FAIL" if missing else "PASS",
             f"missing: {', '.join(missing)}" if missing else f"found {', '.join(REQUIRED_TOOLS)}",
-            "run scripts/setup (installs iproute2 nftables e2fsprogs openssh-client git)"
-            if missing
-            else "",
+            _install_hint(missing) if missing else "",
         )
     )
     opt_missing = [t for t in OPTIONAL_TOOLS if not _which(t)]
@@ -245,9 +266,7 @@ async def run_doctor(
             f"missing: {', '.join(opt_missing)}"
             if opt_missing
             else f"found {', '.join(OPTIONAL_TOOLS)}",
-            "apt-get install mmdebstrap lz4 zstd dmsetup (image build, kernel import)"
-            if opt_missing
-            else "",
+            _install_hint(opt_missing) + " (image build, kernel import)" if opt_missing else "",
         )
     )
 

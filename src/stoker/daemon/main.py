@@ -44,7 +44,8 @@ async def _amain(args: argparse.Namespace) -> int:
     # The socket file may be left over from a killed daemon: we hold the lock, so it is
     # stale and the server replaces it.
     d = await Daemon.open(layout, args.config)
-    if d.config is not None:
+    if d.config is not None and args.log_level is None:
+        # --log-level or STOKER_LOG_LEVEL (set by `stoker --debug` when it starts us) wins.
         logging.getLogger().setLevel(d.config.log_level.upper())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stokerd", description="stoker daemon")
     ap.add_argument("--system", action="store_true", help="use /etc, /var/lib, /run paths")
     ap.add_argument("--config", help="config file (default: the layout's config.toml)")
-    ap.add_argument("--log-level", default=os.environ.get("STOKER_LOG_LEVEL", "info"))
+    ap.add_argument(
+        "--log-level",
+        default=os.environ.get("STOKER_LOG_LEVEL") or None,
+        help="debug, info, warning or error (default: the config's log_level, else info)",
+    )
     ap.add_argument("--version", action="version", version=f"stokerd {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
