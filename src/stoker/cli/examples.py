@@ -112,6 +112,8 @@ def _default_help(path: str, action: argparse.Action) -> str | None:
         return "a directory with vmlinuz/initrd, or a linux-image .deb"
     if dest == "guest_path":
         return "where in the guest (default /root/repo)"
+    if dest == "path" and not action.option_strings:
+        return "a git work tree on this host"
     if dest == "vcpu":
         return "number of virtual CPUs"
     return None

@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, trailing = argv[:i], argv[i + 1 :]
     ap = build_parser(*_group_of(argv))
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        leaf_parser(ap, argv).error(f"unrecognized arguments: {' '.join(extra)}")
     if trailing is not None:
         if not hasattr(args, "cmd"):
             leaf_parser(ap, argv).error(
@@ -170,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         args.cmd = trailing
     func: Handler | None = getattr(args, "func", None)
-    if func is None:
-        ap.print_help(sys.stderr)
+    leaf = leaf_parser(ap, argv)
+    if func is None or any(
+        isinstance(a, argparse._SubParsersAction) and getattr(args, a.dest, None) is None
+        for a in leaf._actions
+    ):
+        leaf.print_help(sys.stderr)  # a command group without its subcommand
         return 2
+    assert func is not None
     if args.debug:
         import logging
 

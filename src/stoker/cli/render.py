@@ -66,7 +66,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "name", "version", "arch", "dir", "vmlinux", "bzimage", "initrd", "modules_dir",
         "source", "created_at",
     ),
-    "kernel-available": ("name", "version", "arch", "size", "installed"),
+    "kernel-available": (
+        "name", "version", "arch", "url", "sha256", "size", "description", "installed",
+    ),
 }  # fmt: skip
 
 

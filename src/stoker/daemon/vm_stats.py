@@ -162,8 +162,20 @@ async def sample(svc: VMService, vm: VMRecord) -> dict[str, Any]:
     return out
 
 
+def rfc3339(t: Any) -> Any:
+    """A Unix time as the one time format of --json output (see docs/json-output.md)."""
+    if isinstance(t, int | float) and not isinstance(t, bool):
+        from datetime import UTC, datetime
+
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t
+
+
 def public(s: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in s.items() if not k.startswith("_")}
+    out = {k: v for k, v in s.items() if not k.startswith("_")}
+    if "sampled_at" in out:
+        out["sampled_at"] = rfc3339(out["sampled_at"])
+    return out
 
 
 async def stats(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
@@ -182,7 +194,7 @@ async def stats(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
                 **cur,
                 **{k: v for k, v in last.items() if cur.get(k) is None},
                 "state": str(vm.state),
-                "last_sampled_at": last.get("sampled_at"),
+                "last_sampled_at": rfc3339(last.get("sampled_at")),
             }
         if vm.id not in svc.last_samples:
             await sample(svc, vm)  # a baseline so CPU % has something to compare with
