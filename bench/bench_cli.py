@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_cli.py [--runs 30] [--rpc-seconds 2]
 
 Prints figures only; asserts nothing. Targets (issue 2): `stoker vm list` median under
-120 ms here and under 3x a bare interpreter start measured in the same run.
+120 ms here and under 3x a bare interpreter start measured in the same run; (issue 15) a
+completion TAB under 150 ms.
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def main() -> int:
         rows.append(
             ("stoker ps --json", wall_times([*stoker_argv(), "ps", "--json"], env, args.runs))
         )
+        # One completion TAB (issue 15 target < 150 ms): `stoker vm show <TAB>` asks the
+        # running daemon for VM names.
+        tab = [*stoker_argv(), "__complete", "bash", "3", "stoker", "vm", "show", ""]
+        rows.append(("TAB: stoker vm show <TAB>", wall_times(tab, env, args.runs)))
 
         print(f"\nwall time, N={args.runs} each")
         width = max(len(r[0]) for r in rows)
