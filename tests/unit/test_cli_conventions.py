@@ -256,21 +256,6 @@ def test_debug_passes_the_log_level_to_an_autostarted_daemon(
     assert seen == {"level": None} and "Traceback" not in err
 
 
-def test_stokerd_log_level_from_the_environment_beats_the_config() -> None:
-    from stoker.daemon import main as dmain
-
-    src = Path(dmain.__file__).read_text()
-    # the config's level applies only when neither --log-level nor STOKER_LOG_LEVEL is set
-    assert "d.config is not None and args.log_level is None" in src
-    ap_help = subprocess.run(
-        [sys.executable, "-m", "stoker.daemon.main", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert "--log-level" in ap_help.stdout
-
-
 # --- no escape sequences off a terminal --------------------------------------------------
 
 
