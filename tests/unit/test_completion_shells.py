@@ -1,5 +1,6 @@
 """Completion driven through each real shell: bash (COMP_WORDS/compgen harness), zsh (the
-generated function run by zsh with compinit loaded) and fish (`complete -C`, fish's own
+generated function run by zsh with compinit loaded, and typed into an interactive zsh on a pty
+through zsh/zpty) and fish (`complete -C`, fish's own
 completion engine). The shells run `stoker __complete` from this tree against an in-process
 daemon, so live names are real.
 
@@ -207,6 +208,44 @@ def test_fish_paths(env: dict[str, str], names: None) -> None:
 )
 def test_zsh(env: dict[str, str], names: None, line: str, want: list[str]) -> None:
     assert zsh_complete(env, line) == want
+
+
+def zsh_interactive(env: dict[str, str], typed: str, expect: str) -> bool:
+    """Type `typed` (with its TABs) into a real interactive zsh on a pty (zsh/zpty), with
+    compinit and the script loaded; True once `expect` shows on the screen."""
+    zsh = need("zsh")
+    script = Path(env["PATH"].split(":", 1)[0]) / "_stoker.zsh"
+    script.write_text(completion.script("zsh"))
+    probe = f"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1='%% '; autoload -U compinit; compinit -u -D; source {script}"
+zpty -w -n z $'{typed}'
+zpty -r z out '*{expect}*' && print -r -- FOUND
+zpty -d z
+"""
+    try:
+        r = subprocess.run(
+            [zsh, "-f", "-c", probe], env=env, capture_output=True, text=True, timeout=10
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return "FOUND" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("typed", "expect"),
+    [
+        ("stoker vm works\\t", "workspace"),
+        ("stoker vm workspace \\t\\t", "prepare"),
+        ("stoker image cac\\t", "cache"),
+        ("stoker vm create --image \\t", "--image img"),
+        ("stoker vm run \\t", "run proj"),
+        ("stoker kernel import k --from no\\t", "notes.txt"),
+    ],
+)
+def test_zsh_interactive(env: dict[str, str], names: None, typed: str, expect: str) -> None:
+    assert zsh_interactive(env, typed, expect), f"{typed!r} did not show {expect!r}"
 
 
 def test_zsh_flags(env: dict[str, str]) -> None:
