@@ -1,8 +1,7 @@
 """Completion driven through each real shell: bash (COMP_WORDS/compgen harness), zsh (the
-generated function run by zsh with compinit loaded, and typed into an interactive zsh on a pty
-through zsh/zpty) and fish (`complete -C`, fish's own
-completion engine). The shells run `stoker __complete` from this tree against an in-process
-daemon, so live names are real.
+generated function run by zsh with compinit loaded, and typed into an interactive zsh on a
+pty through zsh/zpty) and fish (`complete -C`, fish's own completion engine). The shells run
+`stoker __complete` from this tree against an in-process daemon, so live names are real.
 
 zsh and fish are installed by scripts/setup: under CI=true a missing shell fails the test,
 elsewhere it is skipped.
