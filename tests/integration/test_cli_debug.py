@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,8 @@ def _stoker(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.parametrize("debug", [True, False])
-def test_debug_reaches_the_autostarted_daemon(short_tmp: Path, debug: bool) -> None:
+def test_debug_reaches_the_autostarted_daemon(stk: Any, debug: bool) -> None:
+    short_tmp: Path = stk.root  # the stk fixture kills any stokerd left in this layout
     env = _env(short_tmp)
     (short_tmp / "c" / "stoker").mkdir(parents=True)
     (short_tmp / "c" / "stoker" / "config.toml").write_text('log_level = "warning"\n')

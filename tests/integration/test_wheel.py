@@ -17,6 +17,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,7 +161,8 @@ def test_guest_files_unit_and_license_are_installed(venv: Path, short_tmp: Path)
     assert f"ExecStart={venv}/bin/stokerd --system" in r.stdout
 
 
-def test_the_installed_cli_starts_the_installed_daemon(venv: Path, short_tmp: Path) -> None:
+def test_the_installed_cli_starts_the_installed_daemon(venv: Path, stk: Any) -> None:
+    short_tmp = stk.root  # the stk fixture kills any stokerd left in this layout
     try:
         r = _run(venv, short_tmp, "stoker", "vm", "list")
         assert r.returncode == 0, r.stderr
