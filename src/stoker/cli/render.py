@@ -87,7 +87,8 @@ def add_output_flags(p: Any, kind: str, listing: bool) -> None:
     p.set_defaults(output_kind=kind)
 
 
-_TEMPLATE = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z_][\w.]*)?\s*\}\}")
+# `{{.field.sub}}`, `{{json .field}}`, `{{.}}` (compiled on first use: not at start-up).
+_TEMPLATE = r"\{\{\s*(json\s+)?\.([A-Za-z_][\w.]*)?\s*\}\}"
 
 
 def _lookup(obj: Any, path: str) -> Any:
@@ -139,7 +140,7 @@ def format_items(fmt: str, kind: str, items: Sequence[dict[str, Any]], listing: 
     if "{{" in fmt:
         paths: list[str] = []
         pos = 0
-        for m in _TEMPLATE.finditer(fmt):
+        for m in re.finditer(_TEMPLATE, fmt):
             if "{{" in fmt[pos : m.start()] or "}}" in fmt[pos : m.start()]:
                 break
             pos = m.end()
@@ -159,7 +160,7 @@ def format_items(fmt: str, kind: str, items: Sequence[dict[str, Any]], listing: 
                 v = _lookup(item, m.group(2)) if m.group(2) else item
                 return json.dumps(v) if m.group(1) else _cell(v)
 
-            return _TEMPLATE.sub(sub, tmpl)
+            return re.sub(_TEMPLATE, sub, tmpl)
 
         return "".join(one(i) + "\n" for i in items)
     paths = [f.strip() for f in fmt.split(",") if f.strip()]
