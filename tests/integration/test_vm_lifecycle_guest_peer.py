@@ -19,14 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from guestpeer import GuestPeer, StandInAgent, in_netns
-from test_vm_lifecycle_fake_vmm import SleepVMM, _make_ext4, netns  # noqa: F401 - fixture
+from test_vm_lifecycle_fake_vmm import SleepVMM, _host_links, _make_ext4
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
@@ -108,6 +108,22 @@ class Live:
         out, err = await asyncio.wait_for(p.communicate(stdin), timeout)
         assert p.returncode is not None
         return p.returncode, out, err.decode()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own; nothing may leak onto the host."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    ns = f"stoker-p-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    before = _host_links()
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        assert _host_links() == before, "the test leaked links onto the host"
 
 
 @pytest.fixture
@@ -398,7 +414,7 @@ async def test_cleanup_carries_on_when_a_teardown_step_fails(live: Live) -> None
 
     live.vm.hooks.cleanup.insert(0, broken_hook)
     try:
-        with pytest.raises(StokerError, match="cleanup had errors.*injected teardown failure"):
+        with pytest.raises(StokerError, match=r"cleanup had errors.*injected teardown failure"):
             await live.vm.stop_vm("cf")
     finally:
         live.vm.hooks.cleanup.remove(broken_hook)
