@@ -1,4 +1,9 @@
-"""Shared test plumbing: tier markers are applied per module (pytestmark)."""
+"""Shared test plumbing: tier markers are applied per module (pytestmark).
+
+Missing prerequisites go through `prereq.require(cond, reason)` (tests/prereq.py): a skip
+locally, a failure under CI (`CI=true`). Test modules cannot import a conftest, hence the
+separate module.
+"""
 
 from __future__ import annotations
 

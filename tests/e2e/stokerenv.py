@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require_tools
+
 CACHE = Path(os.environ.get("STOKER_TEST_CACHE", "/var/cache/stoker-test"))
 
 
@@ -105,9 +107,7 @@ def ns_pids(ns: str) -> list[int]:
 def make_env(tag: str, extra_config: str = "") -> StokerEnv:
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root (network namespaces, taps)")
-    for tool in ("qemu-system-x86_64", "mkfs.ext4", "debugfs", "ip", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (run scripts/setup --deps-only)")
+    require_tools("qemu-system-x86_64", "mkfs.ext4", "debugfs", "ip", "nft")
     ns = f"stoker-{tag}-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)

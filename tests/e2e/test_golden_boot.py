@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require, require_tools
 from stoker.daemon.imagemgr import ext4, golden
 from stoker.daemon.imagemgr import kernel as km
 from stoker.errors import CommandFailed
@@ -49,9 +50,7 @@ MIB = 1024**2
 def _require(*tools: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (mmdebstrap root mode, network namespaces, taps)")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    require_tools(*tools)
 
 
 def _mirror_reachable(spec: golden.GoldenSpec) -> bool:
@@ -74,7 +73,7 @@ def built() -> golden.GoldenResult:
     if (current is None or current.spec_hash != golden.spec_hash(spec)) and not (
         _mirror_reachable(spec)
     ):
-        pytest.skip(f"no up-to-date cached golden image and {spec.sources[0]} is unreachable")
+        require(False, f"no up-to-date cached golden image and {spec.sources[0]} is unreachable")
     log: list[str] = []
     t0 = time.monotonic()
     result = asyncio.run(
@@ -277,8 +276,7 @@ async def _make_disks(built: golden.GoldenResult, d: Path) -> None:
 
 def test_golden_image_boots(built: golden.GoldenResult, netns: str, tmp_path: Path) -> None:
     _require("qemu-system-x86_64", "ssh", "ssh-keygen", "ip")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("/dev/net/tun is missing")
+    require(Path("/dev/net/tun").exists(), "/dev/net/tun is missing")
     d = tmp_path
     asyncio.run(_make_disks(built, d))
     base_before = _sha256(built.rootfs)

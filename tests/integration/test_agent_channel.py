@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
 from stoker.daemon.agent import (
     AgentClient,
     AgentTimeout,
@@ -92,8 +93,7 @@ def start_agent(work: Path) -> Iterator[StartAgent]:
 @pytest.fixture
 def socat(work: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """`socat PTY UNIX-LISTEN`: a pty for the agent, a unix socket for the host (one client)."""
-    if shutil.which("socat") is None:
-        pytest.skip("socat is not installed (apt-get install socat)")
+    require(shutil.which("socat"), "socat is not installed (apt-get install socat)")
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:

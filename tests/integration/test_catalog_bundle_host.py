@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require_tools
 from stoker.daemon.catalog import BundleNoSpace, fetch_bundle
 
 pytestmark = pytest.mark.integration
@@ -45,9 +45,7 @@ def kernel_dir(root: Path, vmlinux_size: int) -> Path:
 
 def tar_zst(src: Path, out: Path) -> bytes:
     """`tar -C src -c . | zstd` with the real tools, as a bundle publisher would."""
-    for tool in ("tar", "zstd"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    require_tools("tar", "zstd")
     tar = subprocess.run(
         ["tar", "-C", str(src), "--owner=0", "--group=0", "-c", "."],
         check=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require_tools
 from stoker.daemon.imagemgr import ext4
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
@@ -26,9 +27,7 @@ MIB = 1024**2
 def _tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (file owners and device nodes in the source tree)")
-    for tool in ("mkfs.ext4", "debugfs", "e2fsck", "resize2fs"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            pytest.skip(f"{tool} is not installed (apt-get install e2fsprogs)")
+    require_tools("mkfs.ext4", "debugfs", "e2fsck", "resize2fs", hint="apt-get install e2fsprogs")
 
 
 def fsck_clean(image: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
 from stoker.daemon.imagemgr import kernel as km
 from stoker.errors import InvalidArgument, NotFound
 from stoker.runner import RecordingRunner, Runner
@@ -46,8 +47,7 @@ def fake_bzimage(payload: bytes, *, usize: int, version: str) -> bytes:
 
 @pytest.fixture(autouse=True)
 def _dpkg() -> None:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("dpkg-deb is not installed")
+    require(shutil.which("dpkg-deb"), "dpkg-deb is not installed")
 
 
 def build_deb(tmp_path: Path, name: str, files: dict[str, bytes]) -> Path:
@@ -117,8 +117,11 @@ def _download_cloud_kernel(dest: Path) -> Path:
         ["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True, text=True
     )
     m = re.search(r"Depends: (linux-image-\S+-cloud-amd64(?:-unsigned)?)", dep.stdout)
-    if dep.returncode != 0 or m is None:
-        pytest.skip("apt does not know linux-image-cloud-amd64 (run apt-get update)")
+    require(
+        dep.returncode == 0 and m is not None,
+        "apt does not know linux-image-cloud-amd64 (run apt-get update)",
+    )
+    assert m is not None
     r = subprocess.run(
         ["apt-get", "download", "-q", m.group(1)],
         cwd=dest,
@@ -126,14 +129,14 @@ def _download_cloud_kernel(dest: Path) -> Path:
         text=True,
         timeout=600,
     )
-    if r.returncode != 0:
-        pytest.skip(f"cannot download {m.group(1)} (offline?): {r.stderr.strip()[-300:]}")
+    require(
+        r.returncode == 0, f"cannot download {m.group(1)} (offline?): {r.stderr.strip()[-300:]}"
+    )
     return sorted(dest.glob("linux-image-*-cloud-amd64_*.deb"))[-1]
 
 
 async def test_import_real_debian_cloud_kernel(tmp_path: Path) -> None:
-    if shutil.which("apt-get") is None:
-        pytest.skip("apt-get is not available")
+    require(shutil.which("apt-get"), "apt-get is not available")
     deb = _download_cloud_kernel(CACHE / "kernel-deb")
     files = await km.import_kernel(Runner(), deb, tmp_path / "k")
     assert re.match(r"^\d+\.\d+\.\d+-\d+-cloud-amd64$", files.version), files.version

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from prereq import require
 from stoker.daemon.catalog import (
     CATALOG_ENV,
     BundleDigestMismatch,
@@ -124,8 +125,7 @@ class Artifacts:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
-    if shutil.which("mkfs.ext4") is None:
-        pytest.skip("mkfs.ext4 (e2fsprogs) is not installed")
+    require(shutil.which("mkfs.ext4"), "mkfs.ext4 (e2fsprogs) is not installed")
     d = tmp_path_factory.mktemp("ext4")
     (d / "tree" / "etc").mkdir(parents=True)
     (d / "tree" / "etc" / "hostname").write_text("tiny\n")

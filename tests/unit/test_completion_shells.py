@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import stoker
+from prereq import require
 from stoker.cli import completion
 
 pytestmark = pytest.mark.unit
@@ -29,10 +30,8 @@ SRC = Path(stoker.__file__).resolve().parents[1]
 
 def need(shell: str) -> str:
     exe = shutil.which(shell)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{shell} is not installed (scripts/setup installs it)")
-        pytest.skip(f"{shell} is not installed")
+    require(exe, f"{shell} is not installed (scripts/setup installs it)")
+    assert exe is not None
     return exe
 
 

@@ -14,13 +14,17 @@ from typing import Any
 
 import pytest
 
+from prereq import require
 from stoker.daemon.vmm.base import Disk, MachineConfig
 from stoker.daemon.vmm.firecracker import VMMView, api_requests
 
 pytestmark = pytest.mark.unit
 
-jsonschema = pytest.importorskip("jsonschema")
-yaml = pytest.importorskip("yaml")
+try:  # dev dependencies (pip install -e '.[dev]'); CI has them
+    import jsonschema
+    import yaml
+except ImportError as e:
+    require(False, f"{e.name} is not installed (pip install -e '.[dev]')")
 
 SPEC_DIR = Path(
     os.environ.get(
@@ -33,8 +37,7 @@ SPECS = ("firecracker-api-v1.12.1.yaml", "firecracker-api-v1.16.1.yaml")
 
 def load_spec(name: str) -> dict[str, Any]:
     path = SPEC_DIR / name
-    if not path.exists():
-        pytest.skip(f"Firecracker API spec {path} is not available")
+    require(path.exists(), f"Firecracker API spec {path} is not available (../shared)")
     spec: dict[str, Any] = yaml.safe_load(path.read_text())
     return spec
 

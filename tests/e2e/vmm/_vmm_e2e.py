@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
+
 CACHE = Path(os.environ.get("STOKER_TEST_CACHE", "/var/cache/stoker-test"))
 REPO = Path(__file__).resolve().parents[3]
 GET_FIRECRACKER = Path(
@@ -149,8 +151,10 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
 def build_test_initrd(kernel: GuestKernel, out: Path) -> None:
     """A gzip'd cpio: static busybox, the virtio/button/evdev modules, TEST_INIT."""
     busybox = Path("/bin/busybox")
-    if not busybox.exists() or b"libc.so" in busybox.read_bytes()[:65536]:
-        pytest.skip("needs a static /bin/busybox (apt-get install -y busybox-static)")
+    require(
+        busybox.exists() and b"libc.so" not in busybox.read_bytes()[:65536],
+        "needs a static /bin/busybox (apt-get install -y busybox-static)",
+    )
     entries = [(d, stat.S_IFDIR | 0o755, b"") for d in ("bin", "m", "dev", "proc", "sys")]
     entries.append(("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()))
     entries.append(("init", stat.S_IFREG | 0o755, TEST_INIT.encode()))
@@ -196,8 +200,7 @@ def netns_with_tap() -> Iterator[NetNS]:
     killed (a safety net: tests assert themselves that nothing was left) and it is deleted."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates a network namespace and a tap")
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2")
+    require(shutil.which("ip"), "needs iproute2")
     name = f"stoker-vmm-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

@@ -19,16 +19,21 @@ from _vmm_e2e import (
     short_tmpdir,
 )
 
+from prereq import require
+
 
 @pytest.fixture(scope="session")
 def guest_kernel() -> GuestKernel:
     """The Debian cloud kernel, downloaded once into the test cache."""
-    if shutil.which("lz4") is None or shutil.which("apt-get") is None:
-        pytest.skip("needs apt-get and lz4 (apt-get install -y lz4) to fetch the guest kernel")
+    require(
+        shutil.which("lz4") and shutil.which("apt-get"),
+        "needs apt-get and lz4 (apt-get install -y lz4) to fetch the guest kernel",
+    )
     try:
         return fetch_debian_kernel(CACHE)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot fetch the Debian cloud kernel: {e}")
+        require(False, f"cannot fetch the Debian cloud kernel: {e}")
+        raise  # not reached: require(False) skips or fails
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +47,16 @@ def test_initrd(guest_kernel: GuestKernel, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def firecracker_dir() -> Path:
     """The real Firecracker v1.12.1 + jailer from shared/tools/get-firecracker."""
-    if not GET_FIRECRACKER.exists():
-        pytest.skip(f"{GET_FIRECRACKER} is missing: cannot get the Firecracker binary")
+    require(
+        GET_FIRECRACKER.exists(), f"{GET_FIRECRACKER} is missing: cannot get the Firecracker binary"
+    )
     r = subprocess.run(
         [str(GET_FIRECRACKER), str(CACHE / "firecracker")],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    if r.returncode != 0:
-        pytest.skip(f"get-firecracker failed: {r.stderr.strip()[-500:]}")
+    require(r.returncode == 0, f"get-firecracker failed: {r.stderr.strip()[-500:]}")
     return Path(r.stdout.strip().splitlines()[-1])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -13,14 +12,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from prereq import require_tools
+
 
 def need_root_tools() -> None:
     """Skip unless running as root with ip and nft available."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces, bridges, taps and nft tables")
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install -y iproute2 nftables)")
+    require_tools("ip", "nft", hint="apt-get install -y iproute2 nftables")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
