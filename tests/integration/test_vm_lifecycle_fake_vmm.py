@@ -429,8 +429,8 @@ async def test_stats_poll_of_20_vms_never_blocks_rpcs(rig: Rig) -> None:
         listeners.append(s)
     try:
         poll = asyncio.ensure_future(vm.poll_stats())
-        await asyncio.sleep(0.2)
         took: list[float] = []
+        stalled = 0.0  # loop time lost beyond 50 ms per round (RPC + a 20 ms sleep)
         ctx = RequestContext(peer_uid=0, peer_pid=0)
         t_poll = time.monotonic()
         while not poll.done():
@@ -438,15 +438,17 @@ async def test_stats_poll_of_20_vms_never_blocks_rpcs(rig: Rig) -> None:
             await rig.d.dispatch("vm.list", {}, ctx)
             took.append(time.monotonic() - t0)
             await asyncio.sleep(0.02)
+            stalled += max(0.0, time.monotonic() - t0 - 0.02 - 0.05)
         await poll
         polled = time.monotonic() - t_poll
-        # A robust statistic, not the worst case (one slow sample on a loaded 2-core host
-        # is noise): a poll that blocked the loop makes most RPCs wait for it, and leaves
-        # few samples. Latency as such is measured in bench/.
+        # Robust statistics, not the worst case (one slow round on a loaded 2-core host is
+        # noise; the old 50 ms worst case failed 1 run in 8): a poll that blocks the loop
+        # shows as many slow RPCs or as a long total stall. Latency itself is for bench/.
         took.sort()
         median = took[len(took) // 2] if took else polled
         assert len(took) >= 10, f"only {len(took)} RPCs answered during a {polled:.1f}s poll"
         assert median < 0.1, f"median RPC latency {median * 1000:.0f} ms during the stats poll"
+        assert stalled < 1.5, f"the event loop stalled {stalled:.1f}s of a {polled:.1f}s poll"
         # The samples were persisted (they survive a daemon restart) with the agent error.
         assert rig.d.store is not None
         st = rig.d.store.get_stats(recs[0].id)
