@@ -261,7 +261,7 @@ async def test_an_unreachable_guest_is_killed_at_once(live: Live, how: str) -> N
     assert stopped.state == VMState.STOPPED and not pid_alive(pid)
     assert guest_events(live, "u1", "sync", "poweroff") == []
     # One short connect attempt (1 s), then the kill: not the 5 s default, not a retry loop.
-    assert took < 3.0, f"stopping an unreachable guest took {took:.1f}s"
+    assert took < 4.0, f"stopping an unreachable guest took {took:.1f}s"
 
 
 async def test_host_key_mismatch_is_refused_as_mitm(live: Live) -> None:
