@@ -80,7 +80,7 @@ def test_unknown_code_keeps_its_code() -> None:
 
 
 def test_duplicate_code_is_refused_at_definition() -> None:
-    with pytest.raises(TypeError, match="already used by stoker.errors.NotFound"):
+    with pytest.raises(TypeError, match=r"already used by stoker\.errors\.NotFound"):
 
         class Clash(errors.StokerError):  # pragma: no cover - never created
             code = "not_found"
