@@ -261,10 +261,10 @@ def _mode(key: str, v: Any) -> int:
         m = _MODE.fullmatch(v.strip())
         if m and int(m.group(1), 8) <= 0o777:
             return int(m.group(1), 8)
-        raise _bad(key, f"{v!r} is not an octal mode: write it as a string such as \"0600\"")
+        raise _bad(key, f'{v!r} is not an octal mode: write it as a string such as "0600"')
     raise _bad(
         key,
-        f"{_short(v)} is not a mode: write it as an octal string such as \"0600\" "
+        f'{_short(v)} is not a mode: write it as an octal string such as "0600" '
         "(a bare TOML number is decimal)",
     )
 

@@ -371,9 +371,7 @@ def test_state_dir_and_db_files_are_private(tmp_path: Path) -> None:
     try:
         s = Store(state / "state.db")
         s.upsert_kernel(kernel())  # makes sure -wal and -shm exist
-        modes = {
-            p.name: oct(p.stat().st_mode & 0o777) for p in state.iterdir() if p.is_file()
-        }
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in state.iterdir() if p.is_file()}
         assert modes == {"state.db": "0o600", "state.db-wal": "0o600", "state.db-shm": "0o600"}
         assert oct(state.stat().st_mode & 0o777) == "0o700"
         s.close()

@@ -85,13 +85,9 @@ def parse_size(
     if value <= 0:
         raise InvalidArgument(f"{what} must be greater than zero, got {_show(text)}")
     if value < min_bytes:
-        raise InvalidArgument(
-            f"{what} must be at least {_exact(min_bytes)}, got {_show(text)}"
-        )
+        raise InvalidArgument(f"{what} must be at least {_exact(min_bytes)}, got {_show(text)}")
     if value > max_bytes:
-        raise InvalidArgument(
-            f"{what} must be at most {_exact(max_bytes)}, got {_show(text)}"
-        )
+        raise InvalidArgument(f"{what} must be at most {_exact(max_bytes)}, got {_show(text)}")
     return value
 
 
