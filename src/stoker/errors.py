@@ -119,6 +119,12 @@ class Unavailable(StokerError):
     code = "unavailable"
 
 
+class TooManyConnections(Unavailable):
+    """The daemon is at its connection cap; it read nothing, so the request may be resent."""
+
+    code = "too_many_connections"
+
+
 class Timeout(StokerError):
     """An operation ran past its deadline."""
 

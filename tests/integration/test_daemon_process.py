@@ -361,3 +361,40 @@ def test_state_dir_made_by_someone_else_ends_up_private(stk: Any) -> None:
         if p.exists():
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, name
     assert stat.S_IMODE(stk.layout.db_path.stat().st_mode) == 0o600
+
+
+def test_a_burst_of_clients_all_get_answers(stk: Any) -> None:
+    """Old behaviour (issue 9 item 8): in a burst, a full accept queue made connect()
+    EAGAIN and the CLI died with a raw BlockingIOError traceback (14 of 500).
+
+    Now connect() retries with backoff and the server's queue is deeper; a client over the
+    connection cap is refused before anything is read and resends. Every one succeeds."""
+    import threading
+
+    from stoker.rpc.client import Client
+
+    start(stk)
+    n = 400
+    barrier = threading.Barrier(n)
+    failures: list[str] = []
+    ok = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            with Client(stk.layout.socket_path, timeout=60.0) as c:
+                c.call("daemon.status")
+            with lock:
+                ok[0] += 1
+        except Exception as e:
+            with lock:
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, (len(failures), failures[:3])
+    assert ok[0] == n

@@ -653,7 +653,7 @@ async def test_connection_cap(short_idle: RPCServer) -> None:
         extra = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
         try:
             msg = await asyncio.to_thread(extra.line)
-            assert msg["id"] is None and msg["error"]["code"] == "unavailable"
+            assert msg["id"] is None and msg["error"]["code"] == "too_many_connections"
             assert "connections" in msg["error"]["message"]
             assert await asyncio.to_thread(extra.at_eof)
         finally:
@@ -671,6 +671,32 @@ async def test_connection_cap(short_idle: RPCServer) -> None:
     finally:
         for c in conns:
             c.close()
+
+
+async def test_client_resends_when_the_server_is_at_its_cap(short_idle: RPCServer) -> None:
+    """Refused at the cap (before the server read anything), the client resends with
+    backoff and gets through once a slot frees; with no slot, it says why."""
+    conns = [await asyncio.to_thread(StrictRaw, short_idle.socket_path) for _ in range(3)]
+    for c in conns:
+        assert (await exchange(c, encode({"id": 1, "method": "vm.list"})))["result"] == []
+
+    def blocked() -> None:
+        with Client(short_idle.socket_path, timeout=IO_TIMEOUT, connect_timeout=0.3) as cl:
+            cl.call("vm.list")
+
+    with pytest.raises(errors.TooManyConnections, match="its limit"):
+        await asyncio.to_thread(blocked)
+
+    def through() -> Any:
+        with Client(short_idle.socket_path, timeout=IO_TIMEOUT, connect_timeout=5.0) as cl:
+            return cl.call("vm.list")
+
+    fut = asyncio.ensure_future(asyncio.to_thread(through))
+    await asyncio.sleep(0.3)
+    conns.pop().close()
+    assert await asyncio.wait_for(fut, IO_TIMEOUT) == []
+    for c in conns:
+        c.close()
 
 
 async def test_client_reconnects_after_an_idle_close(short_idle: RPCServer) -> None:

@@ -51,7 +51,7 @@ class Client:
     def _connect(self) -> socket.socket:
         path = self.socket_path
         deadline = time.monotonic() + self.connect_timeout
-        delay = 0.005
+        backoff = _Backoff(self.connect_timeout)
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             # A timeout makes connect() non-blocking inside: a full listen queue is
@@ -82,7 +82,7 @@ class Client:
                 # from here on, never to connect().
                 sock.settimeout(self.timeout)
                 return sock
-            if time.monotonic() + delay > deadline:
+            if not backoff.wait():
                 if why == "busy":
                     raise Unavailable(
                         f"stokerd on {path} did not accept a connection within "
@@ -93,8 +93,6 @@ class Client:
                     f"stokerd is starting but did not answer on {path} within "
                     f"{self.connect_timeout:g}s: retry, or see its log (stoker daemon status)"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
     def _closed_by_server(self) -> bool:
         """True when the server has hung up on this connection (e.g. idle timeout)."""
@@ -145,12 +143,9 @@ class Client:
         if rid > 1 and not self._buf and self._closed_by_server():
             self._sock.close()
             self._sock = self._connect()
-        try:
-            self._sock.sendall(encode({"id": rid, "method": method, "params": params or {}}))
-        except (BrokenPipeError, ConnectionResetError):
-            # The server may refuse a peer before reading anything (another uid) and hang
-            # up; its error line is still readable, and says why.
-            pass
+        line = encode({"id": rid, "method": method, "params": params or {}})
+        self._send(line)
+        resends = _Backoff(self.connect_timeout)
         while True:
             msg = json.loads(self._readline())
             if "progress" in msg:
@@ -159,7 +154,39 @@ class Client:
                 continue
             if "error" in msg:
                 e = msg["error"]
+                # At its connection cap the server refuses before reading anything, so
+                # the request is resent on a new connection (with backoff, for a while).
+                if e.get("code") == "too_many_connections" and resends.wait():
+                    self._sock.close()
+                    self._buf = b""
+                    self._sock = self._connect()
+                    self._send(line)
+                    continue
                 raise error_from_code(
                     e.get("code", "internal"), e.get("message", "?"), e.get("detail")
                 )
             return msg.get("result")
+
+    def _send(self, line: bytes) -> None:
+        try:
+            self._sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            # The server may refuse a peer before reading anything (another uid, the
+            # connection cap) and hang up; its error line is still readable, and says why.
+            pass
+
+
+class _Backoff:
+    """Sleeps of 10 ms doubling to 200 ms, until `budget` seconds have passed."""
+
+    def __init__(self, budget: float) -> None:
+        self.deadline = time.monotonic() + budget
+        self.delay = 0.01
+
+    def wait(self) -> bool:
+        """Sleep the next delay and return True, or return False if past the budget."""
+        if time.monotonic() + self.delay > self.deadline:
+            return False
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 0.2)
+        return True

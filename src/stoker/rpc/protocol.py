@@ -18,8 +18,9 @@ a string or null, numbers JSON cannot carry such as NaN, nesting deeper than
 MAX_NESTING) is answered with an error line, `"id": null` where no usable id was read.
 A connection with no request in flight that sends no complete line for IDLE_TIMEOUT
 seconds gets a `timeout` error line and is closed (a request in flight is never cut,
-however long it runs); past MAX_CONNECTIONS, a new connection gets an `unavailable`
-error line and is closed.
+however long it runs); past MAX_CONNECTIONS, a new connection gets a
+`too_many_connections` error line before anything is read and is closed (the client
+reconnects and resends, with backoff).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_RESPONSE_LINE = 64 * 1024 * 1024
 PROTOCOL_VERSION = 1
 IDLE_TIMEOUT = 60.0
-MAX_CONNECTIONS = 128
+MAX_CONNECTIONS = 256
 LISTEN_BACKLOG = 512
 MAX_NESTING = 64
 MAX_ID_LENGTH = 256

@@ -21,7 +21,7 @@ from stoker.errors import (
     RequestTooLarge,
     StokerError,
     Timeout,
-    Unavailable,
+    TooManyConnections,
 )
 from stoker.rpc.protocol import (
     IDLE_TIMEOUT,
@@ -120,7 +120,7 @@ class RPCServer:
         assert task is not None
         if len(self._conns) >= self.max_connections:
             log.warning("refused a connection: %d already open", len(self._conns))
-            err = Unavailable(
+            err = TooManyConnections(
                 f"stokerd already serves {len(self._conns)} connections, its limit: retry "
                 "shortly, or look for a client that opens connections without closing them"
             )
