@@ -811,3 +811,46 @@ def test_client_waits_for_a_starting_daemon(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 1.0
     with pytest.raises(errors.Unavailable, match="is starting but did not answer"):
         Client(path, connect_timeout=0.3, daemon_starting=lambda: True)
+
+
+def test_daemon_starting_reads_the_lock_files_pid(tmp_path: Path) -> None:
+    """The CLI waits for a starting daemon only when the pid in the lock file is a live
+    stokerd; it never takes the lock to find out (that could fail a daemon starting at
+    that very moment)."""
+    import subprocess
+    import sys
+    import time
+
+    from stoker.cli.connect import daemon_starting
+    from stoker.layout import Layout
+
+    layout = Layout(tmp_path / "c", tmp_path / "s", tmp_path / "k", tmp_path / "r")
+    layout.runtime_dir.mkdir(parents=True)
+    assert not daemon_starting(layout)  # no lock file
+    layout.lock_path.write_text("garbage")
+    assert not daemon_starting(layout)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "/usr/local/bin/stokerd"]
+    )
+    try:
+        layout.lock_path.write_text(str(fake.pid))
+        for _ in range(200):  # until the child has exec'd (its cmdline is set)
+            if daemon_starting(layout):
+                break
+            time.sleep(0.01)
+        assert daemon_starting(layout)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert not daemon_starting(layout)  # that pid is gone
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        for _ in range(200):  # until the child has exec'd sleep
+            if Path(f"/proc/{other.pid}/cmdline").read_bytes().startswith(b"sleep"):
+                break
+            time.sleep(0.01)
+        layout.lock_path.write_text(str(other.pid))
+        assert not daemon_starting(layout)  # alive, but not a stokerd
+    finally:
+        other.kill()
+        other.wait()

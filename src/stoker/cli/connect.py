@@ -29,7 +29,9 @@ def daemon_starting(layout: Layout) -> bool:
         if pid <= 0:
             return False
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"stoker" in f.read()
+            argv = f.read().split(b"\0")
+        # `python -m stoker.daemon.main` (dev mode) or `.../stokerd` (a system install).
+        return any(a == b"stoker.daemon.main" or os.path.basename(a) == b"stokerd" for a in argv)
     except (OSError, ValueError):
         return False
 
