@@ -261,7 +261,7 @@ def _mode(key: str, v: Any) -> int:
         m = _MODE.fullmatch(v.strip())
         if m and int(m.group(1), 8) <= 0o777:
             return int(m.group(1), 8)
-        raise _bad(key, f'{v!r} is not an octal mode: write it as a string such as "0600"')
+        raise _bad(key, f'{_short(v)} is not an octal mode: write it as a string such as "0600"')
     raise _bad(
         key,
         f'{_short(v)} is not a mode: write it as an octal string such as "0600" '
@@ -300,12 +300,11 @@ def parse_config(
     path: Path | None = None,
     cpus: int | None = None,
     mem_bytes: int | None = None,
-    check_host_files: bool = True,
 ) -> Config:
     """Validate a parsed TOML document into a Config.
 
-    `check_host_files` stats each `[[file_sync]]` host path (it must be a regular file
-    now); callers that only read settings for display may turn it off."""
+    Each `[[file_sync]]` host path is stat'ed: it must be a regular file now (and it is
+    checked again when it is read, at each VM start)."""
     for key in data:
         if key not in _TOP_KEYS:
             raise _bad(key, f"unknown key (known keys: {', '.join(sorted(_TOP_KEYS))})")
@@ -431,8 +430,7 @@ def parse_config(
         host = os.path.expanduser(_str(f"{base}.host", ent["host"]))
         if not os.path.isabs(host):
             raise _bad(f"{base}.host", f"{host!r} must be an absolute path (or start with ~)")
-        if check_host_files:
-            _host_file(f"{base}.host", host)
+        _host_file(f"{base}.host", host)
         norm = _guest_path(f"{base}.guest", _str(f"{base}.guest", ent["guest"]))
         mode = _mode(f"{base}.mode", ent["mode"]) if "mode" in ent else 0o600
         entries.append(FileSync(host=host, guest=norm, mode=mode))
