@@ -1,22 +1,21 @@
-"""The systemd unit in packaging/: settings the daemon's security relies on."""
+"""The systemd unit (package data, printed by `stoker daemon unit`): settings the daemon's
+security relies on."""
 
 from __future__ import annotations
 
 import configparser
-from pathlib import Path
+from importlib.resources import files
 
 import pytest
 
 pytestmark = pytest.mark.unit
-
-UNIT = Path(__file__).resolve().parents[2] / "packaging" / "stokerd.service"
 
 
 def test_system_unit_makes_state_dir_private() -> None:
     """Old behaviour (issue 9 item 14): `StateDirectory=` alone makes /var/lib/stoker 0755."""
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str  # type: ignore[assignment,method-assign]
-    cp.read(UNIT)
+    cp.read_string(files("stoker").joinpath("data/stokerd.service").read_text())
     svc = cp["Service"]
     assert svc["StateDirectory"] == "stoker"
     assert svc["StateDirectoryMode"] == "0700"
