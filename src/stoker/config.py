@@ -9,13 +9,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from stoker.errors import ConfigError, InvalidArgument
-from stoker.model.sizes import parse_size
+from stoker.model.sizes import MIN_DISK_BYTES, check_memory_mib, parse_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -26,6 +27,15 @@ BUILTIN_DISK_SIZE = 8 * GiB
 BUILTIN_OVERLAY_SIZE = 8 * GiB
 
 Provenance = Literal["config", "host heuristic", "built-in"]
+
+
+# A `[[file_sync]]` host file is read whole into memory before each start: dotfiles
+# (.netrc, .gitconfig, tokens) are small; refuse anything that is not.
+FILE_SYNC_MAX_BYTES = 4 * MiB
+# Durations are configured in seconds at most this large (a year): enough for any
+# timeout, and far from what asyncio's timers overflow on.
+MAX_DURATION = 366 * 86400
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ class Config:
         return str(next(self.bridge_network.hosts()))
 
 
+def host_memory_bytes() -> int:
+    """MemTotal of this host, 0 if unknown: the ceiling for a VM's memory."""
+    return _host_mem()
+
+
 def _host_mem() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -123,7 +138,12 @@ def resolve_vm_defaults(section: dict[str, Any], cpus: int, mem_bytes: int) -> V
 
 # --- validation -------------------------------------------------------------------------
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# Starts with a letter or digit: "-br" would read as an option to ip(8) and nft(8), and
+# "." / ".." / "all" / "default" are directories of /proc/sys/net/*/conf/, not interfaces.
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", re.ASCII)
+_IFNAME_RESERVED = {"all", "default", "lo"}
+# An octal mode written as a string: "600", "0600", "0o600".
+_MODE = re.compile(r"(?:0o?)?([0-7]{3,4})", re.ASCII)
 
 
 def _bad(key: str, why: str) -> ConfigError:
@@ -144,30 +164,109 @@ def _bool(key: str, v: Any) -> bool:
 
 def _int(key: str, v: Any, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(key, f"expected an integer, got {v!r}")
+        raise _bad(key, f"expected an integer, got {_short(v)}")
     if not lo <= v <= hi:
-        raise _bad(key, f"{v} is out of range {lo}..{hi}")
+        raise _bad(key, f"{_short(v)} is out of range {lo}..{hi}")
     return v
 
 
-def _size(key: str, v: Any, bare_unit: int = 1) -> int:
+def _size(key: str, v: Any) -> int:
     try:
-        return parse_size(v, key, bare_unit)
+        return parse_size(v, key, min_bytes=MIN_DISK_BYTES)
     except InvalidArgument as e:
         raise _bad(key, e.message) from None
 
 
 def _duration(key: str, v: Any) -> int:
-    """Seconds: an integer, or '30s', '10m', '2h', '1d'."""
+    """Seconds: an integer, or '30s', '10m', '2h', '1d'; at most MAX_DURATION."""
+    secs: int | None = None
     if isinstance(v, int) and not isinstance(v, bool):
         if v < 0:
             raise _bad(key, "must not be negative")
-        return v
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", v)
+        secs = v
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhd]?)\s*", v, re.ASCII)
         if m:
-            return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    raise _bad(key, f"expected a duration such as 30m or 2h, got {v!r}")
+            secs = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if secs is None:
+        raise _bad(key, f"expected a duration such as 30m or 2h, got {_short(v)}")
+    if secs > MAX_DURATION:
+        raise _bad(key, f"{_short(v)} is longer than the maximum of 366d")
+    return secs
+
+
+def _short(v: Any) -> str:
+    """A config value for a message, cut short (and safe for huge integers)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 200:
+        return f"an integer of {v.bit_length()} bits"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _guest_path(key: str, guest: str) -> str:
+    """A file under /root on the work disk: absolute, no '..', no quote or control chars."""
+    bad = [c for c in guest if c == '"' or c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F]
+    if bad:
+        raise _bad(
+            key,
+            f"{guest!r} contains {bad[0]!r}: guest paths may not contain quotes, "
+            "backslashes, newlines, NUL or other control characters",
+        )
+    norm = os.path.normpath(guest)
+    if not norm.startswith("/root/") or ".." in guest.split("/"):
+        raise _bad(key, f"{guest!r} must be a file path under /root, such as /root/.netrc")
+    return norm
+
+
+def _host_file(key: str, host: str) -> str:
+    """An existing regular file (a symlink to one is fine: dotfile managers link them)."""
+    if "\x00" in host:
+        raise _bad(key, f"{host!r} contains a NUL byte")
+    try:
+        st = os.stat(host)
+    except FileNotFoundError:
+        raise _bad(key, f"{host} does not exist: create it or remove this entry") from None
+    except OSError as e:
+        raise _bad(key, f"cannot stat {host}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(
+            key, f"{host} is a {_kind(st.st_mode)}, not a regular file: only files are synced"
+        )
+    if st.st_size > FILE_SYNC_MAX_BYTES:
+        raise _bad(
+            key,
+            f"{host} is {st.st_size} bytes: file_sync copies small files (at most "
+            f"{FILE_SYNC_MAX_BYTES // MiB} MiB)",
+        )
+    return host
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _mode(key: str, v: Any) -> int:
+    """A file mode as an octal string: "0600". A TOML integer is refused: `mode = 400`
+    is decimal 400 (0o620), never what was meant."""
+    if isinstance(v, str):
+        m = _MODE.fullmatch(v.strip())
+        if m and int(m.group(1), 8) <= 0o777:
+            return int(m.group(1), 8)
+        raise _bad(key, f'{_short(v)} is not an octal mode: write it as a string such as "0600"')
+    raise _bad(
+        key,
+        f'{_short(v)} is not a mode: write it as an octal string such as "0600" '
+        "(a bare TOML number is decimal)",
+    )
 
 
 _TOP_KEYS = {
@@ -202,7 +301,10 @@ def parse_config(
     cpus: int | None = None,
     mem_bytes: int | None = None,
 ) -> Config:
-    """Validate a parsed TOML document into a Config."""
+    """Validate a parsed TOML document into a Config.
+
+    Each `[[file_sync]]` host path is stat'ed: it must be a regular file now (and it is
+    checked again when it is read, at each VM start)."""
     for key in data:
         if key not in _TOP_KEYS:
             raise _bad(key, f"unknown key (known keys: {', '.join(sorted(_TOP_KEYS))})")
@@ -231,8 +333,13 @@ def parse_config(
         kw["use_jailer"] = _bool("use_jailer", data["use_jailer"])
     if "bridge_name" in data:
         name = _str("bridge_name", data["bridge_name"])
-        if not _IFNAME.match(name):
-            raise _bad("bridge_name", f"{name!r} is not a valid interface name (1-15 chars)")
+        if not _IFNAME.fullmatch(name) or name in _IFNAME_RESERVED:
+            raise _bad(
+                "bridge_name",
+                f"{name!r} is not a usable interface name: 1-15 characters of letters, "
+                "digits, '_', '.' and '-', starting with a letter or digit (not all, "
+                "default or lo)",
+            )
         kw["bridge_name"] = name
     if "bridge_cidr" in data:
         cidr = _str("bridge_cidr", data["bridge_cidr"])
@@ -293,9 +400,14 @@ def parse_config(
         if k == "vcpu":
             checked[k] = _int(key, v, 1, 64)
         elif k == "memory_mib":
-            checked[k] = _int(key, v, 128, 1024 * 1024)
+            try:
+                checked[k] = check_memory_mib(
+                    v, key, _host_mem() if mem_bytes is None else mem_bytes
+                )
+            except InvalidArgument as e:
+                raise _bad(key, e.message) from None
         else:
-            checked[k] = _size(key, v, bare_unit=MiB)
+            checked[k] = _size(key, v)
     kw["vm_defaults"] = resolve_vm_defaults(
         checked,
         os.cpu_count() or 1 if cpus is None else cpus,
@@ -318,17 +430,9 @@ def parse_config(
         host = os.path.expanduser(_str(f"{base}.host", ent["host"]))
         if not os.path.isabs(host):
             raise _bad(f"{base}.host", f"{host!r} must be an absolute path (or start with ~)")
-        guest = _str(f"{base}.guest", ent["guest"])
-        norm = os.path.normpath(guest)
-        if not (norm == "/root" or norm.startswith("/root/")) or ".." in guest.split("/"):
-            raise _bad(f"{base}.guest", f"{guest!r} must be a path under /root")
-        mode = ent.get("mode", 0o600)
-        if isinstance(mode, str):
-            try:
-                mode = int(mode, 8)
-            except ValueError:
-                raise _bad(f"{base}.mode", f"{mode!r} is not an octal mode") from None
-        mode = _int(f"{base}.mode", mode, 0, 0o777)
+        _host_file(f"{base}.host", host)
+        norm = _guest_path(f"{base}.guest", _str(f"{base}.guest", ent["guest"]))
+        mode = _mode(f"{base}.mode", ent["mode"]) if "mode" in ent else 0o600
         entries.append(FileSync(host=host, guest=norm, mode=mode))
     kw["file_sync"] = tuple(entries)
     return Config(**kw)
@@ -341,10 +445,19 @@ def load_config(path: Path | None, *, required: bool = False) -> Config:
             raise ConfigError(f"config file {path} does not exist")
         return parse_config({}, None)
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config file {path} is a {_kind(st.st_mode)}, not a file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {st.st_size} bytes: too large for one")
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = tomllib.loads(f.read(MAX_CONFIG_BYTES + 1).decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # tomllib lets int() errors through (an integer of more than 4300 digits), and
+        # deep nesting exhausts the stack: neither may kill stokerd with a traceback.
+        raise ConfigError(f"config file {path} is not valid TOML: {str(e)[:200]}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:

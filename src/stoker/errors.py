@@ -6,16 +6,43 @@ message should tell the user what to do next.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import ClassVar
+
+# code -> class. Every class that sets its own `code` joins on definition (see
+# `StokerError.__init_subclass__`), so a leaf package's errors need no entry here.
+ERROR_CLASSES: dict[str, type[StokerError]] = {}
+
+# Modules that define leaf error classes. The CLI never imports them up front (start-up
+# time); `error_from_code` imports them only when a wire code is not registered yet.
+# A unit test checks that every class with a code in src/ is reachable this way.
+LEAF_ERROR_MODULES: tuple[str, ...] = (
+    "stoker.daemon.oci.errors",
+    "stoker.daemon.catalog.errors",
+    "stoker.daemon.guestssh.client",
+)
 
 
 class StokerError(Exception):
     """Base of every error stoker reports to a user."""
 
     code: ClassVar[str] = "internal"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        code = cls.__dict__.get("code")
+        if code is None:
+            return  # inherits its parent's code (e.g. DaemonNotRunning is "unavailable")
+        other = ERROR_CLASSES.get(code)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise TypeError(
+                f"error code {code!r} of {cls.__module__}.{cls.__qualname__} is already "
+                f"used by {other.__module__}.{other.__qualname__}: codes must be unique"
+            )
+        ERROR_CLASSES[code] = cls
 
     def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
@@ -92,6 +119,12 @@ class Unavailable(StokerError):
     code = "unavailable"
 
 
+class TooManyConnections(Unavailable):
+    """The daemon is at its connection cap; it read nothing, so the request may be resent."""
+
+    code = "too_many_connections"
+
+
 class Timeout(StokerError):
     """An operation ran past its deadline."""
 
@@ -122,32 +155,33 @@ class StateError(StokerError):
     code = "state_error"
 
 
-ERROR_CLASSES: dict[str, type[StokerError]] = {
-    cls.code: cls
-    for cls in (
-        StokerError,
-        InvalidRequest,
-        RequestTooLarge,
-        MethodNotFound,
-        InvalidParams,
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        Conflict,
-        Ambiguous,
-        PermissionDenied,
-        Unavailable,
-        Timeout,
-        Cancelled,
-        CommandFailed,
-        ConfigError,
-        StateError,
-    )
-}
+class StoreBusy(StateError):
+    """Another writer held the state store's lock past the busy timeout."""
+
+    code = "store_busy"
+
+
+ERROR_CLASSES[StokerError.code] = StokerError
 
 
 def error_from_code(code: str, message: str, detail: str | None = None) -> StokerError:
-    """Rebuild a typed error on the client side from its wire form."""
-    cls = ERROR_CLASSES.get(code, StokerError)
-    err = cls(message, detail=detail)
-    return err
+    """Rebuild a typed error on the client side from its wire form.
+
+    An unknown code (a newer daemon) still keeps its code on the instance, so a script
+    reading `--json` output sees what the daemon said, never a made-up "internal".
+    """
+    cls = ERROR_CLASSES.get(code)
+    if cls is None:
+        for mod in LEAF_ERROR_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                continue
+            cls = ERROR_CLASSES.get(code)
+            if cls is not None:
+                break
+    if cls is None:
+        err = StokerError(message, detail=detail)
+        err.code = code  # type: ignore[misc]
+        return err
+    return cls(message, detail=detail)

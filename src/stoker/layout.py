@@ -53,6 +53,11 @@ class Layout:
         return self.runtime_dir / "stokerd.lock"
 
     @property
+    def state_lock_path(self) -> Path:
+        """One daemon per state dir, whatever runtime dir (socket) each one uses."""
+        return self.state_dir / "state.lock"
+
+    @property
     def pid_path(self) -> Path:
         return self.runtime_dir / "stokerd.pid"
 

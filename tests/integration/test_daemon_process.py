@@ -325,3 +325,76 @@ def test_errors_are_one_line_with_exit_1(stk: Any) -> None:
     err = one_error_line(r)
     assert "'nope' not found" in err
     assert r.stdout == ""
+
+
+def test_second_stokerd_on_the_same_state_dir_is_refused(stk: Any) -> None:
+    """Old behaviour (issue 9 item 13): the only lock lived in the runtime dir, so a second
+    daemon with another XDG_RUNTIME_DIR but the same state dir ran too, and both adopted
+    the same VMs."""
+    pid = start(stk)
+    env = dict(stk.env, XDG_RUNTIME_DIR=str(stk.root / "r2"))
+    r = subprocess.run(stk.stokerd_argv(), env=env, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1, r.stderr
+    assert "already uses the state directory" in r.stderr
+    assert str(pid) in r.stderr and str(stk.layout.socket_path) in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    # It took nothing: no socket of its own, and the first daemon still answers.
+    assert not (stk.root / "r2" / "stoker" / "stokerd.sock").exists()
+    assert stk.is_stokerd(pid)
+    r = stk.run("vm", "list", "--json")
+    assert r.returncode == 0 and stk.daemon_pid() == pid
+
+
+def test_state_dir_made_by_someone_else_ends_up_private(stk: Any) -> None:
+    """Old behaviour (issue 9 item 14): a state dir created 0755 beforehand (systemd's
+    `StateDirectory=`) stayed 0755, and state.db came out 0644 under a 022 umask."""
+    stk.layout.state_dir.mkdir(parents=True, mode=0o755)
+    os.chmod(stk.layout.state_dir, 0o755)
+    old = os.umask(0o022)
+    try:
+        start(stk)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(stk.layout.state_dir.stat().st_mode) == 0o700
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        p = stk.layout.state_dir / name
+        if p.exists():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(stk.layout.db_path.stat().st_mode) == 0o600
+
+
+def test_a_burst_of_clients_all_get_answers(stk: Any) -> None:
+    """Old behaviour (issue 9 item 8): in a burst, a full accept queue made connect()
+    EAGAIN and the CLI died with a raw BlockingIOError traceback (14 of 500).
+
+    Now connect() retries with backoff and the server's queue is deeper; a client over the
+    connection cap is refused before anything is read and resends. Every one succeeds."""
+    import threading
+
+    from stoker.rpc.client import Client
+
+    start(stk)
+    n = 400
+    barrier = threading.Barrier(n)
+    failures: list[str] = []
+    ok = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            with Client(stk.layout.socket_path, timeout=60.0) as c:
+                c.call("daemon.status")
+            with lock:
+                ok[0] += 1
+        except Exception as e:
+            with lock:
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, (len(failures), failures[:3])
+    assert ok[0] == n

@@ -304,6 +304,16 @@ async def test_bad_inputs(rig: Rig) -> None:
         await vm.create_vm(req(name="z", memory_mib=-5, no_start=True), _noop)
     with pytest.raises(InvalidArgument, match="greater than zero"):
         await vm.create_vm(req(name="z", disk_size="0", no_start=True), _noop)
+    # Issue 9 item 7: these raised OverflowError ("internal") or were accepted and failed
+    # later; now each is a clean invalid_argument naming the option.
+    for bad, pat in (
+        ({"disk_size": "9" * 400 + "T"}, "--disk-size .* is not a size"),
+        ({"disk_size": "20T"}, "--disk-size must be at most 16383G"),
+        ({"disk_size": "1"}, "--disk-size '1' has no unit"),
+        ({"memory_mib": 2**63}, "--memory must be at most"),
+    ):
+        with pytest.raises(InvalidArgument, match=pat):
+            await vm.create_vm(req(name="z", no_start=True, **bad), _noop)
     with pytest.raises(NotFound, match="image 'nope' not found"):
         await vm.create_vm(CreateRequest(name="z", image="nope", no_start=True), _noop)
     assert await vm.list_vms() == []  # nothing half-made

@@ -14,7 +14,6 @@ from stoker.config import (
     BUILTIN_OVERLAY_SIZE,
     BUILTIN_VCPU,
     GiB,
-    MiB,
     config_path,
     load_config,
     parse_config,
@@ -23,6 +22,9 @@ from stoker.errors import ConfigError
 from stoker.layout import Layout
 
 pytestmark = pytest.mark.unit
+
+# An existing regular file for [[file_sync]] host paths (they are checked at load).
+HOSTFILE = os.path.abspath(__file__)
 
 
 def test_empty_config_is_all_defaults() -> None:
@@ -35,7 +37,9 @@ def test_empty_config_is_all_defaults() -> None:
     assert c.path is None
 
 
-def test_full_valid_config() -> None:
+def test_full_valid_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".gitconfig").write_text("[user]\n")
     data: dict[str, Any] = {
         "log_level": "DEBUG",
         "vmm": "qemu",
@@ -53,10 +57,10 @@ def test_full_valid_config() -> None:
         "auto_stop_stale_after": "2h",
         "stats_poll_interval": "30s",
         "op_prune_interval": 120,
-        "vm_defaults": {"vcpu": 2, "memory_mib": 2048, "disk_size": "16G", "overlay_size": 4096},
+        "vm_defaults": {"vcpu": 2, "memory_mib": 2048, "disk_size": "16G", "overlay_size": "4G"},
         "file_sync": [
             {"host": "~/.gitconfig", "guest": "/root/.gitconfig", "mode": "0644"},
-            {"host": "/etc/hostname", "guest": "/root/./x//hostname"},
+            {"host": HOSTFILE, "guest": "/root/./x//hostname"},
         ],
     }
     c = parse_config(data, cpus=8, mem_bytes=16 * GiB)
@@ -71,8 +75,8 @@ def test_full_valid_config() -> None:
     assert c.op_prune_interval == 120
     assert c.vm_defaults.vcpu.value == 2 and c.vm_defaults.vcpu.source == "config"
     assert c.vm_defaults.disk_size.value == 16 * GiB
-    # a bare number for a size under [vm_defaults] is MiB
-    assert c.vm_defaults.overlay_size.value == 4096 * MiB
+    # sizes carry their unit
+    assert c.vm_defaults.overlay_size.value == 4 * GiB
     assert c.file_sync[0].host == os.path.expanduser("~/.gitconfig")
     assert c.file_sync[0].mode == 0o644
     assert c.file_sync[1].guest == "/root/x/hostname"
@@ -84,7 +88,10 @@ def test_full_valid_config() -> None:
     [
         ({"nope": 1}, "nope"),
         ({"vm_defaults": {"cpus": 2}}, "vm_defaults.cpus"),
-        ({"file_sync": [{"host": "/a", "guest": "/root/a", "owner": "x"}]}, "file_sync[0].owner"),
+        (
+            {"file_sync": [{"host": HOSTFILE, "guest": "/root/a", "owner": "x"}]},
+            "file_sync[0].owner",
+        ),
         ({"log_level": "loud"}, "log_level"),
         ({"log_level": 3}, "log_level"),
         ({"vmm": "kvmtool"}, "vmm"),
@@ -125,24 +132,27 @@ def test_full_valid_config() -> None:
         ({"vm_defaults": {"disk_size": "8Q"}}, "vm_defaults.disk_size"),
         ({"vm_defaults": {"disk_size": 1.5}}, "vm_defaults.disk_size"),
         ({"vm_defaults": {"overlay_size": [1]}}, "vm_defaults.overlay_size"),
-        ({"file_sync": {"host": "/a"}}, "file_sync"),
+        ({"file_sync": {"host": HOSTFILE}}, "file_sync"),
         ({"file_sync": ["x"]}, "file_sync[0]"),
-        ({"file_sync": [{"host": "/a"}]}, "file_sync[0]"),
+        ({"file_sync": [{"host": HOSTFILE}]}, "file_sync[0]"),
         ({"file_sync": [{"host": "rel/path", "guest": "/root/a"}]}, "file_sync[0].host"),
-        ({"file_sync": [{"host": "/a", "guest": "/etc/passwd"}]}, "file_sync[0].guest"),
-        ({"file_sync": [{"host": "/a", "guest": "/rootkit"}]}, "file_sync[0].guest"),
-        ({"file_sync": [{"host": "/a", "guest": "/root/../etc/x"}]}, "file_sync[0].guest"),
-        ({"file_sync": [{"host": "/a", "guest": "root/a"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": HOSTFILE, "guest": "/etc/passwd"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": HOSTFILE, "guest": "/rootkit"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": HOSTFILE, "guest": "/root/../etc/x"}]}, "file_sync[0].guest"),
+        ({"file_sync": [{"host": HOSTFILE, "guest": "root/a"}]}, "file_sync[0].guest"),
         (
             {
                 "file_sync": [
-                    {"host": "/a", "guest": "/root/a"},
-                    {"host": "/b", "guest": "/root/b", "mode": "rw"},
+                    {"host": HOSTFILE, "guest": "/root/a"},
+                    {"host": HOSTFILE, "guest": "/root/b", "mode": "rw"},
                 ]
             },
             "file_sync[1].mode",
         ),
-        ({"file_sync": [{"host": "/a", "guest": "/root/a", "mode": 0o1777}]}, "file_sync[0].mode"),
+        (
+            {"file_sync": [{"host": HOSTFILE, "guest": "/root/a", "mode": 0o1777}]},
+            "file_sync[0].mode",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(data: dict[str, Any], key: str) -> None:
@@ -220,7 +230,7 @@ def test_vm_defaults_config_beats_heuristic() -> None:
 
 
 def test_vm_defaults_partial_config_mixes_sources() -> None:
-    d = parse_config({"vm_defaults": {"memory_mib": 4096}}, cpus=16, mem_bytes=2 * GiB).vm_defaults
+    d = parse_config({"vm_defaults": {"memory_mib": 4096}}, cpus=16, mem_bytes=8 * GiB).vm_defaults
     assert (d.vcpu.value, d.vcpu.source) == (4, "host heuristic")
     assert (d.memory_mib.value, d.memory_mib.source) == (4096, "config")
 
@@ -241,7 +251,8 @@ def test_load_missing_explicit_file_fails(tmp_path: Path) -> None:
 def test_load_valid_file_keeps_path(tmp_path: Path) -> None:
     p = tmp_path / "config.toml"
     p.write_text(
-        'vmm = "qemu"\n[vm_defaults]\nvcpu = 2\n[[file_sync]]\nhost = "/a"\nguest = "/root/a"\n'
+        'vmm = "qemu"\n[vm_defaults]\nvcpu = 2\n[[file_sync]]\n'
+        f'host = "{HOSTFILE}"\nguest = "/root/a"\n'
     )
     c = load_config(p)
     assert c.path == p
@@ -266,7 +277,7 @@ def test_load_non_utf8_file(tmp_path: Path) -> None:
 
 
 def test_load_directory_is_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
         load_config(tmp_path)
 
 
@@ -331,3 +342,178 @@ def test_system_layout() -> None:
         assert lay.config_file == Path("/etc/stoker/config.toml")
         assert lay.db_path == Path("/var/lib/stoker/state.db")
         assert lay.socket_path == Path("/run/stoker/stokerd.sock")
+
+
+# --- issue 9 item 7: sizes and numbers in the config file ----------------------------------
+# Old behaviour per case: "9"*400+"T" raised OverflowError out of ConfigError (stokerd died
+# with a traceback); 99999999T, 20T and memory_mib 2**63 were accepted and failed at VM
+# creation; overlay_size = "1" was 1 MiB; "٣G" parsed as 3G; a 5000-digit duration or
+# integer raised ValueError from int().
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "why"),
+    [
+        ({"vm_defaults": {"disk_size": "9" * 400 + "T"}}, "vm_defaults.disk_size", "not a size"),
+        ({"vm_defaults": {"disk_size": "99999999T"}}, "vm_defaults.disk_size", "at most"),
+        ({"vm_defaults": {"overlay_size": "20T"}}, "vm_defaults.overlay_size", "at most"),
+        ({"vm_defaults": {"overlay_size": "1"}}, "vm_defaults.overlay_size", "has no unit"),
+        ({"vm_defaults": {"overlay_size": 4096}}, "vm_defaults.overlay_size", "at least 256M"),
+        ({"vm_defaults": {"disk_size": "\u0663G"}}, "vm_defaults.disk_size", "not a size"),
+        ({"vm_defaults": {"disk_size": "100M"}}, "vm_defaults.disk_size", "at least 256M"),
+        ({"vm_defaults": {"memory_mib": 2**63}}, "vm_defaults.memory_mib", "at most 8192"),
+        ({"boot_timeout": "9" * 5000}, "boot_timeout", "expected a duration"),
+        ({"boot_timeout": 10**30}, "boot_timeout", "longer than the maximum"),
+        ({"auto_stop_stale_after": "\u0663h"}, "auto_stop_stale_after", "expected a duration"),
+        ({"tap_pool_size": 10**5000}, "tap_pool_size", "out of range"),
+    ],
+    ids=lambda v: v[:40] if isinstance(v, str) else None,
+)
+def test_hostile_numbers_name_the_key(data: dict[str, Any], key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, cpus=4, mem_bytes=8 * GiB)
+    assert f"'{key}'" in ei.value.message and why in ei.value.message, ei.value.message
+    assert len(ei.value.message) < 400
+
+
+def test_huge_toml_integer_is_a_config_error(tmp_path: Path) -> None:
+    """Old behaviour: tomllib's int() ValueError escaped load_config."""
+    p = tmp_path / "config.toml"
+    p.write_text("tap_pool_size = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_stokerd_with_a_bad_size_exits_without_a_traceback(tmp_path: Path) -> None:
+    """Old behaviour: `stokerd` died at start with an OverflowError traceback."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[vm_defaults]\ndisk_size = "' + "9" * 400 + 'T"\n')
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "HOME": str(tmp_path),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "stoker.daemon.main", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "vm_defaults.disk_size" in r.stderr and r.stderr.startswith("stokerd: ")
+
+
+def test_fifo_config_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    import signal
+
+    p = tmp_path / "config.toml"
+    os.mkfifo(p)
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("load_config blocked on a FIFO"))
+    signal.alarm(5)
+    try:
+        with pytest.raises(ConfigError, match="is a FIFO, not a file"):
+            load_config(p)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --- issue 9 item 12: values accepted at load that were wrong later ------------------------
+
+
+@pytest.fixture
+def special_files(tmp_path: Path) -> dict[str, str]:
+    import socket
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock_path))
+    s.close()
+    (tmp_path / "dir").mkdir()
+    return {
+        "fifo": str(fifo),
+        "socket": str(sock_path),
+        "dir": str(tmp_path / "dir"),
+        "missing": str(tmp_path / "missing"),
+        "dev": "/dev/zero",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("socket", "is a socket, not a regular file"),
+        ("dir", "is a directory, not a regular file"),
+        ("missing", "does not exist"),
+        ("dev", "is a character device, not a regular file"),
+    ],
+)
+def test_file_sync_host_must_be_a_regular_file(
+    special_files: dict[str, str], kind: str, why: str
+) -> None:
+    """Old behaviour: accepted at load; at VM start a FIFO hung the daemon's event loop,
+    /dev/zero read until OOM, a missing file failed the start."""
+    ent = {"host": special_files[kind], "guest": "/root/x"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"file_sync": [ent]})
+    assert "'file_sync[0].host'" in ei.value.message and why in ei.value.message
+
+
+def test_file_sync_host_symlink_to_a_file_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "real").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    c = parse_config({"file_sync": [{"host": str(tmp_path / "link"), "guest": "/root/x"}]})
+    assert c.file_sync[0].host == str(tmp_path / "link")
+
+
+def test_file_sync_host_too_large(tmp_path: Path) -> None:
+    from stoker.config import FILE_SYNC_MAX_BYTES
+
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(FILE_SYNC_MAX_BYTES + 1)
+    with pytest.raises(ConfigError, match=r"'file_sync\[0\]\.host'.*at most 4 MiB"):
+        parse_config({"file_sync": [{"host": str(big), "guest": "/root/x"}]})
+
+
+@pytest.mark.parametrize(
+    "guest",
+    ["/root", "/root/", "/root/.", '/root/a"b', "/root/a\nb", "/root/a\x00b", "/root/a\rb"],
+)
+def test_file_sync_guest_must_be_a_file_under_root(guest: str) -> None:
+    """Old behaviour: /root and /root/ were accepted (the sync then wrote over the work
+    disk's root directory); '"', newline and NUL broke the debugfs command later."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"file_sync": [{"host": HOSTFILE, "guest": guest}]})
+    assert "'file_sync[0].guest'" in ei.value.message
+
+
+@pytest.mark.parametrize("mode", [400, 0o600, 600, "rw", "0800", "01777", "-600"])
+def test_file_sync_mode_must_be_an_octal_string(mode: object) -> None:
+    """Old behaviour: `mode = 400` (decimal) silently became 0o620."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"file_sync": [{"host": HOSTFILE, "guest": "/root/x", "mode": mode}]})
+    assert "'file_sync[0].mode'" in ei.value.message and '"0600"' in ei.value.message
+
+
+@pytest.mark.parametrize(("mode", "want"), [("0600", 0o600), ("400", 0o400), ("0o644", 0o644)])
+def test_file_sync_mode_strings(mode: str, want: int) -> None:
+    c = parse_config({"file_sync": [{"host": HOSTFILE, "guest": "/root/x", "mode": mode}]})
+    assert c.file_sync[0].mode == want
+
+
+@pytest.mark.parametrize("name", ["-br", "..", ".", "all", "default", "lo", "br/x", "br\u0663"])
+def test_bridge_name_refused(name: str) -> None:
+    """Old behaviour: "-br" (an option to ip/nft) and ".." were accepted."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"bridge_name": name})
+    assert "'bridge_name'" in ei.value.message

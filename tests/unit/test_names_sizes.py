@@ -6,7 +6,13 @@ import pytest
 
 from stoker.errors import InvalidArgument
 from stoker.model.names import generate_name, validate_artifact_name, validate_name
-from stoker.model.sizes import format_size, parse_size
+from stoker.model.sizes import (
+    MAX_DISK_BYTES,
+    MIN_DISK_BYTES,
+    check_memory_mib,
+    format_size,
+    parse_size,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -79,24 +85,24 @@ def test_invalid_artifact_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "bare", "want"),
+    ("text", "want"),
     [
-        ("8G", 1, 8 * GiB),
-        ("8g", 1, 8 * GiB),
-        ("8GiB", 1, 8 * GiB),
-        ("512M", 1, 512 * MiB),
-        ("512 MB", 1, 512 * MiB),
-        ("1.5G", 1, int(1.5 * GiB)),
-        ("4096", 1, 4096),
-        ("4096", MiB, 4096 * MiB),
-        (2048, MiB, 2048 * MiB),
-        ("1K", 1, 1024),
-        ("1T", 1, 1024**4),
-        (" 2G ", 1, 2 * GiB),
+        ("8G", 8 * GiB),
+        ("8g", 8 * GiB),
+        ("8GiB", 8 * GiB),
+        ("512M", 512 * MiB),
+        ("512 MB", 512 * MiB),
+        ("1.5G", int(1.5 * GiB)),
+        ("4096B", 4096),
+        (4096, 4096),  # an integer is bytes
+        ("1K", 1024),
+        ("1T", 1024**4),
+        (" 2G ", 2 * GiB),
+        ("16383G", MAX_DISK_BYTES),
     ],
 )
-def test_parse_size(text: str | int, bare: int, want: int) -> None:
-    assert parse_size(text, bare_unit=bare) == want
+def test_parse_size(text: str | int, want: int) -> None:
+    assert parse_size(text) == want
 
 
 @pytest.mark.parametrize(
@@ -106,6 +112,59 @@ def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(InvalidArgument) as ei:
         parse_size(text, "disk size")  # type: ignore[arg-type]
     assert "disk size" in ei.value.message
+
+
+# Issue 9 item 7. Old behaviour, per case: OverflowError (int(float("9"*400)) is inf);
+# accepted and failing later at truncate/mkfs (99999999T, 20T, 2**63 bytes); "1" taken as
+# 1 MiB or 1 GiB depending on where it was written; "٣G" (ARABIC-INDIC DIGIT THREE) as 3G.
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        pytest.param("9" * 400 + "T", "is not a size", id="400 nines T"),
+        pytest.param("9" * 5000, "is not a size", id="5000 nines"),
+        ("99999999T", "at most 16383G"),
+        ("20T", "at most 16383G"),
+        ("16384G", "at most 16383G"),
+        (2**63, "at most 16383G"),
+        pytest.param(10**5000, "at most 16383G", id="10**5000"),
+        ("1", "has no unit"),
+        ("4096", "has no unit"),
+        ("\u0663G", "is not a size"),
+        ("\uff18G", "is not a size"),  # FULLWIDTH DIGIT EIGHT
+    ],
+)
+def test_parse_size_hostile_values(text: str | int, why: str) -> None:
+    with pytest.raises(InvalidArgument) as ei:
+        parse_size(text, "vm_defaults.disk_size")
+    assert why in ei.value.message
+    assert "vm_defaults.disk_size" in ei.value.message
+    assert len(ei.value.message) < 300  # a hostile value is not echoed whole
+
+
+def test_parse_size_floor() -> None:
+    with pytest.raises(InvalidArgument, match="at least 256M"):
+        parse_size("255M", "--disk-size", min_bytes=MIN_DISK_BYTES)
+    assert parse_size("256M", min_bytes=MIN_DISK_BYTES) == MIN_DISK_BYTES
+
+
+def test_memory_bounds_follow_the_host() -> None:
+    """Old behaviour: memory_mib 2**63 was accepted and failed at VMM start."""
+    host = 16 * GiB
+    assert check_memory_mib(2048, "--memory", host) == 2048
+    assert check_memory_mib(16 * 1024, "--memory", host) == 16 * 1024
+    for bad, why in (
+        (2**63, "at most 16384 MiB"),
+        (16 * 1024 + 1, "at most 16384 MiB"),
+        (127, "at least 128"),
+        (-5, "at least 128"),
+        ("2G", "whole number"),
+        (True, "whole number"),
+    ):
+        with pytest.raises(InvalidArgument, match=why):
+            check_memory_mib(bad, "--memory", host)
+    # Unknown host memory still has a ceiling.
+    with pytest.raises(InvalidArgument, match="at most"):
+        check_memory_mib(2**63, "--memory", 0)
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,10 @@ class ProbeDaemon(Daemon):
             ctx.progress("two", "second stage", pct=50)
             return {"done": True}
 
+        async def nap(p: api.NoParams, ctx: RequestContext) -> Any:
+            await asyncio.sleep(1.0)  # streams nothing, and outlasts the idle timeout
+            return "napped"
+
         async def boom(p: api.NoParams, ctx: RequestContext) -> Any:
             raise RuntimeError("kaboom")
 
@@ -133,6 +137,7 @@ class ProbeDaemon(Daemon):
 
         t["test.sleep"] = Method(api.NoParams, sleep)
         t["test.progress"] = Method(api.NoParams, progress)
+        t["test.nap"] = Method(api.NoParams, nap)
         t["test.boom"] = Method(api.NoParams, boom)
         t["test.unserialisable"] = Method(api.NoParams, unserialisable)
         return t
@@ -491,3 +496,361 @@ async def test_server_replaces_stale_socket_file(daemon_factory: Any) -> None:
         assert await call(path, "vm.list") == []
     finally:
         await server.close()
+
+
+# --- issue 9 item 9: every bad frame gets an error line; idle and connection caps --------
+
+
+def _strict_json(line: bytes) -> dict[str, Any]:
+    """Parse as a strict peer would: NaN and Infinity are not JSON."""
+
+    def no_constant(name: str) -> Any:
+        raise AssertionError(f"server sent {name}, which is not JSON: {line[:200]!r}")
+
+    msg: dict[str, Any] = json.loads(line, parse_constant=no_constant)
+    return msg
+
+
+class StrictRaw(Raw):
+    def line(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection closed with no error line; pending {self.buf[:200]!r}")
+            self.buf += chunk
+        ln, _, self.buf = self.buf.partition(b"\n")
+        return _strict_json(ln)
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        # Old: ValueError (int digit limit) escaped, the connection dropped, no error line.
+        pytest.param(
+            b'{"id": ' + b"1" * 4400 + b', "method": "vm.list"}\n',
+            "not valid JSON",
+            id="4400-digit id",
+        ),
+        # Old: echoed back; an id no 64-bit peer can hold.
+        pytest.param(
+            b'{"id": ' + b"1" * 4000 + b', "method": "vm.list"}\n',
+            '"id" must be',
+            id="4000-digit id",
+        ),
+        # Old: RecursionError, the connection dropped with no error line.
+        pytest.param(b"[" * 100_000 + b"\n", "nests deeper", id="100k-deep list"),
+        pytest.param(
+            b'{"id": 1, "method": "vm.list", "params": {"a": ' + b"[" * 100_000 + b"}\n",
+            "nests deeper",
+            id="100k-deep params",
+        ),
+        pytest.param(
+            b'{"id": 1, "method": "vm.list", "params": {"a": ' + b"[" * 200 + b"]" * 200 + b"}}\n",
+            "nests deeper",
+            id="200-deep params",
+        ),
+        # Old: `NaN` echoed as the id: the error line itself was not JSON.
+        pytest.param(b'{"id": NaN, "method": "vm.list"}\n', "not valid JSON", id="NaN id"),
+        pytest.param(
+            b'{"id": -Infinity, "method": "vm.list"}\n', "not valid JSON", id="-Infinity id"
+        ),
+        pytest.param(b'{"id": [1], "method": "vm.list"}\n', '"id" must be', id="list id"),
+        pytest.param(b'{"id": true, "method": "vm.list"}\n', '"id" must be', id="bool id"),
+        pytest.param(b'{"id": 1.5, "method": "vm.list"}\n', '"id" must be', id="float id"),
+        pytest.param(
+            b'{"id": "' + b"x" * 300 + b'", "method": "vm.list"}\n',
+            '"id" must be',
+            id="long string id",
+        ),
+    ],
+)
+async def test_every_bad_frame_gets_an_error_line(
+    served: Any, payload: bytes, fragment: str
+) -> None:
+    r = await asyncio.to_thread(StrictRaw, served.socket_path)
+    try:
+        msg = await exchange(r, payload)
+        assert msg["id"] in (None, 1)  # null where no usable id could be read
+        assert msg["error"]["code"] == "invalid_request"
+        assert fragment in msg["error"]["message"], msg
+        ok = await exchange(r, encode({"id": 2, "method": "vm.list"}))
+        assert ok == {"id": 2, "result": []}
+    finally:
+        r.close()
+
+
+def test_encode_refuses_nan() -> None:
+    with pytest.raises(ValueError):
+        encode({"id": 1, "result": float("nan")})
+
+
+@pytest.fixture
+async def short_idle(daemon_factory: Any) -> Any:
+    d = daemon_factory(cls=ProbeDaemon)
+    d.probe = Probe()
+    server = RPCServer(d.layout.socket_path, d.dispatch, idle_timeout=0.3, max_connections=3)
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def test_idle_connection_gets_an_error_line_and_is_closed(short_idle: RPCServer) -> None:
+    """Old behaviour: no idle timeout, a silent client held its connection forever."""
+    r = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
+    try:
+        t0 = asyncio.get_running_loop().time()
+        msg = await asyncio.to_thread(r.line)
+        assert msg["id"] is None and msg["error"]["code"] == "timeout"
+        assert "idle" in msg["error"]["message"]
+        assert await asyncio.to_thread(r.at_eof)
+        assert asyncio.get_running_loop().time() - t0 < 3.0
+    finally:
+        r.close()
+
+
+async def test_slowloris_partial_line_is_cut(short_idle: RPCServer) -> None:
+    """A client dribbling one byte at a time never completes a line: closed all the same."""
+    r = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
+
+    def dribble() -> dict[str, Any]:
+        import time
+
+        for b in b'{"id": 1, "method": "vm.list"':
+            try:
+                r.send(bytes([b]))
+            except OSError:
+                break
+            time.sleep(0.05)
+        return r.line()
+
+    try:
+        msg = await asyncio.to_thread(dribble)
+        assert msg["error"]["code"] == "timeout"
+    finally:
+        r.close()
+
+
+async def test_long_request_is_never_cut_by_the_idle_timeout(short_idle: RPCServer) -> None:
+    """A request that streams nothing for longer than the idle timeout runs to its end;
+    the idle clock starts again only once it has answered."""
+    r = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
+    try:
+        msg = await exchange(r, encode({"id": 7, "method": "test.nap"}))
+        assert msg == {"id": 7, "result": "napped"}
+        # Back to idle: the connection now closes after the idle timeout.
+        msg = await asyncio.to_thread(r.line)
+        assert msg["error"]["code"] == "timeout"
+    finally:
+        r.close()
+
+
+async def test_connection_cap(short_idle: RPCServer) -> None:
+    """Old behaviour: no cap, every connection was accepted and kept."""
+    conns = [await asyncio.to_thread(StrictRaw, short_idle.socket_path) for _ in range(3)]
+    try:
+        for c in conns:  # make sure each is being served
+            assert (await exchange(c, encode({"id": 1, "method": "vm.list"})))["result"] == []
+        extra = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
+        try:
+            msg = await asyncio.to_thread(extra.line)
+            assert msg["id"] is None and msg["error"]["code"] == "too_many_connections"
+            assert "connections" in msg["error"]["message"]
+            assert await asyncio.to_thread(extra.at_eof)
+        finally:
+            extra.close()
+        conns.pop().close()
+        for _ in range(100):
+            if len(short_idle._conns) < 3:
+                break
+            await asyncio.sleep(0.01)
+        again = await asyncio.to_thread(StrictRaw, short_idle.socket_path)
+        try:
+            assert (await exchange(again, encode({"id": 1, "method": "vm.list"})))["result"] == []
+        finally:
+            again.close()
+    finally:
+        for c in conns:
+            c.close()
+
+
+async def test_client_resends_when_the_server_is_at_its_cap(short_idle: RPCServer) -> None:
+    """Refused at the cap (before the server read anything), the client resends with
+    backoff and gets through once a slot frees; with no slot, it says why."""
+    conns = [await asyncio.to_thread(StrictRaw, short_idle.socket_path) for _ in range(3)]
+    for c in conns:
+        assert (await exchange(c, encode({"id": 1, "method": "vm.list"})))["result"] == []
+
+    def blocked() -> None:
+        with Client(short_idle.socket_path, timeout=IO_TIMEOUT, connect_timeout=0.3) as cl:
+            cl.call("vm.list")
+
+    with pytest.raises(errors.TooManyConnections, match="its limit"):
+        await asyncio.to_thread(blocked)
+
+    def through() -> Any:
+        with Client(short_idle.socket_path, timeout=IO_TIMEOUT, connect_timeout=5.0) as cl:
+            return cl.call("vm.list")
+
+    fut = asyncio.ensure_future(asyncio.to_thread(through))
+    await asyncio.sleep(0.3)
+    conns.pop().close()
+    assert await asyncio.wait_for(fut, IO_TIMEOUT) == []
+    for c in conns:
+        c.close()
+
+
+async def test_client_reconnects_after_an_idle_close(short_idle: RPCServer) -> None:
+    def go() -> list[Any]:
+        import time
+
+        with Client(short_idle.socket_path, timeout=IO_TIMEOUT) as c:
+            first = c.call("vm.list")
+            time.sleep(0.8)  # the server closes the idle connection meanwhile
+            return [first, c.call("vm.list")]
+
+    assert await asyncio.to_thread(go) == [[], []]
+
+
+# --- issue 9 item 8: connecting retries, then says why -------------------------------------
+
+
+def _full_backlog(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that never accepts, with its queue filled until connect() is EAGAIN."""
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(path))
+    lst.listen(0)
+    fillers = []
+    for _ in range(64):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            return lst, fillers
+        fillers.append(c)
+    raise AssertionError("the listen queue never filled")
+
+
+def test_client_full_backlog_is_a_clear_error(tmp_path: Path) -> None:
+    """Old behaviour: the timeout set before connect() made a full queue a raw
+    BlockingIOError traceback (14 of 500 CLI calls in a burst)."""
+    lst, fillers = _full_backlog(tmp_path / "s.sock")
+    try:
+        with pytest.raises(errors.Unavailable, match="listen queue stayed full") as ei:
+            Client(tmp_path / "s.sock", connect_timeout=0.3)
+        assert not isinstance(ei.value, DaemonNotRunning)
+    finally:
+        for c in fillers:
+            c.close()
+        lst.close()
+
+
+def test_client_retries_until_the_queue_drains(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    lst, fillers = _full_backlog(tmp_path / "s.sock")
+
+    def drain() -> None:
+        time.sleep(0.3)
+        for _ in range(len(fillers) + 2):
+            try:
+                lst.settimeout(0.5)
+                lst.accept()[0].close()
+            except OSError:
+                return
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    try:
+        c = Client(tmp_path / "s.sock", connect_timeout=5.0, timeout=1.0)
+        assert c._sock.gettimeout() == 1.0  # the caller's timeout applies after connect
+        c.close()
+    finally:
+        t.join(5)
+        for f in fillers:
+            f.close()
+        lst.close()
+
+
+def test_client_waits_for_a_starting_daemon(tmp_path: Path) -> None:
+    """ENOENT / ECONNREFUSED while a daemon holds its lock means "starting": retry."""
+    import threading
+    import time
+
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # refuses until the daemon replaces it
+    stale.close()
+
+    def come_up() -> socket.socket:
+        time.sleep(0.3)
+        path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.listen(8)
+        return s
+
+    box: list[socket.socket] = []
+    t = threading.Thread(target=lambda: box.append(come_up()), daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        Client(path, connect_timeout=5.0, daemon_starting=lambda: True).close()
+        assert 0.2 < time.monotonic() - t0 < 4.0
+    finally:
+        t.join(5)
+        for s in box:
+            s.close()
+    # No daemon holding the lock: "not running" at once, no waiting.
+    path.unlink()
+    t0 = time.monotonic()
+    with pytest.raises(DaemonNotRunning):
+        Client(path, connect_timeout=5.0, daemon_starting=lambda: False)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(errors.Unavailable, match="is starting but did not answer"):
+        Client(path, connect_timeout=0.3, daemon_starting=lambda: True)
+
+
+def test_daemon_starting_reads_the_lock_files_pid(tmp_path: Path) -> None:
+    """The CLI waits for a starting daemon only when the pid in the lock file is a live
+    stokerd; it never takes the lock to find out (that could fail a daemon starting at
+    that very moment)."""
+    import subprocess
+    import sys
+    import time
+
+    from stoker.cli.connect import daemon_starting
+    from stoker.layout import Layout
+
+    layout = Layout(tmp_path / "c", tmp_path / "s", tmp_path / "k", tmp_path / "r")
+    layout.runtime_dir.mkdir(parents=True)
+    assert not daemon_starting(layout)  # no lock file
+    layout.lock_path.write_text("garbage")
+    assert not daemon_starting(layout)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "/usr/local/bin/stokerd"]
+    )
+    try:
+        layout.lock_path.write_text(str(fake.pid))
+        for _ in range(200):  # until the child has exec'd (its cmdline is set)
+            if daemon_starting(layout):
+                break
+            time.sleep(0.01)
+        assert daemon_starting(layout)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert not daemon_starting(layout)  # that pid is gone
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        for _ in range(200):  # until the child has exec'd sleep
+            if Path(f"/proc/{other.pid}/cmdline").read_bytes().startswith(b"sleep"):
+                break
+            time.sleep(0.01)
+        layout.lock_path.write_text(str(other.pid))
+        assert not daemon_starting(layout)  # alive, but not a stokerd
+    finally:
+        other.kill()
+        other.wait()

@@ -313,3 +313,74 @@ def test_failed_transaction_rolls_back(populated: Store) -> None:
         c.execute("DELETE FROM images")
         raise RuntimeError("abort")
     assert populated.get_image("img") is not None
+
+
+# --- issue 9 item 15: a lock held past the busy timeout ------------------------------------
+
+
+def test_lock_held_past_busy_timeout_is_store_busy(tmp_path: Path) -> None:
+    """Old behaviour: a raw sqlite3.OperationalError("database is locked") escaped."""
+    from stoker.errors import StoreBusy
+
+    s = Store(tmp_path / "state.db", busy_timeout_ms=100)
+    other = sqlite3.connect(str(tmp_path / "state.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        with pytest.raises(StoreBusy) as ei:
+            s.upsert_kernel(kernel())
+        assert ei.value.code == "store_busy"
+        assert "locked by another writer" in ei.value.message
+        assert "state.db" in ei.value.message
+        # Reads still work in WAL mode while a writer holds the lock.
+        assert s.list_kernels() == []
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    s.upsert_kernel(kernel())  # the store is usable again once the lock is released
+    assert [k.name for k in s.list_kernels()] == ["k1"]
+    s.close()
+
+
+def test_exclusive_lock_at_open_is_store_busy(tmp_path: Path) -> None:
+    """Old behaviour: an exclusive lock at open said the store was 'not a readable SQLite
+    database ... move it aside', a wrong and dangerous instruction."""
+    from stoker.errors import StoreBusy
+
+    Store(tmp_path / "state.db").close()
+    other = sqlite3.connect(str(tmp_path / "state.db"), isolation_level=None)
+    other.execute("PRAGMA locking_mode = EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreBusy, match="locked by another writer"):
+            Store(tmp_path / "state.db", busy_timeout_ms=100)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+# --- issue 9 item 14: private state whoever made the directory -----------------------------
+
+
+def test_state_dir_and_db_files_are_private(tmp_path: Path) -> None:
+    """Old behaviour: a 0755 state dir (systemd StateDirectory=) stayed 0755 and state.db
+    with its -wal/-shm came out 0644 under a 022 umask."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    old = os.umask(0o022)
+    try:
+        s = Store(state / "state.db")
+        s.upsert_kernel(kernel())  # makes sure -wal and -shm exist
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in state.iterdir() if p.is_file()}
+        assert modes == {"state.db": "0o600", "state.db-wal": "0o600", "state.db-shm": "0o600"}
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+        s.close()
+        # An older install's 0644 files are tightened at the next open.
+        for p in state.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(state, 0o755)
+        Store(state / "state.db").close()
+        assert oct((state / "state.db").stat().st_mode & 0o777) == "0o600"
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+    finally:
+        os.umask(old)

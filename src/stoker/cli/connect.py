@@ -20,11 +20,31 @@ def layout_for(args: argparse.Namespace) -> Layout:
     return Layout.resolve(system=getattr(args, "system", False))
 
 
+def daemon_starting(layout: Layout) -> bool:
+    """True when a live stokerd holds the lock (so a missing or refusing socket means it is
+    still starting, not gone). Reads the pid the daemon wrote into its lock file: taking
+    the lock to test it could make a daemon starting at that instant fail its own."""
+    try:
+        pid = int(layout.lock_path.read_text().strip() or "0")
+        if pid <= 0:
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        # `python -m stoker.daemon.main` (dev mode) or `.../stokerd` (a system install).
+        return any(a == b"stoker.daemon.main" or os.path.basename(a) == b"stokerd" for a in argv)
+    except (OSError, ValueError):
+        return False
+
+
 def client(args: argparse.Namespace, autostart: bool = True) -> Client:
     """A connected client; starts stokerd first if nothing answers (unless --system)."""
     layout = layout_for(args)
     try:
-        return Client(layout.socket_path)
+        return Client(
+            layout.socket_path,
+            connect_timeout=START_TIMEOUT,
+            daemon_starting=lambda: daemon_starting(layout),
+        )
     except DaemonNotRunning:
         if not autostart or layout.system:
             raise DaemonNotRunning(
@@ -34,7 +54,7 @@ def client(args: argparse.Namespace, autostart: bool = True) -> Client:
                 else f"stokerd is not running on {layout.socket_path}"
             ) from None
     start_daemon(layout, getattr(args, "config", None))
-    return Client(layout.socket_path)
+    return Client(layout.socket_path, connect_timeout=START_TIMEOUT)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from typing import Any
 
 from stoker.cli.connect import layout_for
 from stoker.cli.render import err
+from stoker.errors import InvalidArgument, StokerError
 
 BEGIN = "# >>> stoker (managed by `stoker ssh-config`) >>>"
 END = "# <<< stoker <<<"
@@ -53,44 +54,163 @@ def _strip(text: str) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.stoker-tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    from stoker.cli.fsutil import write_atomic
+
+    write_atomic(path, text.encode(), mode)
+
+
+def _target(cfg: Path) -> Path:
+    """The file to edit: a symlinked ~/.ssh/config (dotfile managers) is edited at its
+    target, so the link stays a link."""
+    if cfg.is_symlink():
+        return Path(os.path.realpath(cfg))
+    return cfg
+
+
+def _arg(value: object) -> str:
+    """One ssh_config argument: double-quoted, with `%` escaped (ssh expands %-tokens in
+    IdentityFile and UserKnownHostsFile). ssh_config has no escape for a `"` inside."""
+    text = str(value)
+    if any(c in text for c in '"\\\n\r') or any(ord(c) < 0x20 for c in text):
+        raise InvalidArgument(
+            f"cannot write {text!r} into an ssh config: it contains a quote, backslash or "
+            "control character; move stoker's directories to a plainer path"
+        )
+    return '"' + text.replace("%", "%%") + '"'
+
+
+def _include_arg(value: Path) -> str:
+    """An Include argument: ssh globs it, and expands no %-tokens."""
+    text = str(value)
+    if any(c in text for c in "*?[") or any(c in text for c in '"\\\n\r'):
+        raise InvalidArgument(
+            f"cannot Include {text!r} from an ssh config: it contains a wildcard, quote or "
+            "backslash; move stoker's config dir (XDG_CONFIG_HOME) to a plainer path"
+        )
+    return f'"{text}"'
+
+
+def _proxy_command(stoker: str) -> str:
+    """ProxyCommand is run by the shell: quote for it, then escape `%` for ssh."""
+    import shlex
+
+    return shlex.quote(stoker).replace("%", "%%") + " __connect %h %p"
+
+
+def _verify(cfg: Path, layout: Any, stoker: str) -> str | None:
+    """Ask ssh itself (`ssh -G`) what it would use for a NAME.vm host given `cfg`.
+
+    None when the block takes effect (or ssh is not installed: nothing to ask), else why
+    not."""
+    import shutil
+    import subprocess
+
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        return None
+    try:
+        r = subprocess.run(
+            [ssh, "-G", "-F", str(cfg), "stoker-probe.vm"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`ssh -G` could not run: {e}"
+    if r.returncode != 0:
+        return f"`ssh -G -F {cfg} stoker-probe.vm` failed: {r.stderr.strip()[:300]}"
+    seen: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        seen.setdefault(key, []).append(value)
+    # `ssh -G` prints IdentityFile before %-token expansion (so with our `%%` escapes)
+    # and UserKnownHostsFile after it: accept either form of each.
+    want = {
+        "user": "root",
+        "identityfile": str(layout.ssh_key),
+        "userknownhostsfile": str(layout.known_hosts),
+    }
+    for key, value in want.items():
+        got = seen.get(key, [])
+        vals = {v for g in got for v in (g, *g.split(" "))}
+        if value not in vals and value.replace("%", "%%") not in vals:
+            return f"ssh would use {key} {' '.join(got) or '(none)'!r}, not {value!r}"
+    proxy = " ".join(seen.get("proxycommand", []))
+    if "__connect %h %p" not in proxy:
+        return f"ssh would use proxycommand {proxy or '(none)'!r}, not stoker's"
+    return None
 
 
 def ssh_config(args: argparse.Namespace) -> int:
     layout = layout_for(args)
-    cfg = _user_ssh_config()
-    existing = cfg.read_text() if cfg.exists() else ""
-    mode = cfg.stat().st_mode & 0o777 if cfg.exists() else 0o600
+    link = _user_ssh_config()
+    cfg = _target(link)
+    had_cfg = cfg.exists()
+    existing = cfg.read_text() if had_cfg else ""
+    mode = cfg.stat().st_mode & 0o777 if had_cfg else 0o600
     if args.uninstall:
         stripped = _strip(existing)
         if stripped == existing:
-            print(f"{cfg} has no stoker block: nothing to remove")
+            print(f"{link} has no stoker block: nothing to remove")
             return 0
         _write_atomic(cfg, stripped, mode)
         (layout.config_dir / "ssh_config").unlink(missing_ok=True)
-        print(f"removed stoker's Include from {cfg}")
+        print(f"removed stoker's Include from {link}")
         return 0
     include = layout.config_dir / "ssh_config"
-    layout.config_dir.mkdir(parents=True, exist_ok=True)
-    stoker = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "stoker" else "stoker"
-    include.write_text(
+    stoker = str(Path(sys.argv[0]).resolve()) if Path(sys.argv[0]).name == "stoker" else "stoker"
+    body = (
         "# Written by `stoker ssh-config --install`; removed by --uninstall.\n"
         "Host *.vm\n"
         "    User root\n"
-        f"    IdentityFile {layout.ssh_key}\n"
+        f"    IdentityFile {_arg(layout.ssh_key)}\n"
         "    IdentitiesOnly yes\n"
-        f"    UserKnownHostsFile {layout.known_hosts}\n"
+        f"    UserKnownHostsFile {_arg(layout.known_hosts)}\n"
         "    StrictHostKeyChecking yes\n"
-        f"    ProxyCommand {stoker} __connect %h %p\n"
+        f"    ProxyCommand {_proxy_command(stoker)}\n"
     )
-    cfg.parent.mkdir(mode=0o700, exist_ok=True)
-    block = f"{BEGIN}\nInclude {include}\n{END}\n"
+    block = f"{BEGIN}\nInclude {_include_arg(include)}\n{END}\n"
+    old_include = include.read_bytes() if include.exists() else None
+    layout.config_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(include, body, 0o644)
+    cfg.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_atomic(cfg, block + _strip(existing), mode)
-    print(f"added an Include of {include} to the top of {cfg}: `ssh NAME.vm` now works")
+    why = _verify(cfg, layout, stoker)
+    if why is not None:
+        # Put back exactly what was there: a block ssh ignores is worse than none.
+        if had_cfg:
+            _write_atomic(cfg, existing, mode)
+        else:
+            cfg.unlink(missing_ok=True)
+        if old_include is None:
+            include.unlink(missing_ok=True)
+        else:
+            _write_atomic(include, old_include.decode(), 0o644)
+        raise StokerError(
+            f"stoker's block in {link} would not take effect ({why}): nothing was changed"
+        )
+    where = f"{link} (-> {cfg})" if cfg != link else str(link)
+    print(f"added an Include of {include} to the top of {where}: `ssh NAME.vm` now works")
+    _warn_if_ssh_reads_another_file(link)
     return 0
+
+
+def _warn_if_ssh_reads_another_file(link: Path) -> None:
+    """ssh finds ~/.ssh/config through the passwd entry, not $HOME: say so if they differ."""
+    import pwd
+
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return
+    theirs = Path(home) / ".ssh" / "config"
+    if os.path.realpath(theirs) != os.path.realpath(link):
+        err(
+            f"note: ssh reads {theirs} for this user (your passwd home), not {link}: "
+            f"plain `ssh NAME.vm` uses that file unless you pass -F {link}"
+        )
 
 
 def connect(args: argparse.Namespace) -> int:

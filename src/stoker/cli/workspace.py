@@ -81,10 +81,11 @@ def export(args: argparse.Namespace) -> int:
         r = c.call("vm.workspace.export", {"ref": args.name, "base_commit": args.base_commit})
     patch = base64.b64decode(r["patch_b64"])
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(patch)
-        os.replace(tmp, args.output)
+        from pathlib import Path
+
+        from stoker.cli.fsutil import write_atomic
+
+        write_atomic(Path(os.path.abspath(args.output)), patch)
     else:
         sys.stdout.buffer.write(patch)
         sys.stdout.buffer.flush()

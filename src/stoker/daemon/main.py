@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import IO
 
 from stoker import __version__
@@ -16,31 +17,58 @@ from stoker.errors import StokerError
 from stoker.layout import Layout
 
 
-def _take_lock(layout: Layout) -> IO[str]:
-    """One stokerd per socket: an exclusive flock held for the process's life."""
-    layout.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    f = open(layout.lock_path, "a+")  # noqa: SIM115 - held until exit
+def _flock(path: Path) -> tuple[IO[str], str | None]:
+    """Open `path` and take an exclusive flock without waiting: (file, None), or
+    (closed file, the holder's first line) when another process holds it."""
+    f = open(path, "a+")  # noqa: SIM115 - held until exit
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "?"
+        holder = f.read().strip().splitlines()
+        f.close()
+        return f, (holder[0] if holder else "?")
+    return f, None
+
+
+def _take_lock(layout: Layout) -> list[IO[str]]:
+    """One stokerd per socket and one per state directory: exclusive flocks held for the
+    process's life. Two daemons with different XDG_RUNTIME_DIR (so different sockets)
+    but one state dir would both adopt, stop and delete the same VMs."""
+    layout.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f, holder = _flock(layout.lock_path)
+    if holder is not None:
         raise StokerError(
-            f"another stokerd (pid {pid}) is already serving {layout.socket_path}: "
+            f"another stokerd (pid {holder}) is already serving {layout.socket_path}: "
             "use `stoker daemon stop` first"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+        )
+    # A file of its own even when the runtime dir is the state dir: two flocks on one
+    # file from two open() calls would conflict with each other.
+    layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    g, holder = _flock(layout.state_lock_path)
+    if holder is not None:
+        f.close()
+        pid, _, sock = holder.partition(" ")
+        raise StokerError(
+            f"another stokerd (pid {pid}) already uses the state directory "
+            f"{layout.state_dir}" + (f" (serving {sock})" if sock else "") + ": only one "
+            "daemon may own it; stop that one first (`stoker daemon stop` with its "
+            "XDG_RUNTIME_DIR), or give this one its own XDG_STATE_HOME"
+        )
+    locks = [f, g]
+    for lk in locks:
+        lk.seek(0)
+        lk.truncate()
+        lk.write(f"{os.getpid()}" if lk is f else f"{os.getpid()} {layout.socket_path}")
+        lk.flush()
+    return locks
 
 
 async def _amain(args: argparse.Namespace) -> int:
     from stoker.daemon.daemon import Daemon
 
     layout = Layout.resolve(system=args.system)
-    lock = _take_lock(layout)
+    locks = _take_lock(layout)
     # The socket file may be left over from a killed daemon: we hold the lock, so it is
     # stale and the server replaces it.
     d = await Daemon.open(layout, args.config)
@@ -64,7 +92,8 @@ async def _amain(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             pass
         log.info("stokerd stopped")
-        lock.close()
+        for lk in locks:
+            lk.close()
     return 0
 
 

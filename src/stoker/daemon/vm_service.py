@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stoker.config import Config
+from stoker.config import Config, host_memory_bytes
 from stoker.daemon import vm_stats
 from stoker.daemon.agent import AgentClient
 from stoker.daemon.capabilities import CapabilityHooks
@@ -53,7 +53,7 @@ from stoker.errors import (
 from stoker.layout import Layout
 from stoker.model.names import generate_name, validate_name
 from stoker.model.records import Image, Kernel, Teardown, VMRecord, VMSpec, VMState
-from stoker.model.sizes import format_size, parse_size
+from stoker.model.sizes import MIN_DISK_BYTES, check_memory_mib, format_size, parse_size
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -194,12 +194,9 @@ class VMService:
         )
         if v <= 0 or v > 64:
             raise InvalidArgument(f"--vcpu must be between 1 and 64, got {v}")
-        if m < 128:
-            raise InvalidArgument(f"--memory must be at least 128 MiB, got {m}")
+        check_memory_mib(m, "--memory", host_memory_bytes())
         if disk_size is not None:
-            ds = parse_size(disk_size, "--disk-size", bare_unit=1024**3)
-            if ds < 256 * 1024**2:
-                raise InvalidArgument(f"--disk-size must be at least 256M, got {disk_size}")
+            ds = parse_size(disk_size, "--disk-size", min_bytes=MIN_DISK_BYTES)
         else:
             ds = base.disk_size if base else d.disk_size.value
         return VMSpec(

@@ -7,16 +7,18 @@ It holds no pointer to VMService. It receives function-typed seams at wiring tim
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stoker.config import Config
+from stoker.config import FILE_SYNC_MAX_BYTES, Config
 from stoker.daemon import workspace as ws
 from stoker.daemon.guestssh import GuestSSH, SSHTarget, ensure_keypair
 from stoker.daemon.locks import LockSet
@@ -36,6 +38,52 @@ VMLockByRef = Callable[[str], AbstractAsyncContextManager[VMRecord]]
 ImageResolver = Callable[[str], Awaitable[Image]]
 ImageWorkSeed = Callable[[Image], Awaitable[str | None]]
 Progress = Callable[..., None]
+
+
+def read_sync_file(host: str, guest: str, max_bytes: int = FILE_SYNC_MAX_BYTES) -> bytes:
+    """The content of a `[[file_sync]]` host file, which must still be a regular file.
+
+    Checked again here (the config only checked at load): a FIFO would block the open or
+    the read forever and a device such as /dev/zero would read until memory runs out. The
+    path is stat'ed before it is opened (opening a device can have side effects), opened
+    O_NONBLOCK so a FIFO swapped in since cannot block, checked again with fstat on the
+    fd, and read at most `max_bytes` + 1 bytes. A symlink to a regular file is followed:
+    dotfile managers link ~/.gitconfig and friends.
+    """
+
+    def refuse(why: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"file_sync entry {host} -> {guest}: {why}: fix or remove it in the config"
+        )
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("the host path is not a regular file")
+        if st.st_size > max_bytes:
+            raise refuse(f"the host file is {st.st_size} bytes, more than {max_bytes}")
+
+    try:
+        check(os.stat(host))
+        fd = os.open(host, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse(f"cannot read the host file ({e.strerror})") from None
+    try:
+        check(os.fstat(fd))
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise refuse(f"the host file grew past {max_bytes} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise refuse(f"cannot read the host file ({e.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -90,18 +138,12 @@ class WorkspaceService:
     async def sync_work_disk(self, vm: VMRecord) -> None:
         """Write authorized_keys, git identity and `[[file_sync]]` onto the VM's work disk
         (no mount). /root stays 0755 root:root so sshd's StrictModes passes."""
-        pub = await ensure_keypair(self.runner, self.layout.ssh_key)
         files: list[tuple[str, bytes, int]] = []
         for ent in self.config.file_sync:
-            try:
-                with open(ent.host, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise InvalidArgument(
-                    f"file_sync entry {ent.host} -> {ent.guest}: cannot read the host file "
-                    f"({e.strerror}): fix or remove it in the config"
-                ) from None
+            # Off the event loop: even a regular file may sit on a slow or hung mount.
+            data = await asyncio.to_thread(read_sync_file, ent.host, ent.guest)
             files.append((ent.guest, data, ent.mode))
+        pub = await ensure_keypair(self.runner, self.layout.ssh_key)
         disk = os.path.join(vm.vm_dir, "work.ext4")
         await sync_work_disk(self.runner, Path(disk), pub, await self.host_git_identity(), files)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,28 +20,97 @@ class DaemonNotRunning(Unavailable):
     """Nothing answers on the socket."""
 
 
-class Client:
-    """One connection to stokerd. Requests run one after another on it."""
+CONNECT_TIMEOUT = 5.0
 
-    def __init__(self, socket_path: Path, timeout: float | None = None) -> None:
+
+class Client:
+    """One connection to stokerd. Requests run one after another on it.
+
+    Connecting retries with backoff, up to `connect_timeout` seconds, while the daemon's
+    listen queue is full (EAGAIN) and, when `daemon_starting()` says a daemon holds its
+    lock, while the socket is missing or refuses (it is still starting). If the server
+    closed the connection for being idle, the next `call` reconnects first.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path,
+        timeout: float | None = None,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        daemon_starting: Callable[[], bool] | None = None,
+    ) -> None:
         self.socket_path = socket_path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout if timeout is not None else 5.0)
-        try:
-            self._sock.connect(str(socket_path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self._sock.close()
-            raise DaemonNotRunning(
-                f"stokerd is not running on {socket_path}: {e.strerror}"
-            ) from None
-        except PermissionError:
-            self._sock.close()
-            raise StokerError(
-                f"permission denied on {socket_path}: run stoker as the daemon's user"
-            ) from None
-        self._sock.settimeout(timeout)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._daemon_starting = daemon_starting
+        self._sock = self._connect()
         self._buf = b""
         self._next_id = 1
+
+    def _connect(self) -> socket.socket:
+        path = self.socket_path
+        deadline = time.monotonic() + self.connect_timeout
+        backoff = _Backoff(self.connect_timeout)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # A timeout makes connect() non-blocking inside: a full listen queue is
+            # EAGAIN at once, which is retried below rather than blocking forever.
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                why = "busy"
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if self._daemon_starting is None or not self._daemon_starting():
+                    raise DaemonNotRunning(
+                        f"stokerd is not running on {path}: {e.strerror}"
+                    ) from None
+                why = "starting"
+            except PermissionError:
+                sock.close()
+                raise StokerError(
+                    f"permission denied on {path}: run stoker as the daemon's user"
+                ) from None
+            except OSError:
+                sock.close()
+                raise
+            else:
+                # The caller's timeout (None: wait as long as a request runs) applies
+                # from here on, never to connect().
+                sock.settimeout(self.timeout)
+                return sock
+            if not backoff.wait():
+                if why == "busy":
+                    raise Unavailable(
+                        f"stokerd on {path} did not accept a connection within "
+                        f"{self.connect_timeout:g}s (its listen queue stayed full: it is "
+                        "overloaded or stuck): retry, or see `stoker daemon status`"
+                    )
+                raise Unavailable(
+                    f"stokerd is starting but did not answer on {path} within "
+                    f"{self.connect_timeout:g}s: retry, or see its log (stoker daemon status)"
+                )
+
+    def _closed_by_server(self) -> bool:
+        """True when the server has hung up on this connection (e.g. idle timeout)."""
+        try:
+            r, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        if not r:
+            return False
+        try:
+            peek = self._sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        # Between requests nothing but the server's closing error line (id null) or EOF
+        # can be waiting.
+        return peek == b"" or peek.startswith(b'{"id":null')
 
     def close(self) -> None:
         self._sock.close()
@@ -69,12 +140,12 @@ class Client:
         """Send a request, stream progress to `progress`, return the result or raise."""
         rid = self._next_id
         self._next_id += 1
-        try:
-            self._sock.sendall(encode({"id": rid, "method": method, "params": params or {}}))
-        except (BrokenPipeError, ConnectionResetError):
-            # The server may refuse a peer before reading anything (another uid) and hang
-            # up; its error line is still readable, and says why.
-            pass
+        if rid > 1 and not self._buf and self._closed_by_server():
+            self._sock.close()
+            self._sock = self._connect()
+        line = encode({"id": rid, "method": method, "params": params or {}})
+        self._send(line)
+        resends = _Backoff(self.connect_timeout)
         while True:
             msg = json.loads(self._readline())
             if "progress" in msg:
@@ -83,7 +154,39 @@ class Client:
                 continue
             if "error" in msg:
                 e = msg["error"]
+                # At its connection cap the server refuses before reading anything, so
+                # the request is resent on a new connection (with backoff, for a while).
+                if e.get("code") == "too_many_connections" and resends.wait():
+                    self._sock.close()
+                    self._buf = b""
+                    self._sock = self._connect()
+                    self._send(line)
+                    continue
                 raise error_from_code(
                     e.get("code", "internal"), e.get("message", "?"), e.get("detail")
                 )
             return msg.get("result")
+
+    def _send(self, line: bytes) -> None:
+        try:
+            self._sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            # The server may refuse a peer before reading anything (another uid, the
+            # connection cap) and hang up; its error line is still readable, and says why.
+            pass
+
+
+class _Backoff:
+    """Sleeps of 10 ms doubling to 200 ms, until `budget` seconds have passed."""
+
+    def __init__(self, budget: float) -> None:
+        self.deadline = time.monotonic() + budget
+        self.delay = 0.01
+
+    def wait(self) -> bool:
+        """Sleep the next delay and return True, or return False if past the budget."""
+        if time.monotonic() + self.delay > self.deadline:
+            return False
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 0.2)
+        return True

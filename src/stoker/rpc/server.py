@@ -20,8 +20,18 @@ from stoker.errors import (
     PermissionDenied,
     RequestTooLarge,
     StokerError,
+    Timeout,
+    TooManyConnections,
 )
-from stoker.rpc.protocol import MAX_REQUEST_BYTES, encode
+from stoker.rpc.protocol import (
+    IDLE_TIMEOUT,
+    LISTEN_BACKLOG,
+    MAX_CONNECTIONS,
+    MAX_ID_LENGTH,
+    MAX_NESTING,
+    MAX_REQUEST_BYTES,
+    encode,
+)
 
 log = logging.getLogger("stoker.rpc")
 
@@ -66,11 +76,15 @@ class RPCServer:
         dispatch: Dispatch,
         allowed_uids: set[int] | None = None,
         max_request: int = MAX_REQUEST_BYTES,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.socket_path = socket_path
         self._dispatch = dispatch
         self.allowed_uids = allowed_uids if allowed_uids is not None else {os.getuid(), 0}
         self.max_request = max_request
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -80,7 +94,10 @@ class RPCServer:
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._on_conn, path=str(self.socket_path), limit=self.max_request + 1
+                self._on_conn,
+                path=str(self.socket_path),
+                limit=self.max_request + 1,
+                backlog=LISTEN_BACKLOG,
             )
         finally:
             os.umask(old)
@@ -101,6 +118,19 @@ class RPCServer:
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._conns) >= self.max_connections:
+            log.warning("refused a connection: %d already open", len(self._conns))
+            err = TooManyConnections(
+                f"stokerd already serves {len(self._conns)} connections, its limit: retry "
+                "shortly, or look for a client that opens connections without closing them"
+            )
+            with contextlib.suppress(Exception):
+                writer.write(encode({"id": None, "error": _err(err)}))
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
         self._conns.add(task)
         try:
             await self._serve_conn(reader, writer)
@@ -145,10 +175,31 @@ class RPCServer:
             await writer.drain()
             return
 
-        pending: asyncio.Task[bytes | None] | None = None
+        pending: asyncio.Future[bytes | None] | None = None
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(self._read_request(reader))
+            # No request is in flight here: the idle clock runs only now, from the end
+            # of the last request, never while a handler works (however long).
+            if not pending.done():
+                await asyncio.wait({pending}, timeout=self.idle_timeout)
+                if not pending.done():
+                    pending.cancel()
+                    writer.write(
+                        encode(
+                            {
+                                "id": None,
+                                "error": _err(
+                                    Timeout(
+                                        f"no request for {self.idle_timeout:g}s: closing the "
+                                        "idle connection (reconnect to send more)"
+                                    )
+                                ),
+                            }
+                        )
+                    )
+                    await writer.drain()
+                    return
             try:
                 line = await pending
             except RequestTooLarge as e:
@@ -236,21 +287,59 @@ class RPCServer:
                 # Re-queue the already-read line.
                 fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
                 fut.set_result(nxt)
-                pending = fut  # type: ignore[assignment]
+                pending = fut
 
 
 def _err(e: StokerError) -> dict[str, Any]:
     return {"code": e.code, "message": e.message, "detail": e.detail}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """True when `obj` nests deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, dict):
+            o = list(o.values())
+        elif not isinstance(o, list):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((v, depth + 1) for v in o if isinstance(v, (dict, list)))
+    return False
+
+
 def _parse(line: bytes) -> tuple[Any, str, dict[str, Any], StokerError | None]:
+    """One request line -> (id, method, params, error). Never raises: every bad frame
+    becomes an error to answer with, so the peer always gets a line back."""
     try:
-        msg = json.loads(line)
+        msg = json.loads(line, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, "", {}, InvalidRequest(f"request is not valid JSON: {e}")
+    except RecursionError:
+        return None, "", {}, InvalidRequest(f"request nests deeper than {MAX_NESTING} levels")
+    except ValueError as e:
+        # NaN/Infinity, or an integer past Python's digit limit (4300).
+        return None, "", {}, InvalidRequest(f"request is not valid JSON: {str(e)[:200]}")
     if not isinstance(msg, dict):
         return None, "", {}, InvalidRequest("request must be a JSON object")
     rid = msg.get("id")
+    if not _usable_id(rid):
+        return (
+            None,
+            "",
+            {},
+            InvalidRequest(
+                f'request "id" must be an integer of at most 64 bits, a string of at most '
+                f"{MAX_ID_LENGTH} characters or null"
+            ),
+        )
+    if _too_deep(msg, MAX_NESTING):
+        return rid, "", {}, InvalidRequest(f"request nests deeper than {MAX_NESTING} levels")
     method = msg.get("method")
     if not isinstance(method, str) or not method:
         return rid, "", {}, InvalidRequest('request has no "method" string')
@@ -260,3 +349,14 @@ def _parse(line: bytes) -> tuple[Any, str, dict[str, Any], StokerError | None]:
     if not isinstance(params, dict):
         return rid, method, {}, InvalidRequest('"params" must be a JSON object')
     return rid, method, params, None
+
+
+def _usable_id(rid: Any) -> bool:
+    """An id we can echo back as JSON every peer parses: null, a short string, an int64."""
+    if rid is None:
+        return True
+    if isinstance(rid, str):
+        return len(rid) <= MAX_ID_LENGTH
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return -(2**63) <= rid < 2**63
+    return False

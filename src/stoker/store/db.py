@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stoker.errors import AlreadyExists, Conflict, NotFound, StateError
+from stoker.errors import AlreadyExists, Conflict, NotFound, StateError, StoreBusy
 from stoker.model.records import (
     Image,
     Kernel,
@@ -36,26 +39,30 @@ def now() -> str:
 class Store:
     """Durable state. Methods are synchronous and short; a lock serialises writers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()
-        self._conn = self._connect(path)
+        _private_files(path)
+        self._conn = self._connect(path, busy_timeout_ms)
+        # SQLite gives -wal and -shm the database file's mode; an older install may have
+        # left them 0644, so set them too.
+        _private_files(path)
         self._migrate()
 
     # --- connection and schema ---------------------------------------------------------
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 str(path),
-                timeout=BUSY_TIMEOUT_MS / 1000,
+                timeout=busy_timeout_ms / 1000,
                 isolation_level=None,
                 check_same_thread=False,
             )
             conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             conn.execute("PRAGMA foreign_keys = ON")
             # Before anything writes: switching to WAL rewrites the file header.
             _refuse_newer_schema(conn, path)
@@ -63,6 +70,13 @@ class Store:
             if str(mode).lower() != "wal":
                 raise StateError(f"state store {path}: could not enable WAL (got {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                raise _busy_error(path, busy_timeout_ms) from None
+            raise StateError(
+                f"state store {path} is not a readable SQLite database ({e}): move it aside "
+                "and restart stokerd to start with empty state; nothing was overwritten"
+            ) from None
         except sqlite3.DatabaseError as e:
             raise StateError(
                 f"state store {path} is not a readable SQLite database ({e}): move it aside "
@@ -99,6 +113,13 @@ class Store:
                     except BaseException:
                         c.execute("ROLLBACK")
                         raise
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                raise _busy_error(self.path, self.busy_timeout_ms) from None
+            raise StateError(
+                f"state store {self.path} is corrupt or unreadable ({e}): move it aside and "
+                "restart stokerd; nothing was overwritten"
+            ) from None
         except sqlite3.DatabaseError as e:
             raise StateError(
                 f"state store {self.path} is corrupt or unreadable ({e}): move it aside and "
@@ -115,20 +136,41 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT).
+
+        A lock held by another writer past the busy timeout raises `StoreBusy`, never a
+        raw sqlite3 error; the transaction is rolled back and nothing is written.
+        """
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if _is_busy(e):
+                    raise _busy_error(self.path, self.busy_timeout_ms) from None
+                raise
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._conn.execute("ROLLBACK")
                 raise
-            else:
+            try:
                 self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._conn.execute("ROLLBACK")
+                if _is_busy(e):
+                    raise _busy_error(self.path, self.busy_timeout_ms) from None
+                raise
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return list(self._conn.execute(sql, args).fetchall())
+            try:
+                return list(self._conn.execute(sql, args).fetchall())
+            except sqlite3.OperationalError as e:
+                if _is_busy(e):
+                    raise _busy_error(self.path, self.busy_timeout_ms) from None
+                raise
 
     # --- VMs ---------------------------------------------------------------------------
 
@@ -334,6 +376,50 @@ class Store:
     def get_stats(self, vm_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT sample FROM vm_stats WHERE vm_id=?", (vm_id,))
         return dict(json.loads(rows[0][0])) if rows else None
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED, by code where Python exposes it, else by message."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _busy_error(path: Path, busy_timeout_ms: int) -> StoreBusy:
+    return StoreBusy(
+        f"state store {path} stayed locked by another writer for more than "
+        f"{busy_timeout_ms / 1000:g}s: retry; if it persists, look for another process "
+        f"holding {path} open (e.g. `fuser {path}`) and stop it"
+    )
+
+
+def _private_files(db: Path) -> None:
+    """State dir 0700, state.db and its -wal/-shm 0600, whoever created them first.
+
+    The database holds VM records and paths of keys; a system install's
+    `StateDirectory=` makes the directory 0755 and a default umask makes files 0644.
+    """
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = db.parent.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(db.parent, st.st_mode & 0o7700)
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(p, st.st_mode & 0o7700)
+    except OSError as e:
+        raise StateError(
+            f"state store {db}: cannot make it private ({e.strerror}): check the ownership "
+            f"of {db.parent}"
+        ) from None
 
 
 def _refuse_newer_schema(conn: sqlite3.Connection, path: Path) -> None:
