@@ -85,6 +85,7 @@ class Config:
     auto_stop_stale_after: int = 0  # seconds; 0 = off
     stats_poll_interval: int = 10  # seconds
     boot_timeout: int = 180  # seconds from VMM start to SSH answering
+    max_layer_size: int = 16 * GiB  # decompressed bytes one OCI layer may unpack to
     op_prune_interval: int = 60  # seconds
     vm_defaults: VMDefaults = field(
         default_factory=lambda: resolve_vm_defaults({}, os.cpu_count() or 1, _host_mem())
@@ -287,6 +288,7 @@ _TOP_KEYS = {
     "auto_stop_stale_after",
     "stats_poll_interval",
     "boot_timeout",
+    "max_layer_size",
     "op_prune_interval",
     "vm_defaults",
     "file_sync",
@@ -385,6 +387,10 @@ def parse_config(
         )
     if "boot_timeout" in data:
         kw["boot_timeout"] = _duration("boot_timeout", data["boot_timeout"]) or 1
+    if "max_layer_size" in data:
+        kw["max_layer_size"] = _size("max_layer_size", data["max_layer_size"])
+        if kw["max_layer_size"] < 1 << 20:
+            raise _bad("max_layer_size", "must be at least 1M")
     for k in ("stats_poll_interval", "op_prune_interval"):
         if k in data:
             kw[k] = _duration(k, data[k]) or 1

@@ -203,3 +203,81 @@ def test_bad_arguments(tmp_path: Path) -> None:
         inject.inject_guest_files(tmp_path / "missing")
     with pytest.raises(InvalidArgument):
         inject.inject_guest_files(tmp_path, init="openrc")  # type: ignore[arg-type]
+
+
+# --- issue 9 items 1-3: symlink-safe writes, a symlinked /root, bounded reads ----------------
+
+
+def test_planted_temp_name_links_never_write_to_the_host(tmp_path: Path) -> None:
+    """A layer that plants `.NAME.stoker-tmp -> host file` next to every file stoker writes
+    (the temp names of the old writer) must not get that host file written or chmodded."""
+    host = tmp_path / "host"
+    host.mkdir()
+    root = debian_like(tmp_path / "root")
+    targets = []
+    written = ["etc/fstab", "etc/ssh/sshd_config", *CONTRACT_FILES]
+    (root / "usr/lib/stoker").mkdir(parents=True)
+    (root / "usr/lib/systemd/system").mkdir(parents=True)
+    (root / "usr/lib/tmpfiles.d").mkdir(parents=True)
+    (root / "etc/ssh/sshd_config.d").mkdir(parents=True)
+    for i, rel in enumerate(written):
+        target = host / f"victim{i}"
+        target.write_text("host secret\n")
+        os.chmod(target, 0o600)
+        targets.append(target)
+        p = root / rel
+        (p.parent / f".{p.name}.stoker-tmp").symlink_to(target)
+    # And the file itself as a link to the host (must be replaced, not followed).
+    (root / "etc/ssh/sshd_config").unlink()
+    (root / "etc/ssh/sshd_config").symlink_to(host / "victim0")
+    inject.inject_guest_files(root)
+    for t in targets:
+        assert t.read_text() == "host secret\n", t
+        assert mode(t) == 0o600, t
+    assert sorted(p.name for p in host.iterdir()) == sorted(t.name for t in targets)
+    assert inject.FSTAB_WORK_LINE in (root / "etc/fstab").read_text()
+
+
+def test_symlinked_root_home_is_replaced_by_a_real_directory(tmp_path: Path) -> None:
+    """`/root -> /proc/self/root/<host dir>` (or any absolute link): after injection /root
+    is a real directory inside the tree and the host directory is not touched."""
+    hostdir = tmp_path / "hostdir"
+    hostdir.mkdir()
+    (hostdir / "secret").write_text("host data\n")
+    os.chmod(hostdir, 0o700)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "root").symlink_to(f"/proc/self/root{hostdir}")
+    inject.inject_guest_files(root)
+    home = root / "root"
+    assert home.is_dir() and not home.is_symlink()
+    assert mode(home) == 0o755
+    assert list(home.iterdir()) == []
+    assert mode(hostdir) == 0o700
+    assert sorted(p.name for p in hostdir.iterdir()) == ["secret"]
+    assert inject.work_seed_source(root) == home
+
+
+def test_work_seed_source_refuses_a_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "root").symlink_to(str(tmp_path))
+    with pytest.raises(InvalidArgument, match="not a real directory"):
+        inject.work_seed_source(root)
+
+
+def test_oversized_fstab_is_refused_clearly(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    with open(root / "etc/fstab", "wb") as f:
+        f.truncate(inject.MAX_CONFIG_READ + 1)  # sparse: cheap to make
+    with pytest.raises(InvalidArgument, match=r"/etc/fstab in the image is \d+ bytes, over"):
+        inject.inject_guest_files(root)
+
+
+def test_fifo_fstab_does_not_hang(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "etc/fstab")
+    inject.inject_guest_files(root)  # a blocking open would hang here forever
+    assert (root / "etc/fstab").read_text() == inject.FSTAB_WORK_LINE + "\n"

@@ -10,13 +10,13 @@ import asyncio
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from stoker.config import Config
+from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
@@ -69,6 +69,37 @@ class ImageService:
         if k is None:
             raise NotFound(f"kernel {name!r} not found: run `stoker kernel pull {name}`")
         return k
+
+    # --- start-up sweep ----------------------------------------------------------------
+
+    def sweep_leftovers(self) -> list[str]:
+        """At daemon start (nothing is pulling or building yet): delete what a crash or a
+        `kill -9` left behind. That is everything in `staging/`, every image directory
+        and kernel directory with no store row, and the `kernels/.*` temporaries of
+        imports. Blocking; returns the paths removed (for the log)."""
+        norm = os.path.normpath
+        managed = {norm(Path(im.rootfs).parent) for im in self.store.list_images() if im.managed}
+        kernels = {norm(k.dir) for k in self.store.list_kernels()}
+        removed: list[str] = []
+
+        def sweep(base: Path, keep: set[str]) -> None:
+            try:
+                names = sorted(os.listdir(base))
+            except FileNotFoundError:
+                return
+            for n in names:
+                p = base / n
+                if norm(p) in keep:
+                    continue
+                rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+
+        sweep(self.layout.staging_dir, set())
+        sweep(self.layout.images_dir, managed)
+        sweep(self.layout.kernels_dir, kernels)
+        for p in removed:
+            self.log.info("start-up sweep: removed leftover %s", p)
+        return removed
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -146,14 +177,14 @@ class ImageService:
                     if cur is None or cur.managed:
                         raise Conflict(f"image {name!r} changed while promoting: retry")
                     if final.exists():
-                        shutil.rmtree(final)
+                        rmtree(final)
                     os.replace(staging, final)
                     im.managed = True
                     im.rootfs = str(final / "rootfs.ext4")
                     im.work_seed = str(final / "work-seed.ext4") if im.work_seed else None
                     self.store.upsert_image(im)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                rmtree(staging, ignore_errors=True)
         return im
 
     async def delete_image(self, name: str) -> dict[str, str]:
@@ -168,7 +199,7 @@ class ImageService:
             async with self.image_ops_lock:
                 self.store.delete_image(name)
             if im.managed:
-                shutil.rmtree(self.layout.images_dir / name, ignore_errors=True)
+                rmtree(self.layout.images_dir / name, ignore_errors=True)
         return {"name": name}
 
     async def delete_kernel(self, name: str) -> dict[str, str]:
@@ -179,7 +210,7 @@ class ImageService:
                 self.store.delete_kernel(name)
             d = Path(k.dir)
             if d.is_relative_to(self.layout.kernels_dir):
-                shutil.rmtree(d, ignore_errors=True)
+                rmtree(d, ignore_errors=True)
         return {"name": name}
 
     # --- golden build, kernels, ensure ---------------------------------------------------
@@ -388,7 +419,7 @@ class ImageService:
             try:
                 await self._publish(im, dest)
             except BaseException:
-                shutil.rmtree(dest, ignore_errors=True)
+                rmtree(dest, ignore_errors=True)
                 raise
             progress("done", f"pulled {entry.name} {entry.version}")
             return im
@@ -429,7 +460,7 @@ class ImageService:
                         async with self.image_ops_lock:
                             self.store.upsert_kernel(k)
                     except BaseException:
-                        shutil.rmtree(files.dir, ignore_errors=True)
+                        rmtree(files.dir, ignore_errors=True)
                         raise
                     return k
 
@@ -469,6 +500,7 @@ class ImageService:
                 staging_dir=self.layout.staging_dir,
                 progress=progress,
                 runner=self.runner,
+                max_layer_size=self.config.max_layer_size,
             )
             staging = Path(
                 tempfile.mkdtemp(prefix=f"img-{image_name}-", dir=self.layout.staging_dir)
@@ -478,11 +510,19 @@ class ImageService:
                 init: Literal["systemd", "stoker-init"] = (
                     "systemd" if pulled.has_systemd else "stoker-init"
                 )
-                inject.inject_guest_files(pulled.rootfs, init=init)
+                # Blocking file work on an untrusted tree: off the event loop.
+                await asyncio.to_thread(inject.inject_guest_files, pulled.rootfs, init=init)
                 progress("ext4", "building the work seed and the root filesystem")
-                home = pulled.rootfs / "root"
+                # /root is a real directory now (a symlinked one was replaced), and the
+                # builder refuses a source that is or passes through a symlink.
+                home = await asyncio.to_thread(inject.work_seed_source, pulled.rootfs)
                 await ext4.build_from_dir(
-                    self.runner, home, staging / "work-seed.ext4", None, label="stoker-work"
+                    self.runner,
+                    home,
+                    staging / "work-seed.ext4",
+                    None,
+                    label="stoker-work",
+                    within=pulled.rootfs,
                 )
                 built = await oci.build_ext4(
                     pulled.rootfs, staging / "rootfs.ext4", runner=self.runner, what=ref
@@ -511,7 +551,7 @@ class ImageService:
             finally:
                 pulled.discard()
                 if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
+                    rmtree(staging, ignore_errors=True)
             if not im.has_sshd:
                 progress(
                     "warning",
@@ -528,12 +568,12 @@ class ImageService:
             if self.store.get_image(im.name) is not None:
                 raise AlreadyExists(f"image {im.name!r} appeared while it was being made")
             if final.exists():
-                shutil.rmtree(final)  # leftovers of a crash, never registered
+                rmtree(final)  # leftovers of a crash, never registered
             os.replace(staging, final)
             try:
                 self.store.upsert_image(im)
             except BaseException:
-                shutil.rmtree(final, ignore_errors=True)
+                rmtree(final, ignore_errors=True)
                 raise
 
     async def prune_cache(self, dry_run: bool) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,3 +13,6 @@ async def reconcile(d: Daemon) -> None:
     """Bring recorded state in line with what is really running on the host."""
     assert d.vm is not None
     await d.vm.reconcile()
+    if d.images is not None:  # leftovers of a crash or `kill -9` (staging, orphan dirs)
+        await asyncio.to_thread(d.images.sweep_leftovers)
+    await asyncio.to_thread(d.vm.sweep_orphan_dirs)

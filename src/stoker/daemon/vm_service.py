@@ -676,6 +676,27 @@ class VMService:
 
     # --- reconcile ---------------------------------------------------------------------
 
+    def sweep_orphan_dirs(self) -> list[str]:
+        """At daemon start: delete VM directories under `vms/` that no store row names
+        (a crash between dropping a row and removing its files). Blocking."""
+        import os
+
+        from stoker.daemon.imagemgr.safetree import rmtree
+
+        keep = {os.path.normpath(v.vm_dir) for v in self.store.list_vms()}
+        removed: list[str] = []
+        try:
+            names = sorted(os.listdir(self.layout.vms_dir))
+        except FileNotFoundError:
+            return removed
+        for n in names:
+            p = self.layout.vms_dir / n
+            if os.path.normpath(p) not in keep:
+                rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+                self.log.info("start-up sweep: removed VM directory %s with no record", p)
+        return removed
+
     async def reconcile(self) -> None:
         """At daemon start: keep VMs whose VMM is alive (handles rebuilt), mark dead ones
         stopped and tear down what they left (tap, NAT rules), reap orphan taps and NAT

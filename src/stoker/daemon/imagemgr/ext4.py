@@ -11,6 +11,7 @@ stderr against the few messages that are expected (see `_debugfs`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import stat
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.daemon.imagemgr.safetree import check_no_symlink, walk_lstat
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
 
@@ -69,24 +71,24 @@ class Ext4Stat:
 
 
 def tree_usage(root: Path) -> tuple[int, int]:
-    """(bytes, inodes) a directory tree occupies; hardlinked files count once."""
+    """(bytes, inodes) a directory tree occupies; hardlinked files count once.
+
+    Iterative (`safetree.walk_lstat`): a tree of any depth is fine.
+    """
     seen: set[tuple[int, int]] = set()
     total = 0
     count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
+    walk = walk_lstat(root)
+    next(walk)  # the root itself: counted below
+    for st in walk:
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if key in seen:
                 continue
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                if key in seen:
-                    continue
-                seen.add(key)
-            count += 1
-            # Apparent size, rounded to the 4 KiB block it will take in the image.
-            total += (st.st_size + 4095) // 4096 * 4096 if not stat.S_ISDIR(st.st_mode) else 4096
+            seen.add(key)
+        count += 1
+        # Apparent size, rounded to the 4 KiB block it will take in the image.
+        total += (st.st_size + 4095) // 4096 * 4096 if not stat.S_ISDIR(st.st_mode) else 4096
     return total, count + 1
 
 
@@ -108,6 +110,7 @@ async def build_from_dir(
     label: str | None = None,
     journal: bool = True,
     reserved_percent: int = 0,
+    within: Path | None = None,
 ) -> None:
     """Create the sparse ext4 image `out` holding a copy of the tree `src`.
 
@@ -116,10 +119,15 @@ async def build_from_dir(
     attributes; use `set_mode` after to change it). Owners, modes, xattrs, hardlinks,
     symlinks and device nodes in the tree are kept. The file appears atomically: a
     failed build leaves nothing at `out`.
+
+    mkfs follows `src` itself on the host, so a `src` that is a symlink, or that passes
+    through one below `within` (the untrusted tree it was taken from), is refused: an
+    image's /root linked to a host directory would otherwise be copied into the image.
     """
+    check_no_symlink(src, within)
     if not src.is_dir():
         raise NotFound(f"cannot build an ext4 image from {src}: not a directory")
-    content, inodes = tree_usage(src)
+    content, inodes = await asyncio.to_thread(tree_usage, src)
     if size is None:
         size = size_for_content(content)
     size = (size + MIB - 1) // MIB * MIB

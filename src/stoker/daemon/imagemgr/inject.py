@@ -7,14 +7,14 @@ The files themselves are package data under `stoker/guest/files/`, laid out as t
 in the guest. See docs/guest-boot.md for what each piece must do.
 
 Trees from OCI registries are untrusted: their symlinks are resolved *inside* `root`
-(as the guest would see them), never on the host, so nothing is written outside it.
+(as the guest would see them), never on the host, so nothing is written outside it
+(see `safetree`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import re
 import stat
 from importlib import resources
@@ -22,6 +22,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
+from stoker.daemon.imagemgr.safetree import SafeTree
 from stoker.errors import InvalidArgument
 
 InitKind = Literal["systemd", "stoker-init"]
@@ -37,6 +38,8 @@ FSTAB_WORK_LINE = "/dev/vdc  /root  ext4  defaults,nofail,x-systemd.device-timeo
 
 _HOST_KEY = re.compile(r"^ssh_host_.*_key(\.pub)?$")
 _MAX_LINKS = 40
+# fstab and sshd_config are a few KiB; an image with more is broken or hostile.
+MAX_CONFIG_READ = 1 << 20
 
 
 def _guest_files_root() -> Traversable:
@@ -103,64 +106,6 @@ def resolve_in_root(root: Path, guest_path: str, *, follow_last: bool = False) -
     return root.joinpath(*resolved)
 
 
-def _mkdirs(root: Path, guest_dir: str) -> Path:
-    """Create a guest directory (0755 root-owned parents), resolving links in the root."""
-    parts = [p for p in guest_dir.split("/") if p]
-    for i in range(1, len(parts) + 1):
-        host = resolve_in_root(root, "/" + "/".join(parts[:i]), follow_last=True)
-        if host.is_symlink() or (host.exists() and not host.is_dir()):
-            # A dangling link or a file where a directory must be: replace it.
-            host.unlink()
-        if not host.exists():
-            # The path is resolved, but a link may have pointed at directories that do
-            # not exist yet: create each missing one, all inside the root.
-            missing = [host, *(p for p in host.parents if p != root and root in p.parents)]
-            for d in reversed(missing):
-                if not d.exists():
-                    d.mkdir(mode=0o755)
-                    os.chmod(d, 0o755)
-                    _chown_root(d)
-    return resolve_in_root(root, guest_dir, follow_last=True)
-
-
-def _chown_root(path: Path) -> None:
-    # Building as an unprivileged user (unit tests) cannot chown; the daemon runs as root.
-    if os.geteuid() == 0:
-        os.lchown(path, 0, 0)
-
-
-def _write(root: Path, guest_path: str, data: bytes, mode: int) -> None:
-    parent = posixpath.dirname(guest_path)
-    _mkdirs(root, parent)
-    host = resolve_in_root(root, guest_path)
-    if host.is_symlink() or (host.exists() and not host.is_dir()):
-        host.unlink()
-    elif host.is_dir():
-        raise InvalidArgument(f"{guest_path} is a directory in {root}: cannot inject a file")
-    tmp = host.with_name(f".{host.name}.stoker-tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    _chown_root(tmp)
-    os.replace(tmp, host)
-
-
-def _symlink(root: Path, guest_path: str, target: str) -> None:
-    _mkdirs(root, posixpath.dirname(guest_path))
-    host = resolve_in_root(root, guest_path)
-    if host.is_symlink() or host.is_file():
-        host.unlink()
-    host.symlink_to(target)
-    if os.geteuid() == 0:
-        os.lchown(host, 0, 0)
-
-
-def _read(root: Path, guest_path: str) -> bytes | None:
-    host = resolve_in_root(root, guest_path, follow_last=True)
-    if host.is_file() and not host.is_symlink():
-        return host.read_bytes()
-    return None
-
-
 def _fstab(existing: bytes | None) -> bytes:
     """Keep fstab's other entries; drop any that mount / or /root, add the work disk."""
     out: list[str] = []
@@ -196,50 +141,68 @@ def inject_guest_files(root: Path, *, init: InitKind = "systemd") -> None:
     `init="systemd"` enables stoker-net.service through a wants symlink (no systemctl);
     `init="stoker-init"` makes overlay-init hand over to stoker's small init instead of
     /sbin/init, for images that have no systemd. Both get the same files, the fstab line
-    for the work disk on /root, a 0755 root:root /root, and no SSH host keys (each VM
-    gets its own from the host).
+    for the work disk on /root, a 0755 root:root /root (a symlinked /root is replaced by
+    a real directory: the work seed is built from it on the host), and no SSH host keys
+    (each VM gets its own from the host).
+
+    Blocking: run it in a thread. Every write goes through `SafeTree` (symlinks resolved
+    inside `root`, temporaries created O_EXCL|O_NOFOLLOW); files read from the image
+    (fstab, sshd_config) over `MAX_CONFIG_READ` bytes are refused (`TooLarge`).
     """
     if init not in ("systemd", "stoker-init"):
         raise InvalidArgument(f"unknown init {init!r}: use 'systemd' or 'stoker-init'")
     if not root.is_dir():
         raise InvalidArgument(f"cannot inject guest files into {root}: not a directory")
 
-    for rel, data in sorted(guest_files().items()):
-        # Scripts (anything with a shebang) are executable; units and configs are not.
-        _write(root, "/" + rel, data, 0o755 if data.startswith(b"#!") else 0o644)
+    with SafeTree(root) as tree:
+        for rel, data in sorted(guest_files().items()):
+            # Scripts (anything with a shebang) are executable; units and configs are not.
+            tree.write("/" + rel, data, 0o755 if data.startswith(b"#!") else 0o644)
 
-    if init == "systemd":
-        _symlink(root, NET_UNIT_WANTS, NET_UNIT_PATH)
-        conf = resolve_in_root(root, INIT_CONF)
-        if conf.is_file() or conf.is_symlink():
-            conf.unlink()
-    else:
-        _write(root, INIT_CONF, f"STOKER_INIT={STOKER_INIT}\n".encode(), 0o644)
+        if init == "systemd":
+            tree.symlink(NET_UNIT_WANTS, NET_UNIT_PATH)
+            tree.unlink(INIT_CONF)
+        else:
+            tree.write(INIT_CONF, f"STOKER_INIT={STOKER_INIT}\n".encode(), 0o644)
 
-    _write(root, "/etc/fstab", _fstab(_read(root, "/etc/fstab")), 0o644)
+        tree.write("/etc/fstab", _fstab(tree.read("/etc/fstab", MAX_CONFIG_READ)), 0o644)
 
-    sshd_config = _read(root, "/etc/ssh/sshd_config")
-    if sshd_config is not None:
-        new = _sshd_config(sshd_config)
-        if new is not None:
-            _write(root, "/etc/ssh/sshd_config", new, 0o644)
+        sshd_config = tree.read("/etc/ssh/sshd_config", MAX_CONFIG_READ)
+        if sshd_config is not None:
+            new = _sshd_config(sshd_config)
+            if new is not None:
+                tree.write("/etc/ssh/sshd_config", new, 0o644)
 
-    ssh_dir = resolve_in_root(root, "/etc/ssh", follow_last=True)
-    if ssh_dir.is_dir():
-        for entry in ssh_dir.iterdir():
-            if _HOST_KEY.match(entry.name) and (entry.is_file() or entry.is_symlink()):
-                entry.unlink()
+        tree.remove_matching("/etc/ssh", lambda n: _HOST_KEY.match(n) is not None)
+        tree.real_dir("/root", 0o755)
 
-    home = _mkdirs(root, "/root")
-    os.chmod(home, 0o755)
-    _chown_root(home)
+
+def work_seed_source(root: Path) -> Path:
+    """The host path of the image's /root for the work-seed build: a real directory
+    that passes through no symlink below `root` (`inject_guest_files` made it one)."""
+    with SafeTree(root) as tree:
+        st = tree.lstat("/root")
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(
+                f"{root}/root is not a real directory: inject the guest files first"
+            )
+        return tree.real_dir("/root", stat.S_IMODE(st.st_mode))
 
 
 def is_injected(root: Path) -> bool:
     """True when `root` already carries stoker's overlay-init (executable)."""
-    host = resolve_in_root(root, OVERLAY_INIT, follow_last=True)
-    try:
-        st = host.stat()
-    except FileNotFoundError:
-        return False
+    with SafeTree(root, chown_root=False) as tree:
+        got = tree.resolve(OVERLAY_INIT, follow_last=True)
+        if got is None:
+            return False
+        fd, _, name = got
+        try:
+            if name is None:
+                return False
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(fd)
     return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)

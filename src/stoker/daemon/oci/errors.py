@@ -38,5 +38,11 @@ class UnsupportedImage(OCIError):
     code = "oci_unsupported"
 
 
+class LayerTooLarge(UnsupportedImage):
+    """A layer decompresses to more than the configured `max_layer_size`."""
+
+    code = "oci_layer_too_large"
+
+
 class NoSpace(Unavailable):
     """The disk holding the cache, the staging tree or the ext4 ran out of space (ENOSPC)."""

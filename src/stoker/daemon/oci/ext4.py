@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.daemon.imagemgr.safetree import check_no_symlink
 from stoker.daemon.oci.errors import NoSpace
 from stoker.daemon.oci.layers import tree_usage
 from stoker.errors import CommandFailed, InvalidArgument
@@ -62,6 +63,8 @@ async def build_ext4(
     including cancellation, nothing is left at `dest` or next to it.
     """
     name = what or str(dest)
+    # mkfs follows `root` itself on the host: never hand it a symlink.
+    check_no_symlink(root)
     if not root.is_dir():
         raise InvalidArgument(f"building {name}: {root} is not a directory")
     if len(fs_label.encode()) > 16:

@@ -27,19 +27,26 @@ import contextlib
 import errno
 import gzip
 import io
+import math
 import os
-import shutil
 import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, NoReturn, cast
+from typing import IO, Any, NoReturn, cast
 
 import zstandard
 
-from stoker.daemon.oci.errors import NoSpace, OCIError, UnsafeLayer, UnsupportedImage
+from stoker.daemon.imagemgr.safetree import rmtree, walk_lstat
+from stoker.daemon.oci.errors import (
+    LayerTooLarge,
+    NoSpace,
+    OCIError,
+    UnsafeLayer,
+    UnsupportedImage,
+)
 from stoker.errors import Cancelled
 
 WHITEOUT_PREFIX = ".wh."
@@ -50,6 +57,15 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 _REGULAR_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+# |mtime| in seconds past which the nanoseconds no longer fit a timespec (year ~2514).
+_MAX_MTIME = 1 << 34
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
 
 
 class _Escape(Exception):
@@ -162,13 +178,19 @@ class _ForwardReader:
     seeks forward when reading members in order, so skipping ahead is all we need.
     """
 
-    def __init__(self, src: IO[bytes]) -> None:
+    def __init__(self, src: IO[bytes], limit: int | None = None, on_over: Any = None) -> None:
         self._src = src
         self._pos = 0
+        self._limit = limit
+        self._on_over = on_over
 
     def read(self, n: int = -1) -> bytes:
+        if self._limit is not None and (n < 0 or n > self._limit + 1 - self._pos):
+            n = self._limit + 1 - self._pos  # never inflate more than one byte past it
         b = self._src.read(n)
         self._pos += len(b)
+        if self._limit is not None and self._pos > self._limit:
+            self._on_over()
         return b
 
     def tell(self) -> int:
@@ -192,23 +214,28 @@ class _ForwardReader:
 
 
 @contextlib.contextmanager
-def open_layer(path: Path) -> Iterator[IO[bytes]]:
+def open_layer(
+    path: Path, *, limit: int | None = None, on_over: Callable[[], NoReturn] | None = None
+) -> Iterator[IO[bytes]]:
     """A decompressed byte stream of a layer blob (gzip, zstd or plain tar).
 
     The stream supports the forward-only `seek`/`tell` tarfile needs; a plain tar is the
-    file itself.
+    file itself. With `limit`, `on_over()` is called (and must raise) as soon as the
+    decompressed stream passes `limit` bytes: a 2 MiB gzip can expand to terabytes.
     """
     with open(path, "rb") as raw:
         magic = raw.read(4)
         raw.seek(0)
         if magic[:2] == GZIP_MAGIC:
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                yield cast(IO[bytes], _ForwardReader(cast(IO[bytes], gz)))
+                yield cast(IO[bytes], _ForwardReader(cast(IO[bytes], gz), limit, on_over))
         elif magic == ZSTD_MAGIC:
             dctx = zstandard.ZstdDecompressor()
             with dctx.stream_reader(raw, read_size=COPY_CHUNK, read_across_frames=True) as zs:
-                yield cast(IO[bytes], _ForwardReader(zs))
+                yield cast(IO[bytes], _ForwardReader(zs, limit, on_over))
         else:
+            if limit is not None and os.fstat(raw.fileno()).st_size > limit and on_over:
+                on_over()
             yield raw
 
 
@@ -219,7 +246,7 @@ def _remove(path: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        rmtree(path)  # iterative: a layer may be thousands of directories deep
         return True
     os.unlink(path)
     return stat.S_ISLNK(st.st_mode)
@@ -240,8 +267,10 @@ class LayerApplier:
         label: str,
         allow_devices: bool | None = None,
         cancel: threading.Event | None = None,
+        max_layer_size: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self.max_layer_size = max_layer_size
         self._root = str(self.root)
         self.label = label
         self.allow_devices = os.geteuid() == 0 if allow_devices is None else allow_devices
@@ -264,6 +293,30 @@ class LayerApplier:
             f"pulling {self.label}: layer {self._layer} entry {self._entry!r} {problem}: "
             "refusing the image (it is broken or malicious)"
         )
+
+    def _too_large(self) -> NoReturn:
+        limit = self.max_layer_size or 0
+        raise LayerTooLarge(
+            f"pulling {self.label}: layer {self._layer} decompresses to more than "
+            f"{_human(limit)} (max_layer_size): refusing it; if the image is genuine, raise "
+            "max_layer_size in config.toml and pull again"
+        )
+
+    def _check_meta(self, m: tarfile.TarInfo) -> None:
+        """Refuse metadata that is nonsense before any of it reaches a system call."""
+        for what, text in (("path", m.name), ("link target", m.linkname)):
+            if "\x00" in text:
+                self._unsafe(f"has a NUL byte in its {what}")
+        for what, num in (("uid", m.uid), ("gid", m.gid)):
+            if not isinstance(num, int) or not 0 <= num < 0xFFFFFFFF:
+                self._unsafe(f"has an out-of-range {what} {num!r}")
+        mt = m.mtime
+        if not isinstance(mt, int | float) or not math.isfinite(mt) or abs(mt) >= _MAX_MTIME:
+            self._unsafe(f"has an invalid mtime {mt!r}")
+        if m.ischr() or m.isblk():
+            for what, num in (("major", m.devmajor), ("minor", m.devminor)):
+                if not isinstance(num, int) or not 0 <= num < 1 << 32:
+                    self._unsafe(f"has an out-of-range device {what} number {num!r}")
 
     # --- paths --------------------------------------------------------------------------
 
@@ -318,7 +371,7 @@ class LayerApplier:
         self._written = set()
         self._ancestors = set()
         try:
-            with open_layer(blob) as stream:
+            with open_layer(blob, limit=self.max_layer_size, on_over=self._too_large) as stream:
                 tf = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115
                 while True:
                     if self.cancel.is_set():
@@ -331,6 +384,9 @@ class LayerApplier:
                     # tarfile keeps every TarInfo otherwise; hardlinks are resolved
                     # against the tree, not this list.
                     tf.members = []  # type: ignore[attr-defined]
+        except (ValueError, OverflowError) as e:
+            # Metadata `_check_meta` did not foresee (e.g. an xattr name with a NUL).
+            self._unsafe(f"has metadata stoker cannot apply ({e})")
         except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as e:
             raise OCIError(
                 f"pulling {self.label}: layer {digest} is not a valid tar stream ({e}): the "
@@ -362,6 +418,7 @@ class LayerApplier:
     # --- entries ------------------------------------------------------------------------
 
     def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self._check_meta(m)
         parts = self._split(m.name)
         if not parts:
             return  # the root itself: stays root:root 0755
@@ -414,7 +471,17 @@ class LayerApplier:
         name = base[len(WHITEOUT_PREFIX) :]
         if name in ("", ".", "..") or name.startswith(WHITEOUT_PREFIX):
             self._unsafe("is a malformed whiteout")
-        self._clear(self._host([*parent, name]))
+        rel = [*parent, name]
+        relstr = _join(rel)
+        # A whiteout hides only what *lower* layers put there (OCI image spec, "Whiteouts"):
+        # an entry this layer wrote stays; a directory this layer wrote into keeps this
+        # layer's entries and loses the lower layers' ones.
+        if relstr in self._written:
+            return
+        if relstr in self._ancestors:
+            self._opaque(rel)
+            return
+        self._clear(self._host(rel))
 
     def _opaque(self, parent: list[str]) -> None:
         """Drop what lower layers put under `parent`, keeping this layer's entries."""
@@ -532,29 +599,29 @@ class LayerApplier:
 
 
 def tree_usage(root: Path) -> tuple[int, int]:
-    """(bytes, inodes) the tree needs: file sizes rounded to 4 KiB blocks, hardlinks once."""
+    """(bytes, inodes) the tree needs: file sizes rounded to 4 KiB blocks, hardlinks once.
+
+    Iterative (`safetree.walk_lstat`), so a layer thousands of directories deep is fine.
+    """
     total = 0
     inodes = 0
     seen: set[tuple[int, int]] = set()
     block = 4096
-    for dirpath, dirnames, filenames in os.walk(root):
-        total += block
-        inodes += 1
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode):
-                continue  # counted when walked
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
+    for st in walk_lstat(root):
+        if stat.S_ISDIR(st.st_mode):
+            total += block
             inodes += 1
-            if stat.S_ISREG(st.st_mode):
-                total += (st.st_size + block - 1) // block * block
-            elif stat.S_ISLNK(st.st_mode) and st.st_size >= 60:
-                total += block
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        inodes += 1
+        if stat.S_ISREG(st.st_mode):
+            total += (st.st_size + block - 1) // block * block
+        elif stat.S_ISLNK(st.st_mode) and st.st_size >= 60:
+            total += block
     return total, inodes
 
 

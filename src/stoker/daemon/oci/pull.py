@@ -17,7 +17,6 @@ import contextlib
 import errno
 import functools
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
+from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.oci.cache import BlobCache
 from stoker.daemon.oci.errors import NoSpace, TruncatedBlob, UnsupportedImage
 from stoker.daemon.oci.layers import LayerApplier, detect, tree_usage
@@ -89,7 +89,7 @@ class PulledImage:
 
     def discard(self) -> None:
         """Remove the staging directory (after the ext4 is built, or to abandon the pull)."""
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        rmtree(self.workdir, ignore_errors=True)
 
 
 class _Meter:
@@ -182,6 +182,7 @@ async def pull_image(
     insecure_registries: set[str] | None = None,
     allow_devices: bool | None = None,
     max_parallel: int = MAX_PARALLEL_DOWNLOADS,
+    max_layer_size: int | None = None,
 ) -> PulledImage:
     """Pull `ref` (linux/amd64) and unpack it into a new directory under `staging_dir`.
 
@@ -189,7 +190,8 @@ async def pull_image(
     to over plain HTTP, every other one over HTTPS. `session_factory` makes the aiohttp
     session (owned and closed by this call). `allow_devices` defaults to "running as
     root". `runner` is the daemon's command runner; the native pull path does not need
-    external commands (`build_ext4` takes it for mkfs).
+    external commands (`build_ext4` takes it for mkfs). `max_layer_size` bounds what one
+    layer may decompress to (`LayerTooLarge` past it).
     """
     del runner  # accepted so callers wire pulls like every other step; nothing to run here
     reference = parse_reference(ref)
@@ -235,10 +237,11 @@ async def pull_image(
                     meter=meter,
                     allow_devices=allow_devices,
                     max_parallel=max_parallel,
+                    max_layer_size=max_layer_size,
                 )
             except BaseException:
                 # Synchronous on purpose: must complete even while being cancelled.
-                shutil.rmtree(workdir, ignore_errors=True)
+                rmtree(workdir, ignore_errors=True)
                 raise
     except OSError as e:
         raise _os_error(ref, e, "pulling") from None
@@ -302,6 +305,7 @@ async def _unpack(
     meter: _Meter,
     allow_devices: bool | None,
     max_parallel: int,
+    max_layer_size: int | None,
 ) -> PulledImage:
     if config.diff_ids and len(config.diff_ids) != len(manifest.layers):
         raise UnsupportedImage(
@@ -310,7 +314,13 @@ async def _unpack(
         )
     rootfs = workdir / "rootfs"
     cancel = threading.Event()
-    applier = LayerApplier(rootfs, label=ref, allow_devices=allow_devices, cancel=cancel)
+    applier = LayerApplier(
+        rootfs,
+        label=ref,
+        allow_devices=allow_devices,
+        cancel=cancel,
+        max_layer_size=max_layer_size,
+    )
     sem = asyncio.Semaphore(max(1, max_parallel))
 
     async def download(d: Descriptor) -> Path:
