@@ -30,7 +30,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from stoker.daemon.catalog.errors import (
     UnsafeBundle,
 )
 from stoker.daemon.catalog.tarstream import TarEntry, TarFormatError, TarReader
+from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -670,7 +670,7 @@ async def fetch_bundle(
         os.rename(staging, dest_dir)
     except BaseException:
         # Synchronous on purpose: it must complete even while the task is being cancelled.
-        shutil.rmtree(staging, ignore_errors=True)
+        rmtree(staging, ignore_errors=True)  # iterative: any depth
         raise
     if progress is not None:
         progress(

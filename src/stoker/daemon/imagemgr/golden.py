@@ -23,6 +23,7 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import zlib
@@ -34,6 +35,7 @@ import zstandard
 
 from stoker.daemon.imagemgr import ext4
 from stoker.daemon.imagemgr.inject import guest_files_digest, inject_guest_files
+from stoker.daemon.imagemgr.safetree import SafeTree, rmtree
 from stoker.errors import CommandFailed, InvalidArgument, PermissionDenied, StokerError
 from stoker.runner import Runner
 
@@ -496,7 +498,11 @@ async def _remove_staging(staging: Path) -> None:
             f"golden build staging {staging} still has mounts ({', '.join(mounts)}): "
             f"unmount them (umount -R) and remove {staging} by hand"
         )
-    await asyncio.to_thread(shutil.rmtree, staging, True)
+    await asyncio.to_thread(rmtree, staging, ignore_errors=True)
+
+
+_MAX_READ = 1 << 20  # config files read back from the built tree
+_MAX_STATUS = 256 << 20  # dpkg's status file (a few MiB for a large system)
 
 
 def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
@@ -518,30 +524,41 @@ def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
             f"the initramfs for {version} lacks modules {', '.join(missing)}: "
             "the guest could not find its disks; report this as a bug"
         )
+    for p in (kernels[0], initrd):
+        # Moved out and chmodded on the host: a symlink here would reach a host file.
+        if p.is_symlink() or not p.is_file():
+            raise CommandFailed(f"{p} in the built tree is not a regular file")
     kernel_out.mkdir(parents=True)
     shutil.move(kernels[0], kernel_out / "vmlinuz")
     shutil.move(initrd, kernel_out / "initrd.img")
     for p in (kernel_out / "vmlinuz", kernel_out / "initrd.img"):
         os.chmod(p, 0o644)
-    # The links point at the files just moved out (the guest boots an external kernel).
-    for name in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
-        link = tree / name
-        if link.is_symlink():
-            link.unlink()
-    dpkg_cfg = tree / "etc" / "dpkg" / "dpkg.cfg.d" / "99mmdebstrap"
-    if dpkg_cfg.is_file():
-        kept = [ln for ln in dpkg_cfg.read_text().splitlines() if ln.strip() != "force-unsafe-io"]
-        dpkg_cfg.write_text("".join(ln + "\n" for ln in kept))
-    for deb in (tree / "var" / "cache" / "apt" / "archives").glob("*.deb"):
-        deb.unlink()
-    # mmdebstrap copies the build host's identity in; each VM gets its own in the overlay.
-    (tree / "etc" / "hostname").write_text("stoker\n")
-    (tree / "etc" / "resolv.conf").write_text("")
-    (tree / "etc" / "hosts").write_text(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    )
+    # Everything below edits the tree through SafeTree: links resolve inside it (an
+    # /etc/resolv.conf -> /run/systemd/resolve/... link must not write the host's file).
+    with SafeTree(tree) as t:
+        # The links point at the files just moved out (the guest boots an external kernel).
+        for name in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+            st = t.lstat("/" + name)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                t.unlink("/" + name)
+        dpkg_cfg = "/etc/dpkg/dpkg.cfg.d/99mmdebstrap"
+        cfg = t.read(dpkg_cfg, _MAX_READ)
+        if cfg is not None:
+            lines = cfg.decode(errors="replace").splitlines()
+            kept = [ln for ln in lines if ln.strip() != "force-unsafe-io"]
+            t.write(dpkg_cfg, "".join(ln + "\n" for ln in kept).encode(), 0o644)
+        t.remove_matching("/var/cache/apt/archives", lambda n: n.endswith(".deb"))
+        # mmdebstrap copies the build host's identity in; each VM gets its own in the overlay.
+        t.write("/etc/hostname", b"stoker\n", 0o644)
+        t.write("/etc/resolv.conf", b"", 0o644)
+        t.write(
+            "/etc/hosts",
+            b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            0o644,
+        )
     inject_guest_files(tree, init="systemd")
-    status = (tree / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
+    with SafeTree(tree) as t:
+        status = (t.read("/var/lib/dpkg/status", _MAX_STATUS) or b"").decode(errors="replace")
     packages = status.count("Status: install ok installed")
     return version, packages
 
@@ -558,7 +575,7 @@ def _publish(final: Path, out_dir: Path) -> None:
             os.rename(old, out_dir)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        rmtree(old, ignore_errors=True)
 
 
 def _no_progress(stage: str, detail: str) -> None:
@@ -635,7 +652,12 @@ async def build_golden(
 
         report("work-seed", "building work-seed.ext4 from /root")
         await ext4.build_from_dir(
-            runner, tree / "root", final / WORK_SEED, WORK_SEED_SIZE, label="stoker-work"
+            runner,
+            tree / "root",
+            final / WORK_SEED,
+            WORK_SEED_SIZE,
+            label="stoker-work",
+            within=tree,
         )
         report("rootfs", "building rootfs.ext4")
         # The base is only ever mounted read-only: a journal would be dead weight.

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import bz2
+import errno
 import lzma
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import zlib
@@ -24,6 +26,7 @@ from pathlib import Path
 import lz4.block
 import zstandard
 
+from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
 
@@ -33,6 +36,8 @@ _LZ4_LEGACY_MAGIC = 0x184C2102
 _LZ4_LEGACY_BLOCK = 8 * 1024 * 1024
 # vmlinux is tens of MiB; anything past this is a decompression bomb, not a kernel.
 _MAX_VMLINUX = 1024 * 1024 * 1024
+# A kernel, an initrd or a kernel .deb is well under this; a larger source is refused.
+MAX_SOURCE_FILE = 2 * 1024 * 1024 * 1024
 _DPKG_TIMEOUT = 300.0
 _MAX_SCAN_TRIES = 64
 _ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
@@ -271,12 +276,93 @@ def extract_vmlinux(vmlinuz: Path, out: Path) -> None:
 # --- import -------------------------------------------------------------------------------
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path, what: str, *, follow: bool = True) -> int:
+    """An fd on the regular file `path`, checked with fstat, at most MAX_SOURCE_FILE bytes.
+
+    Opened non-blocking, so a FIFO planted where a kernel should be cannot hang the
+    import; devices such as /dev/zero are refused before anything is read. Without
+    `follow` a symlink is refused too (files inside an unpacked package).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise NotFound(f"{what} {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidArgument(f"{what} {path} is a symlink inside a package: refused") from None
+        raise InvalidArgument(f"cannot open {what} {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InvalidArgument(
+            f"{what} {path} is {_kind(st.st_mode)}: give a regular file (a kernel image, "
+            "an initrd or a .deb) or a directory holding them"
+        )
+    if st.st_size > MAX_SOURCE_FILE:
+        os.close(fd)
+        raise InvalidArgument(
+            f"{what} {path} is {st.st_size // (1 << 20)} MiB, over the "
+            f"{MAX_SOURCE_FILE // (1 << 20)} MiB a kernel source may be: pick the right file"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _read_regular(path: Path, what: str, *, follow: bool = True) -> bytes:
+    fd = _open_regular(path, what, follow=follow)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_SOURCE_FILE + 1)
+    if len(data) > MAX_SOURCE_FILE:
+        raise InvalidArgument(f"{what} {path} grew past {MAX_SOURCE_FILE} bytes while read")
+    return data
+
+
+def _copy_regular(path: Path, out: Path, what: str, *, follow: bool = True) -> None:
+    fd = _open_regular(path, what, follow=follow)
+    with os.fdopen(fd, "rb") as f, open(out, "xb") as o:
+        left = MAX_SOURCE_FILE + 1
+        while chunk := f.read(min(1 << 20, left)):
+            o.write(chunk)
+            left -= len(chunk)
+            if left <= 0:
+                raise InvalidArgument(f"{what} {path} grew past {MAX_SOURCE_FILE} bytes")
+
+
+def _classify(source: Path) -> str:
+    """ "dir", "deb" or "file" for a `kernel import --from` source; anything else refused."""
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise NotFound(f"kernel source {source} does not exist") from None
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    fd = _open_regular(source, "kernel source")
+    with os.fdopen(fd, "rb") as f:
+        return "deb" if f.read(8) == b"!<arch>\n" else "file"
+
+
 @dataclass
 class _Found:
     kernel: Path
     initrd: Path | None
     modules: Path | None  # a directory holding <version>/ trees
     version_hint: str | None
+    packaged: bool = False  # found inside an unpacked .deb: never follow its symlinks
 
 
 def _suffix_version(name: str) -> str | None:
@@ -297,12 +383,24 @@ def _pick(cands: list[Path], what: str, where: Path) -> Path | None:
     return cands[0]
 
 
-def _find_in_dir(src: Path) -> _Found:
+def _is_candidate(p: Path, packaged: bool) -> bool:
+    """A regular file (a package's own symlinks are never followed: they could name any
+    host file, which would be copied into the kernel directory)."""
+    try:
+        st = os.lstat(p) if packaged else os.stat(p)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode)
+
+
+def _find_in_dir(src: Path, *, packaged: bool = False) -> _Found:
     """Locate kernel, initrd and modules in a kernel directory or an unpacked package."""
     dirs = [src, src / "boot"]
+    if packaged and os.path.islink(src / "boot"):
+        dirs = [src]
     kernel: Path | None = None
     for pattern in ("vmlinuz-*", "vmlinuz", "bzImage", "bzImage-*", "vmlinux", "vmlinux-*"):
-        cands = [p for d in dirs for p in sorted(d.glob(pattern)) if p.is_file()]
+        cands = [p for d in dirs for p in sorted(d.glob(pattern)) if _is_candidate(p, packaged)]
         kernel = _pick(cands, "kernels", src)
         if kernel is not None:
             break
@@ -313,7 +411,7 @@ def _find_in_dir(src: Path) -> _Found:
     hint = _suffix_version(kernel.name)
     initrd: Path | None = None
     for pattern in ("initrd.img-*", "initrd.img", "initrd", "initrd-*", "initramfs*"):
-        cands = [p for d in dirs for p in sorted(d.glob(pattern)) if p.is_file()]
+        cands = [p for d in dirs for p in sorted(d.glob(pattern)) if _is_candidate(p, packaged)]
         if hint:
             same = [p for p in cands if _suffix_version(p.name) == hint]
             cands = same or cands
@@ -325,16 +423,22 @@ def _find_in_dir(src: Path) -> _Found:
         if cand.is_dir() and any(p.is_dir() for p in cand.iterdir()):
             modules = cand
             break
-    return _Found(kernel, initrd, modules, hint)
+    return _Found(kernel, initrd, modules, hint, packaged)
 
 
 def _copy_modules(src: Path, dest: Path) -> None:
-    shutil.copytree(src, dest, symlinks=True)
+    try:
+        shutil.copytree(src, dest, symlinks=True)
+    except shutil.Error as e:
+        errors = e.args[0] if e.args and isinstance(e.args[0], list) else []
+        why = errors[0][2] if errors else str(e)
+        raise InvalidArgument(f"cannot copy the kernel modules from {src}: {why}") from None
 
 
 def _assemble(found: _Found, staging: Path) -> KernelFiles:
     """Blocking part of an import: read, extract, copy into `staging`."""
-    data = found.kernel.read_bytes()
+    follow = not found.packaged
+    data = _read_regular(found.kernel, "kernel image", follow=follow)
     elf = vmlinux_from_bytes(data, str(found.kernel))
     arch = elf_arch(elf)
     version = bzimage_version(data) or found.version_hint or elf_version(elf)
@@ -350,11 +454,11 @@ def _assemble(found: _Found, staging: Path) -> KernelFiles:
     bzimage: Path | None = None
     if _is_bzimage(data):
         bzimage = staging / "bzImage"
-        shutil.copyfile(found.kernel, bzimage)
+        bzimage.write_bytes(data)  # the bytes already read and checked, not a re-open
     initrd: Path | None = None
     if found.initrd is not None:
         initrd = staging / "initrd.img"
-        shutil.copyfile(found.initrd, initrd)
+        _copy_regular(found.initrd, initrd, "initrd", follow=follow)
     modules: Path | None = None
     if found.modules is not None:
         modules = staging / "modules"
@@ -378,12 +482,7 @@ def _publish(staging: Path, dest: Path) -> None:
             os.rename(old, dest)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _is_deb(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(8) == b"!<arch>\n"
+        rmtree(old, ignore_errors=True)
 
 
 async def import_kernel(runner: Runner, source: Path, dest_dir: Path) -> KernelFiles:
@@ -396,15 +495,16 @@ async def import_kernel(runner: Runner, source: Path, dest_dir: Path) -> KernelF
     directory beside `dest_dir` and renamed into place; an existing `dest_dir` is
     replaced, a failure leaves it untouched.
     """
-    if not source.exists():
-        raise NotFound(f"kernel source {source} does not exist")
+    # Classified off the event loop: a FIFO or /dev/zero named by the user must neither
+    # hang the daemon nor be read until memory runs out.
+    kind = await asyncio.to_thread(_classify, source)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.import-", dir=dest_dir.parent))
     unpacked = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.src-", dir=dest_dir.parent))
     try:
-        if source.is_dir():
-            found = _find_in_dir(source)
-        elif _is_deb(source):
+        if kind == "dir":
+            found = await asyncio.to_thread(_find_in_dir, source)
+        elif kind == "deb":
             try:
                 await runner.run(
                     ["dpkg-deb", "-x", str(source), str(unpacked)], timeout=_DPKG_TIMEOUT
@@ -414,24 +514,22 @@ async def import_kernel(runner: Runner, source: Path, dest_dir: Path) -> KernelF
                     f"{source} is not a readable Debian package: {e.message}"
                 ) from None
             try:
-                found = _find_in_dir(unpacked)
+                found = await asyncio.to_thread(_find_in_dir, unpacked, packaged=True)
             except NotFound:
                 raise NotFound(
                     f"package {source.name} holds no kernel image (metapackages such as "
                     "linux-image-cloud-amd64 only depend on one: use the versioned "
                     "linux-image-<version> package)"
                 ) from None
-        elif source.is_file():
-            found = _Found(source, None, None, _suffix_version(source.name))
         else:
-            raise InvalidArgument(f"kernel source {source} is neither a directory nor a file")
+            found = _Found(source, None, None, _suffix_version(source.name))
         files = await asyncio.to_thread(_assemble, found, staging)
         await asyncio.to_thread(_publish, staging, dest_dir)
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, staging, True)
+        await asyncio.to_thread(rmtree, staging, ignore_errors=True)
         raise
     finally:
-        await asyncio.to_thread(shutil.rmtree, unpacked, True)
+        await asyncio.to_thread(rmtree, unpacked, ignore_errors=True)
 
     def moved(p: Path | None) -> Path | None:
         return None if p is None else dest_dir / p.relative_to(staging)
