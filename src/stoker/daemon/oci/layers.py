@@ -89,16 +89,27 @@ def _join(parts: Sequence[str]) -> str:
 
 
 def resolve_dirs(
-    root: str, parts: Sequence[str], *, create: bool, clamp: bool = False
+    root: str,
+    parts: Sequence[str],
+    *,
+    create: bool,
+    clamp: bool = False,
+    known: Sequence[str] | None = None,
 ) -> list[str] | None:
     """Resolve `parts` as a chain of directories inside `root`; return the real components.
 
     Symlinks are followed as if `root` were `/`. A relative target that climbs above the
     root raises `_Escape` (or stops at the root with `clamp`). Missing directories are
-    created (0755, owned by the caller) with `create`, else None is returned.
+    created (0755, owned by the caller) with `create`, else None is returned. `known` is
+    the already-resolved form of `parts[:-1]`: only the last component is then looked at
+    (so a layer of deeply nested entries costs O(depth) per entry, not O(depth^2)).
     """
-    resolved: list[str] = []
-    todo = list(reversed(parts))
+    if known is not None and parts:
+        resolved: list[str] = list(known)
+        todo = [parts[-1]]
+    else:
+        resolved = []
+        todo = list(reversed(parts))
     hops = 0
     current_link = ""
     while todo:
@@ -111,7 +122,7 @@ def resolve_dirs(
             elif not clamp:
                 raise _Escape(current_link)
             continue
-        p = os.path.join(root, *resolved, c)
+        p = "/".join([root, *resolved, c])  # clean names: no os.path.join cost
         try:
             st = os.lstat(p)
         except FileNotFoundError:
@@ -333,8 +344,9 @@ class LayerApplier:
         hit = self._dir_cache.get(key)
         if hit is not None:
             return hit
+        known = self._dir_cache.get(key[:-1]) if key else None
         try:
-            resolved = resolve_dirs(self._root, parts, create=create)
+            resolved = resolve_dirs(self._root, parts, create=create, known=known)
         except _Escape as e:
             self._unsafe(
                 f"would be written through symlink {e.link!r}, which points outside the image root"
@@ -348,7 +360,7 @@ class LayerApplier:
         return resolved
 
     def _host(self, rel: list[str]) -> str:
-        return os.path.join(self._root, *rel)
+        return "/".join([self._root, *rel]) if rel else self._root
 
     def _clear(self, path: str) -> None:
         if _remove(path):
