@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import lzma
+import os
+import shutil
 import struct
+import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -230,3 +236,67 @@ async def test_import_rejects_ambiguous_and_empty_dirs(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         await km.import_kernel(RecordingRunner(), tmp_path / "missing", tmp_path / "d3")
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+
+
+# --- issue 9 item 4: `kernel import --from` takes regular files and directories only --------
+
+
+async def test_fifo_source_is_refused_at_once_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "kernel.fifo"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:
+        # Frees an implementation that opened the FIFO blocking (the test then fails on
+        # time and message instead of hanging the run).
+        time.sleep(5)
+        with contextlib.suppress(OSError):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+
+    threading.Thread(target=unblock, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(InvalidArgument, match="is a FIFO: give a regular file"):
+        await km.import_kernel(RecordingRunner(), fifo, tmp_path / "k")
+    assert time.monotonic() - t0 < 3
+    assert not (tmp_path / "k").exists()
+
+
+async def test_device_source_is_refused_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="/dev/zero is a character device"):
+        await km.import_kernel(RecordingRunner(), Path("/dev/zero"), tmp_path / "k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+async def test_oversized_source_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(km, "MAX_SOURCE_FILE", 1 << 20)
+    big = tmp_path / "vmlinuz-9.9"
+    with open(big, "wb") as f:
+        f.truncate((1 << 20) + 1)
+    with pytest.raises(InvalidArgument, match=r"is 1 MiB, over the 1 MiB a kernel source may be"):
+        await km.import_kernel(RecordingRunner(), big, tmp_path / "k")
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is not installed")
+async def test_package_symlinks_to_host_files_are_not_followed(tmp_path: Path) -> None:
+    """A .deb whose boot/initrd.img-V links to a host file: the host file's bytes must not
+    be copied into the kernel directory."""
+    from stoker.runner import Runner
+
+    secret = tmp_path / "host-secret"
+    secret.write_text("host secret\n")
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: linux-image-x\nVersion: 1\nArchitecture: amd64\n"
+        "Maintainer: t <t@example>\nDescription: t\n"
+    )
+    (pkg / "boot").mkdir()
+    (pkg / "boot" / "vmlinuz-6.1.0-9").write_bytes(fake_bzimage(gzip.compress(fake_elf())))
+    (pkg / "boot" / "initrd.img-6.1.0-9").symlink_to(secret)
+    deb = tmp_path / "k.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(pkg), str(deb)], check=True,
+                   capture_output=True)  # fmt: skip
+    files = await km.import_kernel(Runner(), deb, tmp_path / "kernels" / "k")
+    assert files.initrd is None
+    for p in (tmp_path / "kernels" / "k").rglob("*"):
+        assert not p.is_file() or p.read_bytes() != secret.read_bytes(), p
