@@ -281,3 +281,30 @@ def test_fifo_fstab_does_not_hang(tmp_path: Path) -> None:
     os.mkfifo(root / "etc/fstab")
     inject.inject_guest_files(root)  # a blocking open would hang here forever
     assert (root / "etc/fstab").read_text() == inject.FSTAB_WORK_LINE + "\n"
+
+
+async def test_ext4_builders_refuse_a_symlinked_source(tmp_path: Path) -> None:
+    """mkfs.ext4 -d follows its source on the host: a source that is a symlink, or passes
+    through one inside the untrusted tree, is refused before mkfs runs."""
+    from stoker.daemon.imagemgr import ext4
+    from stoker.daemon.oci import build_ext4
+    from stoker.runner import RecordingRunner
+
+    hostdir = tmp_path / "hostdir"
+    hostdir.mkdir()
+    (hostdir / "secret").write_text("host data\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "root").symlink_to(f"/proc/self/root{hostdir}")
+    (tree / "via").symlink_to(str(tmp_path))
+    runner = RecordingRunner()
+    with pytest.raises(InvalidArgument, match="is a symlink"):
+        await ext4.build_from_dir(runner, tree / "root", tmp_path / "seed.ext4", within=tree)
+    with pytest.raises(InvalidArgument, match="via is a symlink"):
+        await ext4.build_from_dir(
+            runner, tree / "via" / "hostdir", tmp_path / "seed.ext4", within=tree
+        )
+    with pytest.raises(InvalidArgument, match="is a symlink"):
+        await build_ext4(tree / "root", tmp_path / "rootfs.ext4", runner=runner)
+    assert runner.calls == []
+    assert not (tmp_path / "seed.ext4").exists() and not (tmp_path / "rootfs.ext4").exists()
