@@ -406,7 +406,7 @@ def check_no_symlink(path: Path, within: Path | None = None) -> None:
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            raise InvalidArgument(f"{p} does not exist") from None
+            continue  # not a link; the caller reports what is missing
         if stat.S_ISLNK(st.st_mode):
             raise InvalidArgument(
                 f"refusing to read {path}: {p} is a symlink, and following it could reach "
