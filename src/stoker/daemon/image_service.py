@@ -7,13 +7,14 @@ atomic rename + store upsert. Downloads, ext4 builds and copies run without it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from stoker.config import Config
 from stoker.daemon.imagemgr.safetree import rmtree
@@ -29,6 +30,7 @@ from stoker.store import Store
 from stoker.store.db import now
 
 Progress = Callable[..., None]
+T = TypeVar("T")
 
 
 class ImageService:
@@ -511,11 +513,11 @@ class ImageService:
                     "systemd" if pulled.has_systemd else "stoker-init"
                 )
                 # Blocking file work on an untrusted tree: off the event loop.
-                await asyncio.to_thread(inject.inject_guest_files, pulled.rootfs, init=init)
+                await _in_thread(lambda: inject.inject_guest_files(pulled.rootfs, init=init))
                 progress("ext4", "building the work seed and the root filesystem")
                 # /root is a real directory now (a symlinked one was replaced), and the
                 # builder refuses a source that is or passes through a symlink.
-                home = await asyncio.to_thread(inject.work_seed_source, pulled.rootfs)
+                home = await _in_thread(lambda: inject.work_seed_source(pulled.rootfs))
                 await ext4.build_from_dir(
                     self.runner,
                     home,
@@ -607,6 +609,21 @@ def oci_image_name(ref: str) -> str:
 
 
 GOLDEN_NAME = re.compile(r"^debian-([a-z]+)$")
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    """Run blocking `fn` in a worker thread. If the caller is cancelled, wait for the worker
+    to finish before re-raising: the tree it works on is deleted right after."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()
+        raise
 
 
 def _failure(f: asyncio.Future[Any]) -> str | None:

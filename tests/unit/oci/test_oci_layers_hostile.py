@@ -148,3 +148,24 @@ def test_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     finally:
         # pytest's own tmp cleanup (shutil.rmtree) would hit the recursion limit.
         rmtree(tmp_path / "root", ignore_errors=True)
+
+
+def test_directory_mtimes_are_never_set_through_a_later_symlink(tmp_path: Path) -> None:
+    """Layer 1 makes a/b (its mtime is set at the end); layer 2 turns `a` into a link to a
+    host directory that also has a `b`: the host directory's mtime must not change."""
+    host = tmp_path / "host"
+    (host / "b").mkdir(parents=True)
+    os.utime(host / "b", ns=(5_000_000_000, 5_000_000_000))
+    before = (host / "b").stat().st_mtime_ns
+    lower = tar(_info("a", "dir"), _info("a/b", "dir"))
+    upper = tar(_info(".wh.a"), (_symlink("a", str(host)), b""))
+    root = apply(tmp_path, lower, upper)
+    assert (root / "a").is_symlink()
+    assert (host / "b").stat().st_mtime_ns == before
+
+
+def _symlink(name: str, target: str) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = tarfile.SYMTYPE, target
+    ti.mtime = 1_600_000_000
+    return ti

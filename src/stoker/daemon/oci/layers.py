@@ -420,12 +420,35 @@ class LayerApplier:
             ) from e
 
     def finish(self) -> None:
-        """Set directory mtimes last (creating their children changed them)."""
+        """Set directory mtimes last (creating their children changed them).
+
+        A later layer may have turned a parent of a recorded directory into a symlink, so
+        each one is reached with `O_NOFOLLOW` directory fds and skipped when any component
+        is no longer a real directory: a path-based utime would follow that link to the host.
+        """
         for rel, ns in sorted(self._dir_times.items(), key=lambda kv: -kv[0].count("/")):
-            p = self._host(rel.split("/"))
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISDIR(os.lstat(p).st_mode):
-                    os.utime(p, ns=(ns, ns), follow_symlinks=False)
+            fd = self._open_real_dir(rel.split("/"))
+            if fd is None:
+                continue
+            try:
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
+
+    def _open_real_dir(self, parts: list[str]) -> int | None:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self._root, flags)
+        for c in parts:
+            try:
+                nfd = os.open(c, flags, dir_fd=fd)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
 
     # --- entries ------------------------------------------------------------------------
 
