@@ -214,3 +214,19 @@ async def test_layer_over_the_configured_ceiling_is_refused(
     with pytest.raises(LayerTooLarge, match=r"more than 2 MiB \(max_layer_size\)"):
         await d.images.pull(f"{registry.host}/evil/bomb:v1", "bomb", _noop)
     _assert_nothing_left(d)
+
+
+async def test_a_layer_too_deep_for_mkfs_is_refused_and_cleaned_up(
+    daemon: Daemon, pusher: Pusher, registry: RegistryProcess
+) -> None:
+    """1,100 nested directories: once RecursionError in tree_usage and the cleanup (staging
+    left behind); mke2fs 1.47 then aborts with heap corruption on such paths. Refused
+    as an unsafe layer, nothing left."""
+    images = daemon.images
+    assert images is not None
+    deep = [Entry("/".join(["d"] * i), "dir") for i in range(1, 1101)]
+    deep.append(Entry("/".join(["d"] * 1100) + "/leaf", data=b"deep\n"))
+    await pusher.image("evil/deep", "v1", [make_layer([*base_entries(), *deep])])
+    with pytest.raises(UnsafeLayer, match=r"over the 1536 stoker accepts"):
+        await images.pull(f"{registry.host}/evil/deep:v1", "deep", _noop)
+    _assert_nothing_left(daemon)

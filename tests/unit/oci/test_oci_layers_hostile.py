@@ -39,9 +39,11 @@ def tar(*members: tuple[tarfile.TarInfo, bytes], fmt: int = tarfile.PAX_FORMAT) 
     return buf.getvalue()
 
 
-def apply(tmp: Path, *layers: bytes, max_layer_size: int | None = None) -> Path:
+def apply(tmp: Path, *layers: bytes, max_layer_size: int | None = None, **kw: int | None) -> Path:
     root = tmp / "root"
-    a = LayerApplier(root, label="test/ref", allow_devices=True, max_layer_size=max_layer_size)
+    a = LayerApplier(
+        root, label="test/ref", allow_devices=True, max_layer_size=max_layer_size, **kw
+    )
     for i, blob in enumerate(layers):
         p = tmp / f"layer{i}"
         p.write_bytes(blob)
@@ -135,14 +137,16 @@ def test_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     members = [_info("/".join(["d"] * i), "dir") for i in range(1, depth + 1)]
     members.append(_info("/".join(["d"] * depth) + "/leaf", data=b"deep"))
     try:
-        root = apply(tmp_path, tar(*members))
+        # Past the path ceiling pulls refuse such a layer (see below); the walks must
+        # cope anyway (bundles, golden trees, staging sweeps).
+        root = apply(tmp_path, tar(*members), max_path=None)
         size, inodes = tree_usage(root)  # raised RecursionError with os.walk on 3.11
         assert inodes == depth + 2 and size >= (depth + 2) * 4096
         # A later layer whiting the whole tree out removes it without recursion.
-        apply(tmp_path, tar(_info(".wh.d")))
+        apply(tmp_path, tar(_info(".wh.d")), max_path=None)
         assert os.listdir(root) == []
         # And the cleanup of a deep staging tree works too.
-        apply(tmp_path, tar(*members))
+        apply(tmp_path, tar(*members), max_path=None)
         rmtree(root)
         assert not root.exists()
     finally:
@@ -169,3 +173,19 @@ def _symlink(name: str, target: str) -> tarfile.TarInfo:
     ti.type, ti.linkname = tarfile.SYMTYPE, target
     ti.mtime = 1_600_000_000
     return ti
+
+
+def test_paths_past_the_mkfs_ceiling_are_refused(tmp_path: Path) -> None:
+    """mke2fs 1.47 `-d` aborts with heap corruption on paths past ~2040 bytes."""
+    long_name = "/".join(["d" * 99] * 16)  # 1599 characters
+    with pytest.raises(UnsafeLayer, match=r"name of 1599 characters, over the 1536"):
+        apply(tmp_path, tar(_info(long_name, data=b"x")))
+    # The same depth reached through a symlink is caught on the resolved path.
+    deep = "/".join(["d" * 99] * 15)
+    blob = tar(
+        _info(deep + "/f", data=b"x"),
+        (_symlink("s", deep), b""),
+        _info("s/" + "e" * 99 + "/g", data=b"y"),
+    )
+    with pytest.raises(UnsafeLayer, match=r"lands at a path of \d+ bytes, over the 1536"):
+        apply(tmp_path / "two", blob)
