@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -304,3 +305,34 @@ async def test_building_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         await golden.build_golden(runner, tmp_path / "out", apt_dir=apt_dir(tmp_path))
     assert runner.calls == []
     assert not (tmp_path / "out").exists()
+
+
+def test_postprocess_writes_stay_inside_the_tree(tmp_path: Path) -> None:
+    """systemd-resolved images link /etc/resolv.conf to an absolute path: rewriting it
+    (and hostname, hosts, the dpkg config) must land inside the tree, never on the host."""
+    host = tmp_path / "host"
+    host.mkdir()
+    for name in ("resolv.conf", "hosts", "dpkg.cfg"):
+        (host / name).write_text(f"host {name}\n")
+    tree = fake_built_tree(tmp_path)
+    (tree / "etc/resolv.conf").symlink_to(str(host / "resolv.conf"))
+    (tree / "etc/hosts").symlink_to(str(host / "hosts"))
+    (tree / "etc/dpkg/dpkg.cfg.d/99mmdebstrap").unlink()
+    (tree / "etc/dpkg/dpkg.cfg.d/99mmdebstrap").symlink_to(str(host / "dpkg.cfg"))
+    golden._postprocess(tree, tmp_path / "kernel")
+    for name in ("resolv.conf", "hosts", "dpkg.cfg"):
+        assert (host / name).read_text() == f"host {name}\n", name
+    assert not (tree / "etc/resolv.conf").is_symlink()
+    assert (tree / "etc/resolv.conf").read_text() == ""
+
+
+def test_postprocess_refuses_a_kernel_that_is_a_symlink(tmp_path: Path) -> None:
+    host = tmp_path / "host-file"
+    host.write_text("host\n")
+    os.chmod(host, 0o600)
+    tree = fake_built_tree(tmp_path)
+    (tree / "boot" / "vmlinuz-6.1.0-9-cloud-amd64").unlink()
+    (tree / "boot" / "vmlinuz-6.1.0-9-cloud-amd64").symlink_to(host)
+    with pytest.raises(CommandFailed, match="not a regular file"):
+        golden._postprocess(tree, tmp_path / "kernel")
+    assert stat.S_IMODE(host.stat().st_mode) == 0o600

@@ -189,3 +189,14 @@ def test_paths_past_the_mkfs_ceiling_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(UnsafeLayer, match=r"lands at a path of \d+ bytes, over the 1536"):
         apply(tmp_path / "two", blob)
+
+
+def test_max_layer_size_config_key() -> None:
+    from stoker.config import parse_config
+    from stoker.errors import ConfigError
+
+    assert parse_config({}).max_layer_size == 16 << 30
+    assert parse_config({"max_layer_size": "2G"}).max_layer_size == 2 << 30
+    for bad in ("1K", "lots", -5):
+        with pytest.raises(ConfigError, match="max_layer_size"):
+            parse_config({"max_layer_size": bad})

@@ -518,16 +518,16 @@ def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
     initrd = boot / f"initrd.img-{version}"
     if not initrd.is_file():
         raise CommandFailed(f"the build produced no initramfs for kernel {version}")
+    for p in (boot, kernels[0], initrd):
+        # Read, moved out and chmodded on the host: a symlink here would reach a host file.
+        if p.is_symlink() or not (p.is_dir() if p == boot else p.is_file()):
+            raise CommandFailed(f"{p} in the built tree is not a regular file or directory")
     missing = missing_initramfs_modules(initrd, tree / "usr" / "lib" / "modules" / version)
     if missing:
         raise CommandFailed(
             f"the initramfs for {version} lacks modules {', '.join(missing)}: "
             "the guest could not find its disks; report this as a bug"
         )
-    for p in (kernels[0], initrd):
-        # Moved out and chmodded on the host: a symlink here would reach a host file.
-        if p.is_symlink() or not p.is_file():
-            raise CommandFailed(f"{p} in the built tree is not a regular file")
     kernel_out.mkdir(parents=True)
     shutil.move(kernels[0], kernel_out / "vmlinuz")
     shutil.move(initrd, kernel_out / "initrd.img")
