@@ -74,31 +74,20 @@ class ImageService:
 
     # --- start-up sweep ----------------------------------------------------------------
 
-    def sweep_leftovers(self) -> list[str]:
+    async def sweep_leftovers(self) -> list[str]:
         """At daemon start (nothing is pulling or building yet): delete what a crash or a
         `kill -9` left behind. That is everything in `staging/`, every image directory
         and kernel directory with no store row, and the `kernels/.*` temporaries of
-        imports. Blocking; returns the paths removed (for the log)."""
+        imports. Returns the paths removed (also logged)."""
         norm = os.path.normpath
         managed = {norm(Path(im.rootfs).parent) for im in self.store.list_images() if im.managed}
         kernels = {norm(k.dir) for k in self.store.list_kernels()}
-        removed: list[str] = []
-
-        def sweep(base: Path, keep: set[str]) -> None:
-            try:
-                names = sorted(os.listdir(base))
-            except FileNotFoundError:
-                return
-            for n in names:
-                p = base / n
-                if norm(p) in keep:
-                    continue
-                rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-
-        sweep(self.layout.staging_dir, set())
-        sweep(self.layout.images_dir, managed)
-        sweep(self.layout.kernels_dir, kernels)
+        targets = [
+            (self.layout.staging_dir, set[str]()),
+            (self.layout.images_dir, managed),
+            (self.layout.kernels_dir, kernels),
+        ]
+        removed = await asyncio.to_thread(_sweep, targets)
         for p in removed:
             self.log.info("start-up sweep: removed leftover %s", p)
         return removed
@@ -589,6 +578,23 @@ class ImageService:
             "removed": len(r.removed),
             "in_use": len(r.in_use),
         }
+
+
+def _sweep(targets: list[tuple[Path, set[str]]]) -> list[str]:
+    """Blocking: remove every entry of each directory whose path is not in its keep-set
+    (iteratively; a symlink is removed, never followed)."""
+    removed: list[str] = []
+    for base, keep in targets:
+        try:
+            names = sorted(os.listdir(base))
+        except FileNotFoundError:
+            continue
+        for n in names:
+            p = base / n
+            if os.path.normpath(p) not in keep:
+                rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+    return removed
 
 
 def oci_image_name(ref: str) -> str:

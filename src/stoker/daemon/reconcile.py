@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,5 +13,5 @@ async def reconcile(d: Daemon) -> None:
     assert d.vm is not None
     await d.vm.reconcile()
     if d.images is not None:  # leftovers of a crash or `kill -9` (staging, orphan dirs)
-        await asyncio.to_thread(d.images.sweep_leftovers)
-    await asyncio.to_thread(d.vm.sweep_orphan_dirs)
+        await d.images.sweep_leftovers()
+    await d.vm.sweep_orphan_dirs()

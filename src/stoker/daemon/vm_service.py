@@ -676,25 +676,29 @@ class VMService:
 
     # --- reconcile ---------------------------------------------------------------------
 
-    def sweep_orphan_dirs(self) -> list[str]:
+    async def sweep_orphan_dirs(self) -> list[str]:
         """At daemon start: delete VM directories under `vms/` that no store row names
-        (a crash between dropping a row and removing its files). Blocking."""
+        (a crash between dropping a row and removing its files)."""
         import os
 
         from stoker.daemon.imagemgr.safetree import rmtree
 
         keep = {os.path.normpath(v.vm_dir) for v in self.store.list_vms()}
-        removed: list[str] = []
-        try:
-            names = sorted(os.listdir(self.layout.vms_dir))
-        except FileNotFoundError:
-            return removed
-        for n in names:
-            p = self.layout.vms_dir / n
-            if os.path.normpath(p) not in keep:
+        vms_dir = self.layout.vms_dir
+
+        def sweep() -> list[str]:
+            try:
+                names = sorted(os.listdir(vms_dir))
+            except FileNotFoundError:
+                return []
+            gone = [vms_dir / n for n in names if os.path.normpath(vms_dir / n) not in keep]
+            for p in gone:
                 rmtree(p, ignore_errors=True)
-                removed.append(str(p))
-                self.log.info("start-up sweep: removed VM directory %s with no record", p)
+            return [str(p) for p in gone]
+
+        removed = await asyncio.to_thread(sweep)
+        for p in removed:
+            self.log.info("start-up sweep: removed VM directory %s with no record", p)
         return removed
 
     async def reconcile(self) -> None:
