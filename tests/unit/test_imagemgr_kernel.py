@@ -7,7 +7,6 @@ import contextlib
 import gzip
 import lzma
 import os
-import shutil
 import struct
 import subprocess
 import threading
@@ -276,11 +275,13 @@ async def test_oversized_source_is_refused(tmp_path: Path, monkeypatch: pytest.M
         await km.import_kernel(RecordingRunner(), big, tmp_path / "k")
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is not installed")
 async def test_package_symlinks_to_host_files_are_not_followed(tmp_path: Path) -> None:
     """A .deb whose boot/initrd.img-V links to a host file: the host file's bytes must not
     be copied into the kernel directory."""
+    from prereq import require_tools
     from stoker.runner import Runner
+
+    require_tools("dpkg-deb")
 
     secret = tmp_path / "host-secret"
     secret.write_text("host secret\n")
