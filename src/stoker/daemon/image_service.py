@@ -540,9 +540,11 @@ class ImageService:
                 await self._publish(im, staging)
                 staging = None  # type: ignore[assignment]
             finally:
-                pulled.discard()
-                if staging is not None:
-                    rmtree(staging, ignore_errors=True)
+                # Deleting a large unpacked tree takes seconds: not on the event loop.
+                leftover = staging
+                await _in_thread(pulled.discard)
+                if leftover is not None:
+                    await _in_thread(lambda: rmtree(leftover, ignore_errors=True))
             if not im.has_sshd:
                 progress(
                     "warning",
