@@ -388,9 +388,12 @@ def parse_config(
     if "boot_timeout" in data:
         kw["boot_timeout"] = _duration("boot_timeout", data["boot_timeout"]) or 1
     if "max_layer_size" in data:
-        kw["max_layer_size"] = _size("max_layer_size", data["max_layer_size"])
-        if kw["max_layer_size"] < 1 << 20:
-            raise _bad("max_layer_size", "must be at least 1M")
+        try:  # not a disk size: 1M is a fine (if strict) ceiling
+            kw["max_layer_size"] = parse_size(
+                data["max_layer_size"], "max_layer_size", min_bytes=1 << 20
+            )
+        except InvalidArgument as e:
+            raise _bad("max_layer_size", e.message) from None
     for k in ("stats_poll_interval", "op_prune_interval"):
         if k in data:
             kw[k] = _duration(k, data[k]) or 1
