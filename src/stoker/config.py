@@ -2,6 +2,12 @@
 
 Every key is optional. An unknown key, or a value of the wrong type or range, fails
 at load time with the key's dotted name and the reason.
+
+Each key is declared once, as a field of `Config` (or of `VMDefaults` / `FileSync` for the
+keys of `[vm_defaults]` and `[[file_sync]]`) made with `setting()`: its type, default,
+validator and one-line description live there. `parse_config` (which keys exist, how each
+is checked), `resolve_vm_defaults` (defaults with provenance) and `settings_table()` (the
+key table in README.md, checked by a unit test) all read those declarations.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stoker.errors import ConfigError, InvalidArgument
 from stoker.model.sizes import MIN_DISK_BYTES, check_memory_mib, parse_size
@@ -38,106 +45,43 @@ MAX_DURATION = 366 * 86400
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class FileSync:
-    """One `[[file_sync]]` entry: a host file copied onto the work disk before each start."""
+class Host(NamedTuple):
+    """What validation and the VM-default heuristics know about this host."""
 
-    host: str
-    guest: str
-    mode: int = 0o600
+    cpus: int
+    mem_bytes: int
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A value plus where it came from, for `doctor`."""
-
-    value: int
-    source: Provenance
+# A validator: (dotted key, raw TOML value, host) -> the typed value, or raises ConfigError.
+Parser = Callable[[str, Any, Host], Any]
 
 
-@dataclass(frozen=True)
-class VMDefaults:
-    vcpu: Resolved
-    memory_mib: Resolved
-    disk_size: Resolved
-    overlay_size: Resolved
+def setting(
+    default: Any = MISSING,
+    *,
+    parse: Parser,
+    doc: str,
+    shown: str | None = None,
+    default_factory: Callable[[], Any] | None = None,
+    heuristic: Callable[[Host], int | None] | None = None,
+) -> Any:
+    """Declare one config key as a dataclass field.
+
+    `parse` validates the raw TOML value; `doc` is its line in README's key table and
+    `shown` how that table writes the default (else its TOML form). `heuristic` (only for
+    `[vm_defaults]`) derives a default from the host, used when at least the built-in."""
+    meta = {"parse": parse, "doc": doc, "shown": shown, "heuristic": heuristic}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
-class Config:
-    """The daemon's and CLI's settings, typed and validated."""
-
-    path: Path | None = None
-    log_level: str = "info"
-    vmm: Literal["auto", "firecracker", "qemu"] = "auto"
-    firecracker_bin: str = "firecracker"
-    jailer_bin: str = "jailer"
-    qemu_bin: str = "qemu-system-x86_64"
-    use_jailer: bool = False
-    bridge_name: str = "br-stoker"
-    bridge_cidr: str = "172.30.0.0/24"
-    tap_pool_size: int = 2
-    dns_listen: str = "127.0.0.1:5354"
-    guest_dns: tuple[str, ...] = ("1.1.1.1",)
-    default_image: str = "debian-bookworm"
-    debian_mirror: str | None = None
-    golden_cache_dir: str | None = None  # apt package cache for image builds
-    auto_stop_stale_after: int = 0  # seconds; 0 = off
-    stats_poll_interval: int = 10  # seconds
-    boot_timeout: int = 180  # seconds from VMM start to SSH answering
-    max_layer_size: int = 16 * GiB  # decompressed bytes one OCI layer may unpack to
-    op_prune_interval: int = 60  # seconds
-    vm_defaults: VMDefaults = field(
-        default_factory=lambda: resolve_vm_defaults({}, os.cpu_count() or 1, _host_mem())
-    )
-    file_sync: tuple[FileSync, ...] = ()
-
-    @property
-    def bridge_network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.bridge_cidr, strict=False)
-
-    @property
-    def gateway_ip(self) -> str:
-        return str(next(self.bridge_network.hosts()))
+def declared(cls: type) -> Iterator[Field[Any]]:
+    """The fields of a settings dataclass that are config keys (made with `setting()`)."""
+    return (f for f in fields(cls) if "parse" in f.metadata)
 
 
-def host_memory_bytes() -> int:
-    """MemTotal of this host, 0 if unknown: the ceiling for a VM's memory."""
-    return _host_mem()
-
-
-def _host_mem() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def resolve_vm_defaults(section: dict[str, Any], cpus: int, mem_bytes: int) -> VMDefaults:
-    """config > host heuristic (CPUs/4 capped at 4, RAM/8 capped at 8 GiB) > built-in."""
-
-    def pick(key: str, heuristic: int | None, builtin: int, conv: Any) -> Resolved:
-        if key in section:
-            return Resolved(conv(section[key]), "config")
-        if heuristic is not None and heuristic >= builtin:
-            return Resolved(heuristic, "host heuristic")
-        return Resolved(builtin, "built-in")
-
-    heur_vcpu = min(cpus // 4, 4) if cpus else None
-    heur_mem = min(mem_bytes // 8, 8 * GiB) // MiB if mem_bytes else None
-    return VMDefaults(
-        vcpu=pick("vcpu", heur_vcpu, BUILTIN_VCPU, int),
-        memory_mib=pick("memory_mib", heur_mem, BUILTIN_MEMORY_MIB, int),
-        disk_size=pick("disk_size", None, BUILTIN_DISK_SIZE, lambda v: v),
-        overlay_size=pick("overlay_size", None, BUILTIN_OVERLAY_SIZE, lambda v: v),
-    )
-
-
-# --- validation -------------------------------------------------------------------------
+# --- validators ---------------------------------------------------------------------------
 
 # Starts with a letter or digit: "-br" would read as an option to ip(8) and nft(8), and
 # "." / ".." / "all" / "default" are directories of /proc/sys/net/*/conf/, not interfaces.
@@ -270,31 +214,345 @@ def _mode(key: str, v: Any) -> int:
     )
 
 
-_TOP_KEYS = {
-    "log_level",
-    "vmm",
-    "firecracker_bin",
-    "jailer_bin",
-    "qemu_bin",
-    "use_jailer",
-    "bridge_name",
-    "bridge_cidr",
-    "tap_pool_size",
-    "dns_listen",
-    "guest_dns",
-    "default_image",
-    "debian_mirror",
-    "golden_cache_dir",
-    "auto_stop_stale_after",
-    "stats_poll_interval",
-    "boot_timeout",
-    "max_layer_size",
-    "op_prune_interval",
-    "vm_defaults",
-    "file_sync",
-}
-_VM_DEFAULT_KEYS = {"vcpu", "memory_mib", "disk_size", "overlay_size"}
-_FILE_SYNC_KEYS = {"host", "guest", "mode"}
+def _plain(check: Callable[[str, Any], Any]) -> Parser:
+    return lambda key, v, _host: check(key, v)
+
+
+def _log_level(key: str, v: Any, _host: Host) -> str:
+    lvl = _str(key, v).lower()
+    if lvl not in ("debug", "info", "warning", "error"):
+        raise _bad(key, f"expected debug, info, warning or error, got {lvl!r}")
+    return lvl
+
+
+def _vmm(key: str, v: Any, _host: Host) -> str:
+    vmm = _str(key, v)
+    if vmm not in ("auto", "firecracker", "qemu"):
+        raise _bad(key, f"expected auto, firecracker or qemu, got {vmm!r}")
+    return vmm
+
+
+def _bridge_name(key: str, v: Any, _host: Host) -> str:
+    name = _str(key, v)
+    if not _IFNAME.fullmatch(name) or name in _IFNAME_RESERVED:
+        raise _bad(
+            key,
+            f"{name!r} is not a usable interface name: 1-15 characters of letters, "
+            "digits, '_', '.' and '-', starting with a letter or digit (not all, "
+            "default or lo)",
+        )
+    return name
+
+
+def _bridge_cidr(key: str, v: Any, _host: Host) -> str:
+    cidr = _str(key, v)
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=False)
+    except ValueError as e:
+        raise _bad(key, str(e)) from None
+    if not net.is_private:
+        raise _bad(key, f"{cidr} is not a private range: guests must live on one")
+    if net.prefixlen > 29:
+        raise _bad(key, f"{cidr} is too small: use /29 or larger")
+    return str(net)
+
+
+def _dns_listen(key: str, v: Any, _host: Host) -> str:
+    addr = _str(key, v)
+    host, _, port = addr.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        if not 0 < int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise _bad(key, f"expected ADDRESS:PORT such as 127.0.0.1:5354, got {addr!r}") from None
+    return addr
+
+
+def _guest_dns(key: str, v: Any, _host: Host) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise _bad(key, "expected a non-empty list of IP addresses")
+    for s in v:
+        try:
+            # ip_address() also accepts integers; a config value must be a string.
+            if not isinstance(s, str):
+                raise TypeError
+            ipaddress.ip_address(s)
+        except (ValueError, TypeError):
+            raise _bad(key, f"{s!r} is not an IP address") from None
+    return tuple(v)
+
+
+def _interval(key: str, v: Any, _host: Host) -> int:
+    """A duration where 0 would mean "spin": at least one second."""
+    return _duration(key, v) or 1
+
+
+def _layer_size(key: str, v: Any, _host: Host) -> int:
+    try:  # not a disk size: 1M is a fine (if strict) ceiling
+        return parse_size(v, key, min_bytes=1 << 20)
+    except InvalidArgument as e:
+        raise _bad(key, e.message) from None
+
+
+def _vcpu(key: str, v: Any, _host: Host) -> int:
+    return _int(key, v, 1, 64)
+
+
+def _memory_mib(key: str, v: Any, host: Host) -> int:
+    try:
+        return check_memory_mib(v, key, host.mem_bytes)
+    except InvalidArgument as e:
+        raise _bad(key, e.message) from None
+
+
+def _disk_size(key: str, v: Any, _host: Host) -> int:
+    return _size(key, v)
+
+
+def _heur_vcpu(host: Host) -> int | None:
+    return min(host.cpus // 4, 4) if host.cpus else None
+
+
+def _heur_memory_mib(host: Host) -> int | None:
+    return min(host.mem_bytes // 8, 8 * GiB) // MiB if host.mem_bytes else None
+
+
+def _file_sync_host(key: str, v: Any, _host: Host) -> str:
+    host = os.path.expanduser(_str(key, v))
+    if not os.path.isabs(host):
+        raise _bad(key, f"{host!r} must be an absolute path (or start with ~)")
+    return _host_file(key, host)
+
+
+def _file_sync_guest(key: str, v: Any, _host: Host) -> str:
+    return _guest_path(key, _str(key, v))
+
+
+def _file_sync_mode(key: str, v: Any, _host: Host) -> int:
+    return _mode(key, v)
+
+
+# --- the declarations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSync:
+    """One `[[file_sync]]` entry: a host file copied onto the work disk before each start."""
+
+    host: str = setting(
+        parse=_file_sync_host,
+        doc="an existing regular file on the host (at most 4 MiB; `~` expands)",
+        shown="required",
+    )
+    guest: str = setting(
+        parse=_file_sync_guest, doc="where it goes: a file path under /root", shown="required"
+    )
+    mode: int = setting(
+        0o600, parse=_file_sync_mode, doc="its mode, an octal string", shown='`"0600"`'
+    )
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A value plus where it came from, for `doctor`."""
+
+    value: int
+    source: Provenance
+
+
+@dataclass(frozen=True)
+class VMDefaults:
+    """`[vm_defaults]`: each value is config > host heuristic > built-in (`doctor` shows which)."""
+
+    vcpu: Resolved = setting(  # noqa: RUF009 (setting() is a field specifier)
+        Resolved(BUILTIN_VCPU, "built-in"),
+        parse=_vcpu,
+        heuristic=_heur_vcpu,
+        doc="vCPUs of a new VM (1-64)",
+        shown=f"CPUs/4 (at most 4), else `{BUILTIN_VCPU}`",
+    )
+    memory_mib: Resolved = setting(  # noqa: RUF009 (setting() is a field specifier)
+        Resolved(BUILTIN_MEMORY_MIB, "built-in"),
+        parse=_memory_mib,
+        heuristic=_heur_memory_mib,
+        doc="memory of a new VM in MiB (128 up to the host's RAM)",
+        shown=f"RAM/8 (at most 8192), else `{BUILTIN_MEMORY_MIB}`",
+    )
+    disk_size: Resolved = setting(  # noqa: RUF009 (setting() is a field specifier)
+        Resolved(BUILTIN_DISK_SIZE, "built-in"),
+        parse=_disk_size,
+        doc="work disk of a new VM (a size with a unit)",
+        shown='`"8G"`',
+    )
+    overlay_size: Resolved = setting(  # noqa: RUF009 (setting() is a field specifier)
+        Resolved(BUILTIN_OVERLAY_SIZE, "built-in"),
+        parse=_disk_size,
+        doc="root overlay disk of a new VM (a size with a unit)",
+        shown='`"8G"`',
+    )
+
+
+def _vm_defaults(key: str, v: Any, host: Host) -> VMDefaults:
+    if not isinstance(v, dict):
+        raise _bad(key, "expected a table [vm_defaults]")
+    known = {f.name: f for f in declared(VMDefaults)}
+    checked: dict[str, Any] = {}
+    for k, raw in v.items():
+        sub = f"{key}.{k}"
+        if k not in known:
+            raise _bad(sub, f"unknown key (known: {', '.join(sorted(known))})")
+        checked[k] = known[k].metadata["parse"](sub, raw, host)
+    return resolve_vm_defaults(checked, host.cpus, host.mem_bytes)
+
+
+def _file_sync(key: str, v: Any, host: Host) -> tuple[FileSync, ...]:
+    if not isinstance(v, list):
+        raise _bad(key, "expected an array of tables [[file_sync]]")
+    known = {f.name: f for f in declared(FileSync)}
+    entries = []
+    for i, ent in enumerate(v):
+        base = f"{key}[{i}]"
+        if not isinstance(ent, dict):
+            raise _bad(base, "expected a table with host, guest and optional mode")
+        for k in ent:
+            if k not in known:
+                raise _bad(f"{base}.{k}", f"unknown key (known: {', '.join(sorted(known))})")
+        if "host" not in ent or "guest" not in ent:
+            raise _bad(base, "both host and guest are required")
+        # In declaration order: host (stat'ed now, and again at each VM start), guest, mode.
+        kw = {
+            name: f.metadata["parse"](f"{base}.{name}", ent[name], host)
+            for name, f in known.items()
+            if name in ent
+        }
+        entries.append(FileSync(**kw))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's and CLI's settings, typed and validated: one field per config key."""
+
+    path: Path | None = None  # the file it came from (not a key)
+    log_level: str = setting(
+        "info", parse=_log_level, doc="stokerd's log level: debug, info, warning or error"
+    )
+    vmm: Literal["auto", "firecracker", "qemu"] = setting(
+        "auto", parse=_vmm, doc="auto, firecracker or qemu (`doctor` shows what auto picks)"
+    )
+    firecracker_bin: str = setting(
+        "firecracker", parse=_plain(_str), doc="Firecracker binary (name on PATH or path)"
+    )
+    jailer_bin: str = setting("jailer", parse=_plain(_str), doc="Firecracker's jailer binary")
+    qemu_bin: str = setting("qemu-system-x86_64", parse=_plain(_str), doc="QEMU binary")
+    use_jailer: bool = setting(False, parse=_plain(_bool), doc="run Firecracker under the jailer")
+    bridge_name: str = setting(
+        "br-stoker", parse=_bridge_name, doc="host bridge the guests live on"
+    )
+    bridge_cidr: str = setting(
+        "172.30.0.0/24", parse=_bridge_cidr, doc="guest network: private, /29 or larger"
+    )
+    tap_pool_size: int = setting(
+        2, parse=lambda k, v, _h: _int(k, v, 0, 64), doc="taps kept ready for the next start (0-64)"
+    )
+    dns_listen: str = setting(
+        "127.0.0.1:5354", parse=_dns_listen, doc="where the host asks stoker's DNS for NAME.vm"
+    )
+    guest_dns: tuple[str, ...] = setting(
+        ("1.1.1.1",), parse=_guest_dns, doc="upstream nameservers (IP addresses)"
+    )
+    default_image: str = setting(
+        "debian-bookworm", parse=_plain(_str), doc="image of a VM made without --image"
+    )
+    debian_mirror: str | None = setting(
+        None,
+        parse=_plain(_str),
+        doc="Debian mirror for image builds",
+        shown="the host's apt sources, else Debian's",
+    )
+    golden_cache_dir: str | None = setting(
+        None,
+        parse=_plain(_str),
+        doc="apt package cache for image builds",
+        shown="the cache dir's `apt`",
+    )
+    auto_stop_stale_after: int = setting(
+        0, parse=_plain(_duration), doc="stop VMs idle this long (0: never)", shown="`0`"
+    )
+    stats_poll_interval: int = setting(
+        10, parse=_interval, doc="how often VM stats are sampled", shown='`"10s"`'
+    )
+    boot_timeout: int = setting(
+        180,
+        parse=_interval,
+        doc="VMM start to SSH answering (slow hosts: raise it)",
+        shown='`"3m"`',
+    )
+    max_layer_size: int = setting(
+        16 * GiB,
+        parse=_layer_size,
+        doc="what one OCI layer may decompress to (at least 1M)",
+        shown='`"16G"`',
+    )
+    op_prune_interval: int = setting(
+        60, parse=_interval, doc="how often finished operations are pruned", shown='`"1m"`'
+    )
+    vm_defaults: VMDefaults = setting(  # noqa: RUF009 (setting() is a field specifier)
+        parse=_vm_defaults,
+        default_factory=lambda: resolve_vm_defaults({}, os.cpu_count() or 1, _host_mem()),
+        doc="table: defaults of a new VM (below)",
+        shown="",
+    )
+    file_sync: tuple[FileSync, ...] = setting(
+        (),
+        parse=_file_sync,
+        doc="array of tables: host files copied in at each start (below)",
+        shown="",
+    )
+
+    @property
+    def bridge_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.bridge_cidr, strict=False)
+
+    @property
+    def gateway_ip(self) -> str:
+        return str(next(self.bridge_network.hosts()))
+
+
+def host_memory_bytes() -> int:
+    """MemTotal of this host, 0 if unknown: the ceiling for a VM's memory."""
+    return _host_mem()
+
+
+def _host_mem() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resolve_vm_defaults(section: dict[str, Any], cpus: int, mem_bytes: int) -> VMDefaults:
+    """config > host heuristic (CPUs/4 capped at 4, RAM/8 capped at 8 GiB) > built-in.
+
+    `section` holds already-validated values of `[vm_defaults]`."""
+    host = Host(cpus, mem_bytes)
+    kw: dict[str, Resolved] = {}
+    for f in declared(VMDefaults):
+        builtin: Resolved = f.default  # type: ignore[assignment]
+        heuristic = f.metadata["heuristic"]
+        guess = heuristic(host) if heuristic is not None else None
+        if f.name in section:
+            kw[f.name] = Resolved(int(section[f.name]), "config")
+        elif guess is not None and guess >= builtin.value:
+            kw[f.name] = Resolved(guess, "host heuristic")
+        else:
+            kw[f.name] = builtin
+    return VMDefaults(**kw)
 
 
 def parse_config(
@@ -307,144 +565,48 @@ def parse_config(
 
     Each `[[file_sync]]` host path is stat'ed: it must be a regular file now (and it is
     checked again when it is read, at each VM start)."""
+    keys = {f.name: f for f in declared(Config)}
     for key in data:
-        if key not in _TOP_KEYS:
-            raise _bad(key, f"unknown key (known keys: {', '.join(sorted(_TOP_KEYS))})")
-    kw: dict[str, Any] = {"path": path}
-    if "log_level" in data:
-        lvl = _str("log_level", data["log_level"]).lower()
-        if lvl not in ("debug", "info", "warning", "error"):
-            raise _bad("log_level", f"expected debug, info, warning or error, got {lvl!r}")
-        kw["log_level"] = lvl
-    if "vmm" in data:
-        vmm = _str("vmm", data["vmm"])
-        if vmm not in ("auto", "firecracker", "qemu"):
-            raise _bad("vmm", f"expected auto, firecracker or qemu, got {vmm!r}")
-        kw["vmm"] = vmm
-    for k in (
-        "firecracker_bin",
-        "jailer_bin",
-        "qemu_bin",
-        "default_image",
-        "debian_mirror",
-        "golden_cache_dir",
-    ):
-        if k in data:
-            kw[k] = _str(k, data[k])
-    if "use_jailer" in data:
-        kw["use_jailer"] = _bool("use_jailer", data["use_jailer"])
-    if "bridge_name" in data:
-        name = _str("bridge_name", data["bridge_name"])
-        if not _IFNAME.fullmatch(name) or name in _IFNAME_RESERVED:
-            raise _bad(
-                "bridge_name",
-                f"{name!r} is not a usable interface name: 1-15 characters of letters, "
-                "digits, '_', '.' and '-', starting with a letter or digit (not all, "
-                "default or lo)",
-            )
-        kw["bridge_name"] = name
-    if "bridge_cidr" in data:
-        cidr = _str("bridge_cidr", data["bridge_cidr"])
-        try:
-            net = ipaddress.IPv4Network(cidr, strict=False)
-        except ValueError as e:
-            raise _bad("bridge_cidr", str(e)) from None
-        if not net.is_private:
-            raise _bad("bridge_cidr", f"{cidr} is not a private range: guests must live on one")
-        if net.prefixlen > 29:
-            raise _bad("bridge_cidr", f"{cidr} is too small: use /29 or larger")
-        kw["bridge_cidr"] = str(net)
-    if "tap_pool_size" in data:
-        kw["tap_pool_size"] = _int("tap_pool_size", data["tap_pool_size"], 0, 64)
-    if "dns_listen" in data:
-        addr = _str("dns_listen", data["dns_listen"])
-        host, _, port = addr.rpartition(":")
-        try:
-            ipaddress.ip_address(host)
-            if not 0 < int(port) < 65536:
-                raise ValueError
-        except ValueError:
-            raise _bad(
-                "dns_listen", f"expected ADDRESS:PORT such as 127.0.0.1:5354, got {addr!r}"
-            ) from None
-        kw["dns_listen"] = addr
-    if "guest_dns" in data:
-        v = data["guest_dns"]
-        if not isinstance(v, list) or not v:
-            raise _bad("guest_dns", "expected a non-empty list of IP addresses")
-        for s in v:
-            try:
-                # ip_address() also accepts integers; a config value must be a string.
-                if not isinstance(s, str):
-                    raise TypeError
-                ipaddress.ip_address(s)
-            except (ValueError, TypeError):
-                raise _bad("guest_dns", f"{s!r} is not an IP address") from None
-        kw["guest_dns"] = tuple(v)
-    if "auto_stop_stale_after" in data:
-        kw["auto_stop_stale_after"] = _duration(
-            "auto_stop_stale_after", data["auto_stop_stale_after"]
-        )
-    if "boot_timeout" in data:
-        kw["boot_timeout"] = _duration("boot_timeout", data["boot_timeout"]) or 1
-    if "max_layer_size" in data:
-        try:  # not a disk size: 1M is a fine (if strict) ceiling
-            kw["max_layer_size"] = parse_size(
-                data["max_layer_size"], "max_layer_size", min_bytes=1 << 20
-            )
-        except InvalidArgument as e:
-            raise _bad("max_layer_size", e.message) from None
-    for k in ("stats_poll_interval", "op_prune_interval"):
-        if k in data:
-            kw[k] = _duration(k, data[k]) or 1
-
-    vmd = data.get("vm_defaults", {})
-    if not isinstance(vmd, dict):
-        raise _bad("vm_defaults", "expected a table [vm_defaults]")
-    checked: dict[str, Any] = {}
-    for k, v in vmd.items():
-        key = f"vm_defaults.{k}"
-        if k not in _VM_DEFAULT_KEYS:
-            raise _bad(key, f"unknown key (known: {', '.join(sorted(_VM_DEFAULT_KEYS))})")
-        if k == "vcpu":
-            checked[k] = _int(key, v, 1, 64)
-        elif k == "memory_mib":
-            try:
-                checked[k] = check_memory_mib(
-                    v, key, _host_mem() if mem_bytes is None else mem_bytes
-                )
-            except InvalidArgument as e:
-                raise _bad(key, e.message) from None
-        else:
-            checked[k] = _size(key, v)
-    kw["vm_defaults"] = resolve_vm_defaults(
-        checked,
+        if key not in keys:
+            raise _bad(key, f"unknown key (known keys: {', '.join(sorted(keys))})")
+    host = Host(
         os.cpu_count() or 1 if cpus is None else cpus,
         _host_mem() if mem_bytes is None else mem_bytes,
     )
-
-    fs = data.get("file_sync", [])
-    if not isinstance(fs, list):
-        raise _bad("file_sync", "expected an array of tables [[file_sync]]")
-    entries = []
-    for i, ent in enumerate(fs):
-        base = f"file_sync[{i}]"
-        if not isinstance(ent, dict):
-            raise _bad(base, "expected a table with host, guest and optional mode")
-        for k in ent:
-            if k not in _FILE_SYNC_KEYS:
-                raise _bad(f"{base}.{k}", "unknown key (known: guest, host, mode)")
-        if "host" not in ent or "guest" not in ent:
-            raise _bad(base, "both host and guest are required")
-        host = os.path.expanduser(_str(f"{base}.host", ent["host"]))
-        if not os.path.isabs(host):
-            raise _bad(f"{base}.host", f"{host!r} must be an absolute path (or start with ~)")
-        _host_file(f"{base}.host", host)
-        norm = _guest_path(f"{base}.guest", _str(f"{base}.guest", ent["guest"]))
-        mode = _mode(f"{base}.mode", ent["mode"]) if "mode" in ent else 0o600
-        entries.append(FileSync(host=host, guest=norm, mode=mode))
-    kw["file_sync"] = tuple(entries)
+    kw: dict[str, Any] = {"path": path}
+    for name, f in keys.items():
+        if name in data:
+            kw[name] = f.metadata["parse"](name, data[name], host)
+    if "vm_defaults" not in kw:
+        # The host heuristics follow the host given (tests pass cpus and mem_bytes).
+        kw["vm_defaults"] = resolve_vm_defaults({}, host.cpus, host.mem_bytes)
     return Config(**kw)
+
+
+# --- the key table in README.md -----------------------------------------------------------
+
+
+def _shown(f: Field[Any]) -> str:
+    """The default as README shows it: `shown` verbatim, else the default's TOML form."""
+    if f.metadata["shown"] is not None:
+        return str(f.metadata["shown"])
+    v = f.default
+    if isinstance(v, bool):
+        return "`true`" if v else "`false`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    if isinstance(v, tuple):
+        return "`[" + ", ".join(f'"{x}"' for x in v) + "]`"
+    return f"`{v}`"
+
+
+def settings_table() -> str:
+    """README's table of every config key, made from the declarations (Markdown)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for prefix, cls in (("", Config), ("vm_defaults.", VMDefaults), ("file_sync[].", FileSync)):
+        for f in declared(cls):
+            rows.append(f"| `{prefix}{f.name}` | {_shown(f)} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
 
 
 def load_config(path: Path | None, *, required: bool = False) -> Config:

@@ -517,3 +517,62 @@ def test_bridge_name_refused(name: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_config({"bridge_name": name})
     assert "'bridge_name'" in ei.value.message
+
+
+# --- issue 10 item 5: keys declared once; README's key table and example follow them ----
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_section(begin: str, end: str) -> str:
+    text = README.read_text()
+    assert begin in text, f"README.md lost its {begin!r} marker"
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def test_readme_key_table_is_the_declared_keys() -> None:
+    from stoker.config import settings_table
+
+    got = _readme_section("<!-- settings-table: begin -->\n", "<!-- settings-table: end -->")
+    assert got == settings_table(), (
+        "README.md's config key table disagrees with the keys declared in stoker.config; "
+        "paste this between the settings-table markers:\n" + settings_table()
+    )
+
+
+def test_readme_example_config_uses_declared_keys_with_valid_values() -> None:
+    import tomllib
+
+    from stoker.config import Config, FileSync, VMDefaults, declared
+
+    block = README.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(block)
+    top = {f.name for f in declared(Config)}
+    assert set(data) <= top, set(data) - top
+    assert set(data.get("vm_defaults", {})) <= {f.name for f in declared(VMDefaults)}
+    for ent in data.get("file_sync", []):
+        assert set(ent) <= {f.name for f in declared(FileSync)}
+        ent["host"] = HOSTFILE  # the example's ~/.netrc need not exist here
+    parse_config(data, cpus=4, mem_bytes=8 * GiB)
+
+
+def test_known_keys_are_the_declared_fields() -> None:
+    """The unknown-key message lists exactly the declared keys (none hand-listed)."""
+    from stoker.config import Config, declared
+
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"nope": 1})
+    listed = ei.value.message.split("known keys: ", 1)[1].rstrip(")").split(", ")
+    assert listed == sorted(f.name for f in declared(Config))
+    assert "path" not in listed  # a Config field that is not a key
+
+
+def test_declared_defaults_are_what_an_empty_config_gives() -> None:
+    from stoker.config import Config, declared
+
+    c = parse_config({}, cpus=0, mem_bytes=0)
+    for f in declared(Config):
+        if f.name != "vm_defaults":
+            assert getattr(c, f.name) == f.default, f.name
+    for f in declared(type(c.vm_defaults)):
+        assert getattr(c.vm_defaults, f.name) == f.default  # built-in, source "built-in"
