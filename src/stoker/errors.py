@@ -138,9 +138,27 @@ class Cancelled(StokerError):
 
 
 class CommandFailed(StokerError):
-    """An external command exited non-zero."""
+    """An external command exited non-zero.
+
+    Raised by `Runner.run` with the command's `argv`, `returncode` (negative: killed by that
+    signal) and `stderr` (decoded); code that raises it for other failures may leave them
+    empty. Only the message travels over RPC."""
 
     code = "command_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        argv: tuple[str, ...] = (),
+        returncode: int | None = None,
+        stderr: str = "",
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 class ConfigError(StokerError):

@@ -1,8 +1,12 @@
 """The one way stoker runs external commands.
 
 Every external program (ip, nft, mkfs.ext4, debugfs, git, ssh-keygen, qemu...) goes
-through a `Runner`, so commands are logged, always have a timeout, and fail with an
-error that carries the command line and its stderr. Tests substitute a recording or
+through a `Runner`, so commands are logged, always have a timeout, and fail with a
+`CommandFailed` that carries argv, exit status and stderr. `run` (whose output callers
+parse: `nft list`, `debugfs`, `git`, `--version`...) runs commands in the C locale
+(`LC_ALL=C`), so messages and number formats are the untranslated ones the parsers expect
+whatever the user's locale; an explicit `env` may still set LC_ALL. `spawn` (long-lived
+VMMs, output only logged) keeps the environment as it is. Tests substitute a recording or
 fake runner through the `Daemon`'s `runner` field.
 """
 
@@ -22,6 +26,10 @@ from stoker.errors import CommandFailed, Timeout, Unavailable
 log = logging.getLogger("stoker.runner")
 
 DEFAULT_TIMEOUT = 120.0
+# Set for every `run`: parsed output must not depend on the user's locale.
+PARSE_LOCALE = {"LC_ALL": "C"}
+# How much of a failed command's stderr (or stdout) its error message quotes.
+MESSAGE_TAIL = 2000
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,33 @@ def _cmdline(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def _short_cmdline(argv: Sequence[str], limit: int = 300) -> str:
+    line = _cmdline(argv)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
+def command_failed(res: Result) -> CommandFailed:
+    """The error for a finished command that exited non-zero: the command line (cut at
+    300 characters), how it ended, and the tail of its stderr (else stdout)."""
+    err, out = res.err.strip(), res.out.strip()
+    said = err[-MESSAGE_TAIL:] or out[-MESSAGE_TAIL:] or "no output"
+    return CommandFailed(
+        f"{_short_cmdline(res.argv)} failed ({_exit_status(res.returncode)}): {said}",
+        argv=res.argv,
+        returncode=res.returncode,
+        stderr=res.err,
+    )
+
+
 class Runner:
     """Runs argv lists with a timeout; raises `CommandFailed` on a non-zero exit when asked."""
 
@@ -64,11 +99,10 @@ class Runner:
         cwd: str | os.PathLike[str] | None = None,
     ) -> Result:
         argv = [str(a) for a in argv]
-        full_env = None
-        if env is not None or self._env is not None:
-            full_env = dict(os.environ)
-            full_env.update(self._env or {})
-            full_env.update(env or {})
+        full_env = dict(os.environ)
+        full_env.update(PARSE_LOCALE)
+        full_env.update(self._env or {})
+        full_env.update(env or {})
         log.debug("run: %s", _cmdline(argv))
         t0 = time.monotonic()
         try:
@@ -97,10 +131,7 @@ class Runner:
             raise
         res = Result(tuple(argv), proc.returncode or 0, out, err, time.monotonic() - t0)
         if check and res.returncode != 0:
-            raise CommandFailed(
-                f"{_cmdline(argv)} failed (exit {res.returncode}): "
-                f"{res.err.strip()[-2000:] or res.out.strip()[-2000:] or 'no output'}"
-            )
+            raise command_failed(res)
         return res
 
     async def ok(self, argv: Sequence[str], timeout: float = 30.0) -> bool:
