@@ -350,9 +350,9 @@ def test_doctor_hints_name_only_what_a_user_has(
 ) -> None:
     """With every tool missing, no fix points into this repository (scripts/, shared/...)."""
     from stoker.config import parse_config
-    from stoker.daemon import doctor
+    from stoker.hostprobe import doctor
 
-    monkeypatch.setattr(doctor, "_which", lambda name: None)
+    monkeypatch.setattr(doctor, "which", lambda name: None)
     checks = doctor.run_doctor_sync(isolated_env, parse_config({}), None)
     fixes = " ".join(c.fix for c in checks)
     assert "apt-get install iproute2 nftables e2fsprogs openssh-client git tar" in fixes

@@ -17,7 +17,7 @@ def register(sub: Any) -> None:
 
 def doctor(args: argparse.Namespace) -> int:
     from stoker.config import config_path, load_config
-    from stoker.daemon.doctor import run_doctor_sync
+    from stoker.hostprobe.doctor import run_doctor_sync
 
     layout = layout_for(args)
     path, explicit = config_path(args.config, layout.config_file)

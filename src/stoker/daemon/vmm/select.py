@@ -4,23 +4,43 @@
 this host is not itself a VM (nested KVM may open fine and still fail every boot); else
 QEMU `microvm`, with KVM acceleration under the same condition and TCG otherwise.
 `STOKER_KVM_BOOTS=1` in the daemon's environment vouches that KVM guests really boot on a
-nested host. `doctor` shows the same choice and reason.
+nested host. `doctor` shows the same choice and reason: both take it from `stoker.hostprobe`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import shutil
 from typing import Protocol
 
 from stoker.daemon.vmm.base import VMMDriver
 from stoker.errors import InvalidArgument, Unavailable
+
+# The host probes and the choice policy live below the daemon, shared with `doctor`;
+# re-exported here for the daemon's callers.
+from stoker.hostprobe.probes import (
+    KVM_BOOTS_ENV,
+    KVM_GET_API_VERSION,
+    kvm_boots_vouched,
+    kvm_usable,
+    nested_virt,
+    which,
+)
+from stoker.hostprobe.vmm import choose_accel, choose_vmm
 from stoker.runner import Runner
 
-KVM_GET_API_VERSION = 0xAE00
-KVM_BOOTS_ENV = "STOKER_KVM_BOOTS"
+__all__ = [
+    "KVM_BOOTS_ENV",
+    "KVM_GET_API_VERSION",
+    "VMMConfig",
+    "choose_accel",
+    "choose_vmm",
+    "driver_for_config",
+    "kvm_boots_vouched",
+    "kvm_usable",
+    "make_driver",
+    "nested_virt",
+    "which",
+]
 
 
 class VMMConfig(Protocol):
@@ -36,101 +56,6 @@ class VMMConfig(Protocol):
     def qemu_bin(self) -> str: ...
     @property
     def use_jailer(self) -> bool: ...
-
-
-def which(name: str) -> str | None:
-    """Resolve a binary name (or check an absolute path), also looking in the sbin dirs."""
-    if os.path.isabs(name):
-        return name if os.access(name, os.X_OK) else None
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-def nested_virt() -> bool:
-    """True when this host is itself a virtual machine (cpuinfo 'hypervisor' flag)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return " hypervisor" in line
-    except OSError:
-        pass
-    return False
-
-
-def kvm_usable() -> tuple[bool, str]:
-    """Open /dev/kvm read-write and ask its API version (does not boot a guest)."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False, "/dev/kvm does not exist"
-    except PermissionError:
-        return False, "/dev/kvm exists but is not read-writable by this user"
-    except OSError as e:
-        return False, f"/dev/kvm cannot be opened: {e.strerror}"
-    try:
-        ver = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as e:
-        return False, f"KVM_GET_API_VERSION failed: {e.strerror}"
-    finally:
-        os.close(fd)
-    if ver != 12:
-        return False, f"unexpected KVM API version {ver}"
-    return True, "opened /dev/kvm and KVM_GET_API_VERSION = 12"
-
-
-def kvm_boots_vouched() -> bool:
-    """The operator says KVM guests boot here despite nesting (STOKER_KVM_BOOTS=1)."""
-    return os.environ.get(KVM_BOOTS_ENV) == "1"
-
-
-def choose_vmm(
-    config_vmm: str,
-    fc_bin: str | None,
-    qemu_bin: str | None,
-    kvm_usable: bool,
-    nested: bool,
-) -> tuple[str, str]:
-    """(name, reason): `firecracker`, `qemu`, or `none` when `auto` finds nothing usable.
-
-    `fc_bin`/`qemu_bin` are resolved paths (None: not found). `nested` means KVM guests are
-    not trusted to boot (a VM host not vouched for with STOKER_KVM_BOOTS=1).
-    """
-    if config_vmm == "firecracker":
-        if fc_bin is None:
-            return "firecracker", "set by config (vmm = firecracker), but firecracker is missing"
-        if not kvm_usable:
-            return "firecracker", "set by config (vmm = firecracker), but /dev/kvm is not usable"
-        return "firecracker", "set by config (vmm = firecracker)"
-    if config_vmm == "qemu":
-        if qemu_bin is None:
-            return "qemu", "set by config (vmm = qemu), but qemu-system-x86_64 is missing"
-        return "qemu", "set by config (vmm = qemu)"
-    if config_vmm != "auto":
-        raise InvalidArgument(f"vmm must be auto, firecracker or qemu, got {config_vmm!r}")
-    if fc_bin and kvm_usable and not nested:
-        return "firecracker", "auto: firecracker and a usable /dev/kvm are present"
-    why = []
-    if not fc_bin:
-        why.append("firecracker not found")
-    if not kvm_usable:
-        why.append("/dev/kvm not usable")
-    elif nested:
-        why.append(
-            f"host is itself virtualised, nested KVM boots are unreliable ({KVM_BOOTS_ENV}=1 "
-            "vouches they work)"
-        )
-    if qemu_bin:
-        return "qemu", "auto: " + ", ".join(why or ["qemu available"])
-    return "none", "auto: " + ", ".join([*why, "qemu-system-x86_64 not found"])
-
-
-def choose_accel(kvm_usable: bool, nested: bool) -> tuple[str, str]:
-    """(accel, reason) for QEMU: `kvm` only where KVM guests can boot, else `tcg`."""
-    if kvm_usable and not nested:
-        return "kvm", "KVM is usable"
-    if kvm_usable:
-        return "tcg", "nested host: KVM guests may not boot, using TCG (slow but works)"
-    return "tcg", "no usable /dev/kvm: using TCG (slow but works)"
 
 
 def make_driver(

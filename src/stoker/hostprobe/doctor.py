@@ -1,0 +1,555 @@
+"""`stoker doctor`: one function per check, each returning a `Check` (PASS/WARN/FAIL, what
+it looked at, a one-line fix). Runs in the CLI process; it needs no daemon but asks one if
+it runs.
+
+Adding a check is one function here: decorate an `async def check_x(ctx: Context) -> Check`
+with `@doctor_check`; checks run, and print, in the order they are defined. Facts several
+checks need (the Firecracker and QEMU probes, the daemon's status, the state store) are
+asked once through `Context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stoker.config import Config
+from stoker.hostprobe.probes import (
+    device_mapper_available,
+    free_bytes_under,
+    kvm_boots_vouched,
+    kvm_usable,
+    nested_virt,
+    parse_version,
+    qemu_has_microvm,
+    read_text,
+    version_line,
+    which,
+)
+from stoker.hostprobe.vmm import choose_accel, choose_vmm
+from stoker.layout import Layout
+from stoker.runner import Runner
+
+Status = Literal["PASS", "WARN", "FAIL"]
+
+# Firecracker versions this code is tested against (inclusive lower, exclusive upper).
+FC_MIN = (1, 8, 0)
+FC_MAX_EXCL = (1, 17, 0)
+
+REQUIRED_TOOLS = (
+    "ip",
+    "nft",
+    "mkfs.ext4",
+    "debugfs",
+    "resize2fs",
+    "e2fsck",
+    "ssh",
+    "ssh-keygen",
+    "git",
+    "tar",
+)
+OPTIONAL_TOOLS = ("mmdebstrap", "dmsetup", "lz4", "zstd", "losetup")
+# The Debian/Ubuntu package each tool comes in, for the fix hints.
+TOOL_PACKAGES = {
+    "ip": "iproute2",
+    "nft": "nftables",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "git": "git",
+    "tar": "tar",
+    "mmdebstrap": "mmdebstrap",
+    "dmsetup": "dmsetup",
+    "lz4": "lz4",
+    "zstd": "zstd",
+    "losetup": "mount",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor line: `message` says what was looked at, `fix` what to do (not PASS)."""
+
+    name: str
+    status: Status
+    message: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BinaryProbe:
+    """A VMM binary: where it is (None: not found), its `--version` line, and whether it
+    is usable by stoker (Firecracker: tested version; QEMU: has `microvm`)."""
+
+    path: str | None
+    version: str
+    usable: bool
+
+
+@dataclass(frozen=True)
+class StoreProbe:
+    """The state store, read-only: its schema version (None: no file), or why it failed."""
+
+    exists: bool
+    schema: int | None = None
+    error: str = ""
+    images: dict[str, str | None] = field(default_factory=dict)
+    kernels: frozenset[str] = frozenset()
+
+
+@dataclass
+class Context:
+    """What the checks read: the layout, config and runner, and facts asked only once."""
+
+    layout: Layout
+    config: Config
+    runner: Runner
+    daemon_status: Callable[[], dict[str, Any] | None] | None = None
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    def kvm(self) -> tuple[bool, str]:
+        if "kvm" not in self._memo:
+            self._memo["kvm"] = kvm_usable()
+        ok_msg: tuple[bool, str] = self._memo["kvm"]
+        return ok_msg
+
+    def nested(self) -> bool:
+        if "nested" not in self._memo:
+            self._memo["nested"] = nested_virt()
+        return bool(self._memo["nested"])
+
+    async def firecracker(self) -> BinaryProbe:
+        if "fc" not in self._memo:
+            path = which(self.config.firecracker_bin)
+            line = (await version_line(self.runner, path) or "") if path else ""
+            ver = parse_version(line)
+            ok = path is not None and ver is not None and FC_MIN <= ver < FC_MAX_EXCL
+            self._memo["fc"] = BinaryProbe(path, line, ok)
+        probe: BinaryProbe = self._memo["fc"]
+        return probe
+
+    async def qemu(self) -> BinaryProbe:
+        if "qemu" not in self._memo:
+            path = which(self.config.qemu_bin)
+            line, ok = "", False
+            if path:
+                line = await version_line(self.runner, path) or "unknown version"
+                ok = await qemu_has_microvm(self.runner, path)
+            self._memo["qemu"] = BinaryProbe(path, line, ok)
+        probe: BinaryProbe = self._memo["qemu"]
+        return probe
+
+    def daemon(self) -> dict[str, Any] | None:
+        """The running daemon's status (asked once), None when none runs."""
+        if "daemon" not in self._memo:
+            self._memo["daemon"] = self.daemon_status() if self.daemon_status else None
+        st: dict[str, Any] | None = self._memo["daemon"]
+        return st
+
+    def store(self) -> StoreProbe:
+        if "store" not in self._memo:
+            self._memo["store"] = _read_store(self.layout.db_path)
+        probe: StoreProbe = self._memo["store"]
+        return probe
+
+
+CheckFn = Callable[[Context], Awaitable[Check]]
+# Every check, in the order doctor runs and prints them (definition order below).
+CHECKS: list[CheckFn] = []
+
+
+def doctor_check(fn: CheckFn) -> CheckFn:
+    """Register a check: it runs after those defined before it."""
+    CHECKS.append(fn)
+    return fn
+
+
+async def run_doctor(
+    layout: Layout,
+    config: Config,
+    runner: Runner | None = None,
+    daemon_status: Callable[[], dict[str, Any] | None] | None = None,
+    checks: list[CheckFn] | None = None,
+) -> list[Check]:
+    """Run every check (or `checks`). `daemon_status` returns the running daemon's status or
+    None."""
+    ctx = Context(layout, config, runner or Runner(), daemon_status)
+    return [await check(ctx) for check in (CHECKS if checks is None else checks)]
+
+
+def run_doctor_sync(
+    layout: Layout, config: Config, daemon_status: Callable[[], dict[str, Any] | None] | None
+) -> list[Check]:
+    return asyncio.run(run_doctor(layout, config, daemon_status=daemon_status))
+
+
+def _install_hint(tools: list[str]) -> str:
+    pkgs = " ".join(dict.fromkeys(TOOL_PACKAGES.get(t, t) for t in tools))
+    return f"install them (Debian/Ubuntu: apt-get install {pkgs})"
+
+
+def _read_store(db_path: Path) -> StoreProbe:
+    if not db_path.exists():
+        return StoreProbe(exists=False)
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=2)
+        try:
+            v = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+            images = dict(conn.execute("SELECT name, kernel FROM images").fetchall())
+            kernels = frozenset(r[0] for r in conn.execute("SELECT name FROM kernels"))
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return StoreProbe(exists=True, error=str(e))
+    return StoreProbe(True, None if v is None else int(v), "", images, kernels)
+
+
+# --- the checks, in output order ---------------------------------------------------------
+
+
+@doctor_check
+async def check_kvm(ctx: Context) -> Check:
+    kvm_ok, kvm_msg = ctx.kvm()
+    if kvm_ok and ctx.nested():
+        return Check(
+            "kvm",
+            "WARN",
+            f"{kvm_msg}; but this host is itself a VM (cpuinfo "
+            "'hypervisor' flag): nested KVM guests may fail or crawl, doctor cannot "
+            "tell without booting one",
+            'if KVM boots fail, set vmm = "qemu" (TCG, slower but works)',
+        )
+    if kvm_ok:
+        return Check("kvm", "PASS", kvm_msg)
+    return Check(
+        "kvm",
+        "WARN",
+        kvm_msg,
+        "enable virtualisation / load kvm_intel or kvm_amd and add yourself to "
+        "group kvm; without it stoker uses QEMU TCG (slow)",
+    )
+
+
+@doctor_check
+async def check_vsock(ctx: Context) -> Check:
+    if os.path.exists("/dev/vhost-vsock"):
+        return Check("vsock", "PASS", "/dev/vhost-vsock present")
+    return Check(
+        "vsock",
+        "WARN",
+        "/dev/vhost-vsock missing: QEMU guests use the "
+        "virtio-serial agent channel instead (Firecracker has its own vsock)",
+        "modprobe vhost_vsock (optional)",
+    )
+
+
+@doctor_check
+async def check_tun(ctx: Context) -> Check:
+    if os.path.exists("/dev/net/tun"):
+        return Check("tun", "PASS", "/dev/net/tun present")
+    return Check("tun", "FAIL", "/dev/net/tun missing: VMs cannot get a network", "modprobe tun")
+
+
+@doctor_check
+async def check_firecracker(ctx: Context) -> Check:
+    fc = await ctx.firecracker()
+    if fc.usable:
+        return Check(
+            "firecracker",
+            "PASS",
+            f"{fc.path}: {fc.version} (tested range "
+            f"{'.'.join(map(str, FC_MIN))} to <{'.'.join(map(str, FC_MAX_EXCL))})",
+        )
+    if fc.path:
+        return Check(
+            "firecracker",
+            "WARN",
+            f"{fc.path}: version {fc.version or 'unknown'} is outside the tested range 1.8 to "
+            "<1.17",
+            "install Firecracker v1.12.x (set firecracker_bin in the config)",
+        )
+    return Check(
+        "firecracker",
+        "FAIL" if ctx.config.vmm == "firecracker" else "WARN",
+        f"{ctx.config.firecracker_bin!r} not found",
+        "install Firecracker (static release binaries of firecracker and jailer) and "
+        'set firecracker_bin, or use vmm = "qemu"',
+    )
+
+
+@doctor_check
+async def check_jailer(ctx: Context) -> Check:
+    jl = which(ctx.config.jailer_bin)
+    if jl:
+        return Check("jailer", "PASS", f"{jl} found")
+    use = ctx.config.use_jailer
+    return Check(
+        "jailer",
+        "FAIL" if use else "WARN",
+        f"{ctx.config.jailer_bin!r} not found"
+        + (" but use_jailer = true" if use else " (optional)"),
+        "install the jailer next to firecracker, or set use_jailer = false",
+    )
+
+
+@doctor_check
+async def check_qemu(ctx: Context) -> Check:
+    q = await ctx.qemu()
+    if q.usable:
+        return Check("qemu", "PASS", f"{q.path}: {q.version}; machine 'microvm' available")
+    if q.path:
+        return Check(
+            "qemu",
+            "FAIL",
+            f"{q.path}: {q.version}; no 'microvm' machine",
+            "install a QEMU with microvm (Debian: qemu-system-x86)",
+        )
+    return Check(
+        "qemu",
+        "FAIL" if ctx.config.vmm == "qemu" else "WARN",
+        f"{ctx.config.qemu_bin!r} not found",
+        "apt-get install qemu-system-x86",
+    )
+
+
+@doctor_check
+async def check_vmm(ctx: Context) -> Check:
+    """The VMM the daemon would pick (the same `choose_vmm` it uses), and why."""
+    fc, q = await ctx.firecracker(), await ctx.qemu()
+    kvm_ok, _ = ctx.kvm()
+    untrusted = ctx.nested() and not kvm_boots_vouched()
+    vmm, why = choose_vmm(
+        ctx.config.vmm,
+        fc.path if fc.usable else None,
+        q.path if q.usable else None,
+        kvm_ok,
+        untrusted,
+    )
+    if vmm == "qemu":
+        accel, accel_why = choose_accel(kvm_ok, untrusted)
+        why += f"; accel {accel} ({accel_why})"
+    return Check(
+        "vmm",
+        "FAIL" if vmm == "none" else "PASS",
+        f"{vmm}: {why}",
+        "" if vmm != "none" else "install qemu-system-x86 or firecracker",
+    )
+
+
+@doctor_check
+async def check_host_tools(ctx: Context) -> Check:
+    missing = [t for t in REQUIRED_TOOLS if not which(t)]
+    return Check(
+        "host-tools",
+        "FAIL" if missing else "PASS",
+        f"missing: {', '.join(missing)}" if missing else f"found {', '.join(REQUIRED_TOOLS)}",
+        _install_hint(missing) if missing else "",
+    )
+
+
+@doctor_check
+async def check_optional_tools(ctx: Context) -> Check:
+    missing = [t for t in OPTIONAL_TOOLS if not which(t)]
+    return Check(
+        "optional-tools",
+        "WARN" if missing else "PASS",
+        f"missing: {', '.join(missing)}" if missing else f"found {', '.join(OPTIONAL_TOOLS)}",
+        _install_hint(missing) + " (image build, kernel import)" if missing else "",
+    )
+
+
+@doctor_check
+async def check_nftables(ctx: Context) -> Check:
+    nft = which("nft")
+    if not nft:
+        return Check("nftables", "FAIL", "nft not found", "apt-get install nftables")
+    r = await ctx.runner.run([nft, "list", "tables"], check=False, timeout=10)
+    if r.returncode == 0:
+        return Check("nftables", "PASS", "`nft list tables` works")
+    return Check(
+        "nftables",
+        "FAIL",
+        f"`nft list tables` failed: {r.err.strip()}",
+        "run stokerd as root (or with CAP_NET_ADMIN)",
+    )
+
+
+@doctor_check
+async def check_device_mapper(ctx: Context) -> Check:
+    if device_mapper_available():
+        return Check("device-mapper", "PASS", "device-mapper available", "")
+    return Check(
+        "device-mapper",
+        "WARN",
+        "no device-mapper driver: root disks use the in-guest overlay (works with both VMMs)",
+        "none needed",
+    )
+
+
+@doctor_check
+async def check_loop(ctx: Context) -> Check:
+    if Path("/dev/loop-control").exists():
+        return Check("loop", "PASS", "/dev/loop-control present")
+    return Check("loop", "WARN", "/dev/loop-control missing")
+
+
+@doctor_check
+async def check_bridge(ctx: Context) -> Check:
+    name, cidr = ctx.config.bridge_name, ctx.config.bridge_cidr
+    if (Path("/sys/class/net") / name).exists():
+        return Check("bridge", "PASS", f"{name} exists ({cidr})")
+    return Check("bridge", "PASS", f"{name} not created yet: made at the first VM start ({cidr})")
+
+
+@doctor_check
+async def check_nat(ctx: Context) -> Check:
+    fwd = read_text("/proc/sys/net/ipv4/ip_forward").strip()
+    return Check(
+        "nat",
+        "PASS",
+        f"ip_forward={fwd or '?'}; NAT is enabled per VM with --nat (rules in nft table 'stoker')",
+    )
+
+
+@doctor_check
+async def check_daemon(ctx: Context) -> Check:
+    st = ctx.daemon()
+    if st:
+        return Check(
+            "daemon",
+            "PASS",
+            f"stokerd {st.get('version')} pid {st.get('pid')} on {st.get('socket')}",
+        )
+    return Check(
+        "daemon",
+        "WARN",
+        "stokerd is not running",
+        "any stoker command starts it (or systemctl start stokerd)",
+    )
+
+
+@doctor_check
+async def check_dns(ctx: Context) -> Check:
+    st = ctx.daemon()
+    listen = ctx.config.dns_listen
+    if not st:
+        return Check(
+            "dns",
+            "WARN",
+            f"not checked: the daemon serves NAME.vm on {listen} while it runs",
+            "start the daemon",
+        )
+    dns = (st.get("network") or {}).get("dns_listen")
+    if dns:
+        return Check("dns", "PASS", f"NAME.vm served on {dns}")
+    return Check(
+        "dns", "WARN", "daemon has no DNS listener", f"check dns_listen ({listen}) is free"
+    )
+
+
+@doctor_check
+async def check_resolver(ctx: Context) -> Check:
+    if Path("/run/systemd/resolve").is_dir():
+        return Check(
+            "resolver",
+            "PASS",
+            "systemd-resolved present: .vm is routed to stoker's DNS on the bridge link",
+        )
+    return Check(
+        "resolver",
+        "WARN",
+        "no systemd-resolved: the host resolver does not know .vm",
+        f"query stoker's DNS directly (dig @{ctx.config.dns_listen.replace(':', ' -p ')} "
+        "NAME.vm) or use IPs",
+    )
+
+
+@doctor_check
+async def check_state_store(ctx: Context) -> Check:
+    from stoker.store import SCHEMA_VERSION
+
+    db, s = ctx.layout.db_path, ctx.store()
+    if not s.exists:
+        return Check("state-store", "PASS", f"{db} not created yet (made by stokerd)")
+    if s.error:
+        return Check(
+            "state-store",
+            "FAIL",
+            f"{db}: {s.error}",
+            "move the file aside; stokerd starts with empty state",
+        )
+    if s.schema is not None and s.schema > SCHEMA_VERSION:
+        return Check(
+            "state-store",
+            "FAIL",
+            f"{db}: schema {s.schema} is newer than this stoker ({SCHEMA_VERSION})",
+            "upgrade stoker",
+        )
+    return Check("state-store", "PASS", f"{db} opens (schema {s.schema})")
+
+
+@doctor_check
+async def check_default_image(ctx: Context) -> Check:
+    img = ctx.config.default_image
+    if img in ctx.store().images:
+        return Check("default-image", "PASS", f"{img} present")
+    return Check(
+        "default-image",
+        "WARN",
+        f"{img!r} not present (built on first `vm run`)",
+        f"stoker image build {img}",
+    )
+
+
+@doctor_check
+async def check_default_kernel(ctx: Context) -> Check:
+    img, s = ctx.config.default_image, ctx.store()
+    if img not in s.images:
+        return Check(
+            "default-kernel", "WARN", "comes with the default image", f"stoker image build {img}"
+        )
+    kref = s.images[img]
+    if kref in s.kernels:
+        return Check("default-kernel", "PASS", f"{kref} present")
+    return Check("default-kernel", "FAIL", f"kernel {kref!r} missing", f"stoker kernel pull {kref}")
+
+
+@doctor_check
+async def check_disk_space(ctx: Context) -> Check:
+    try:
+        target, free = free_bytes_under(ctx.layout.state_dir)
+    except OSError as e:
+        return Check("disk-space", "WARN", f"cannot stat the state dir: {e.strerror}")
+    gib = free / 1024**3
+    status: Status = "PASS" if gib >= 10 else ("WARN" if gib >= 2 else "FAIL")
+    return Check(
+        "disk-space",
+        status,
+        f"{gib:.1f} GiB free under {target}",
+        "" if status == "PASS" else "free space: images need ~2 GiB each",
+    )
+
+
+@doctor_check
+async def check_vm_defaults(ctx: Context) -> Check:
+    """The defaults a new VM gets, each with where it came from."""
+    d = ctx.config.vm_defaults
+    return Check(
+        "vm-defaults",
+        "PASS",
+        f"vcpu={d.vcpu.value} ({d.vcpu.source}), memory={d.memory_mib.value} MiB "
+        f"({d.memory_mib.source}), disk={d.disk_size.value // 1024**3}G "
+        f"({d.disk_size.source}), overlay={d.overlay_size.value // 1024**3}G "
+        f"({d.overlay_size.source})",
+    )
