@@ -13,6 +13,7 @@ fake runner through the `Daemon`'s `runner` field.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shlex
@@ -149,6 +150,7 @@ class Runner:
         stdout: str | os.PathLike[str],
         stderr: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Mapping[int, int] | None = None,
     ) -> int:
         """Start a long-lived process fully detached and return its pid without waiting.
 
@@ -157,7 +159,8 @@ class Runner:
         dispositions and an empty signal mask, and its output appended to files (`stderr`
         defaults to `stdout`). It is spawned without a `Popen`/asyncio object, so nothing
         in this process kills it on garbage collection or loop shutdown; the caller reaps it
-        (`os.waitpid(pid, WNOHANG)`) when it sees it exit.
+        (`os.waitpid(pid, WNOHANG)`) when it sees it exit. `pass_fds` maps a descriptor
+        number in the child to one of ours (handed over; ours stay open for the caller).
         """
         argv = [str(a) for a in argv]
         full_env = dict(os.environ)
@@ -167,6 +170,11 @@ class Runner:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out_fd = os.open(stdout, flags, 0o600)
         err_fd = os.open(stderr, flags, 0o600) if stderr is not None else out_fd
+        # Copies far above any target number first, so no dup2 clobbers a later source.
+        staged = {
+            child: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000)
+            for child, fd in (pass_fds or {}).items()
+        }
         try:
             pid = os.posix_spawnp(
                 argv[0],
@@ -176,6 +184,7 @@ class Runner:
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, out_fd, 1),
                     (os.POSIX_SPAWN_DUP2, err_fd, 2),
+                    *((os.POSIX_SPAWN_DUP2, fd, child) for child, fd in staged.items()),
                 ],
                 setsid=True,
                 setsigmask=(),
@@ -189,6 +198,8 @@ class Runner:
             os.close(out_fd)
             if err_fd != out_fd:
                 os.close(err_fd)
+            for fd in staged.values():
+                os.close(fd)
         return pid
 
 
@@ -219,6 +230,7 @@ class RecordingRunner(Runner):
         stdout: str | os.PathLike[str],
         stderr: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Mapping[int, int] | None = None,
     ) -> int:
         self.calls.append(tuple(str(a) for a in argv))
-        return await super().spawn(argv, stdout=stdout, stderr=stderr, env=env)
+        return await super().spawn(argv, stdout=stdout, stderr=stderr, env=env, pass_fds=pass_fds)

@@ -67,11 +67,14 @@ def register(sub: Any, only: str | None = None) -> None:
         p.set_defaults(func=vm_multi, verb=verb)
 
     if want("set"):
-        p = vsub.add_parser("set", help="change sizing (applies at next start; disks only grow)")
+        p = vsub.add_parser(
+            "set", help="change sizing (at next start; disks only grow) or --net (at once)"
+        )
         p.add_argument("name")
         p.add_argument("--vcpu", type=int)
         p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
         p.add_argument("--disk-size", help="work disk size, e.g. 16G (only grows)")
+        p.add_argument("--net", metavar="POLICY", help=NET_HELP + " (applies to a running VM)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=vm_set)
 
@@ -117,13 +120,20 @@ def register(sub: Any, only: str | None = None) -> None:
         p.set_defaults(func=vm_ssh, cmd=[])
 
 
+NET_HELP = (
+    "network policy: host-only (default: stoker's DNS only), none, nat, or "
+    "allow=HOST[:PORT],...; add ,peers or ,peers=GROUP to reach VMs that opted in too"
+)
+
+
 def add_sizing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="VM name (RFC 1123 label; generated if absent)")
     p.add_argument("--image", help="image name (default from config: debian-bookworm)")
     p.add_argument("--vcpu", type=int)
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
     p.add_argument("--disk-size", help="size of the /root work disk, e.g. 8G")
-    p.add_argument("--nat", action="store_true", help="give the VM outbound NAT")
+    p.add_argument("--net", metavar="POLICY", help=NET_HELP)
+    p.add_argument("--nat", action="store_true", help="alias of --net nat")
 
 
 def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,6 +144,7 @@ def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
         "memory_mib": args.memory,
         "disk_size": args.disk_size,
         "nat": args.nat,
+        "net": args.net,
     }
 
 
@@ -179,10 +190,10 @@ def vm_multi(args: argparse.Namespace) -> int:
 
 
 def vm_set(args: argparse.Namespace) -> int:
-    if args.vcpu is None and args.memory is None and args.disk_size is None:
+    if args.vcpu is None and args.memory is None and args.disk_size is None and args.net is None:
         from stoker.cli.render import UsageError
 
-        raise UsageError("nothing to change: give --vcpu, --memory and/or --disk-size")
+        raise UsageError("nothing to change: give --vcpu, --memory, --disk-size and/or --net")
     with client(args) as c:
         v = c.call(
             "vm.set",
@@ -191,6 +202,7 @@ def vm_set(args: argparse.Namespace) -> int:
                 "vcpu": args.vcpu,
                 "memory_mib": args.memory,
                 "disk_size": args.disk_size,
+                "net": args.net,
             },
         )
     if args.json:
@@ -201,6 +213,9 @@ def vm_set(args: argparse.Namespace) -> int:
             f"{v['name']}: {s['vcpu']} vcpu · {s['memory_mib']} MiB · "
             f"{size(s['disk_size'])} disk (applies at next start)"
         )
+        if args.net is not None:
+            when = "now" if v["state"] == "running" else "at next start"
+            print(f"{v['name']}: net {s.get('net')} (applies {when})")
     return 0
 
 
@@ -310,8 +325,9 @@ def vm_show(args: argparse.Namespace) -> int:
     print(f"image:      {v['image']}")
     print(
         f"spec:       {spec['vcpu']} vcpu · {spec['memory_mib']} MiB · "
-        f"{size(spec['disk_size'])} disk{' · nat' if spec.get('nat') else ''}"
+        f"{size(spec['disk_size'])} disk"
     )
+    print(f"net:        {spec.get('net') or ('nat' if spec.get('nat') else 'host-only')}")
     print(f"ip:         {v['guest_ip']}  ({v['dns_name']})")
     print(f"created:    {v['created_at']} ({age(v['created_at'])} ago)")
     if v.get("started_at"):

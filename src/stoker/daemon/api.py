@@ -53,6 +53,7 @@ class CreateVM(Params):
     memory_mib: int | None = None
     disk_size: str | int | None = None
     nat: bool = False
+    net: str | None = None
     no_start: bool = False
 
 
@@ -61,6 +62,7 @@ class SetVM(Params):
     vcpu: int | None = None
     memory_mib: int | None = None
     disk_size: str | int | None = None
+    net: str | None = None
 
 
 class NameParam(Params):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from stoker.daemon.vm_disks import mac_for
 from stoker.model.records import VMRecord
 from stoker.store import Store
 
@@ -79,7 +80,8 @@ class DNSCapability(Capability):
 
 @dataclass
 class NATCapability(Capability):
-    """Per-VM NAT rules for VMs created with --nat (stoker's own nftables table)."""
+    """Per-VM network policy (`--net`; NAT is one mode of it): nftables rules in stoker's
+    own tables and the guest's DNS view, installed before the VMM starts."""
 
     vm: VMService
     net: HostNetwork
@@ -87,14 +89,16 @@ class NATCapability(Capability):
     name = "nat"
 
     def register(self, hooks: CapabilityHooks) -> None:
-        async def ensure_nat(vm: VMRecord) -> None:
-            if vm.spec.nat and vm.teardown.tap:
-                await self.net.ensure_nat(vm.id, vm.guest_ip, vm.teardown.tap)
+        async def apply_policy(vm: VMRecord) -> None:
+            if vm.teardown.tap:
+                await self.net.apply_policy(
+                    vm.id, vm.guest_ip, vm.teardown.tap, mac_for(vm.guest_ip), vm.spec.net
+                )
 
-        async def remove_nat(vm: VMRecord) -> None:
+        async def remove_policy(vm: VMRecord) -> None:
             # Keyed on the durable teardown record, so rules survive a crash until removed.
-            if vm.teardown.nat:
-                await self.net.remove_nat(vm.id)
+            if vm.teardown.tap or vm.teardown.nat:
+                await self.net.remove_policy(vm.id)
 
-        hooks.post_network.append(ensure_nat)
-        hooks.cleanup.append(remove_nat)
+        hooks.post_network.append(apply_policy)
+        hooks.cleanup.append(remove_policy)

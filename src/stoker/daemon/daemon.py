@@ -200,7 +200,7 @@ class Daemon:
             return await vm.prune_vms(p.names)
 
         async def vm_set(p: api.SetVM, ctx: RequestContext) -> Any:
-            return await vm.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size)
+            return await vm.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size, p.net)
 
         async def vm_logs(p: api.VMRef, ctx: RequestContext) -> Any:
             return vm.logs_info(p.ref)

@@ -80,7 +80,8 @@ class CreateRequest:
     vcpu: int | None = None
     memory_mib: int | None = None
     disk_size: str | int | None = None
-    nat: bool = False
+    nat: bool = False  # alias of net="nat"
+    net: str | None = None  # `--net` policy; None: the default (host-only)
     no_start: bool = False
 
 
@@ -205,6 +206,7 @@ class VMService:
             disk_size=ds,
             overlay_size=base.overlay_size if base else d.overlay_size.value,
             nat=base.nat if base else False,
+            net=base.net if base else "host-only",
         )
 
     async def create_vm(self, p: CreateRequest, progress: Progress) -> VMRecord:
@@ -212,12 +214,13 @@ class VMService:
         if p.name:
             validate_name(p.name)
         spec = self._resolve_spec(p.vcpu, p.memory_mib, p.disk_size)
-        spec.nat = p.nat
+        policy = await self.net.check_policy(p.net, nat=p.nat)
+        spec.net, spec.nat = str(policy), policy.mode == "nat"
         image_name = p.image or self.config.default_image
         progress(
             "spec",
             f"{spec.vcpu} vcpu · {spec.memory_mib} MiB · "
-            f"{format_size(spec.disk_size)} disk" + (" · nat" if spec.nat else ""),
+            f"{format_size(spec.disk_size)} disk · net {spec.net}",
         )
         # Image resolution (maybe a pull or build) happens outside every VM lock.
         image = await self.images.ensure_image(image_name, progress)
@@ -295,7 +298,9 @@ class VMService:
             prefix=self.config.bridge_network.prefixlen,
             gateway=self.config.gateway_ip,
             mac=mac_for(vm.guest_ip),
-            dns=self.config.guest_dns,
+            # stoker's DNS on the bridge first (NAME.vm, allow= names); the configured ones
+            # after it serve `nat` guests, to which stoker's answers REFUSED for other names.
+            dns=tuple(dict.fromkeys((self.config.gateway_ip, *self.config.guest_dns))),
         )
 
     # --- start -------------------------------------------------------------------------
@@ -549,9 +554,15 @@ class VMService:
             return await run_to_end(flow())
 
     async def set_vm(
-        self, ref: str, vcpu: int | None, memory_mib: int | None, disk_size: str | int | None
+        self,
+        ref: str,
+        vcpu: int | None,
+        memory_mib: int | None,
+        disk_size: str | int | None,
+        net: str | None = None,
     ) -> VMRecord:
-        """Change sizing; applies at the next start. Disks only grow."""
+        """Change sizing (applies at the next start; disks only grow) and/or the network
+        policy (applied at once to a running VM)."""
         async with self.with_vm_lock_by_ref(ref) as vm:
             spec = self._resolve_spec(vcpu, memory_mib, disk_size, base=vm.spec)
             if spec.disk_size < vm.spec.disk_size:
@@ -559,6 +570,16 @@ class VMService:
                     f"--disk-size {format_size(spec.disk_size)} is smaller than VM {vm.name}'s "
                     f"{format_size(vm.spec.disk_size)}: disks only grow"
                 )
+            if net is not None:
+                policy = await self.net.check_policy(net)
+                spec.net, spec.nat = str(policy), policy.mode == "nat"
+                if vm.state == VMState.RUNNING and vm.teardown.tap:
+                    # Rules first: if they cannot be installed the stored policy is unchanged.
+                    await run_to_end(
+                        self.net.apply_policy(
+                            vm.id, vm.guest_ip, vm.teardown.tap, mac_for(vm.guest_ip), policy
+                        )
+                    )
             vm.spec = spec
             self.store.update_vm(vm)
             return vm
@@ -738,6 +759,12 @@ class VMService:
                     )
                 if vm.teardown.tap:
                     in_use_taps.add(vm.teardown.tap)
+                    try:  # rebuilt from the store: rules, DNS view, name refreshes
+                        await self.net.apply_policy(
+                            vm.id, vm.guest_ip, vm.teardown.tap, mac_for(vm.guest_ip), vm.spec.net
+                        )
+                    except StokerError as e:
+                        self.log.warning("reconcile %s: network policy: %s", vm.name, e)
                 live_ids.add(vm.id)
                 self.net.publish_dns(vm.name, vm.guest_ip)
                 continue
@@ -758,8 +785,8 @@ class VMService:
             reaped = await self.net.reap_orphan_taps(in_use_taps)
             if reaped:
                 self.log.info("reconcile: removed orphan taps %s", ", ".join(reaped))
-            for vm_id in await self.net.nat_vm_ids() - live_ids:
-                await self.net.remove_nat(vm_id)
+            for vm_id in await self.net.policy_vm_ids() - live_ids:
+                await self.net.remove_policy(vm_id)
         except StokerError as e:
             self.log.warning("reconcile: host network cleanup failed: %s", e)
 

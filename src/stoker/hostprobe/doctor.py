@@ -348,6 +348,36 @@ async def check_vmm(ctx: Context) -> Check:
 
 
 @doctor_check
+async def check_confinement(ctx: Context) -> Check:
+    """What confinement a QEMU started by this host's stokerd gets, and why a part is off."""
+    from dataclasses import replace
+
+    from stoker.hostprobe.confine import VMM_USER, plan
+
+    q = await ctx.qemu()
+    if not q.usable or not q.path:
+        return Check("confinement", "WARN", "not checked: no usable QEMU", "")
+    c = await asyncio.to_thread(plan, q.path)
+    off = dict(c.off)
+    note = ""
+    if os.geteuid() == 0 and c.pending_user is not None:
+        # A root stokerd creates the user at its first QEMU start: not a problem.
+        off.pop("user", None)
+        note = f"; user {VMM_USER} is created at the first VM start"
+    fixes = {
+        "sandbox": "install a QEMU built with seccomp (Debian's is)",
+        "user": "run stokerd as root (the system install does)",
+        "cgroup": "run stokerd as root with cgroup memory and cpu controllers mounted",
+    }
+    return Check(
+        "confinement",
+        "WARN" if off else "PASS",
+        f"QEMU: {replace(c, off=off).describe()}{note}",
+        "; ".join(fixes[k] for k in off if k in fixes),
+    )
+
+
+@doctor_check
 async def check_host_tools(ctx: Context) -> Check:
     missing = [t for t in REQUIRED_TOOLS if not which(t)]
     return Check(
@@ -413,12 +443,14 @@ async def check_bridge(ctx: Context) -> Check:
 
 
 @doctor_check
-async def check_nat(ctx: Context) -> Check:
+async def check_network_policy(ctx: Context) -> Check:
     fwd = read_text("/proc/sys/net/ipv4/ip_forward").strip()
     return Check(
-        "nat",
+        "network-policy",
         "PASS",
-        f"ip_forward={fwd or '?'}; NAT is enabled per VM with --nat (rules in nft table 'stoker')",
+        "per VM --net (default host-only: stoker's DNS only; none | nat | allow=...; "
+        ",peers for guest-to-guest); rules in nft tables inet/bridge 'stoker'; "
+        f"ip_forward={fwd or '?'} (turned on for the first nat/allow= VM)",
     )
 
 
@@ -456,6 +488,23 @@ async def check_dns(ctx: Context) -> Check:
     return Check(
         "dns", "WARN", "daemon has no DNS listener", f"check dns_listen ({listen}) is free"
     )
+
+
+@doctor_check
+async def check_guest_dns(ctx: Context) -> Check:
+    st = ctx.daemon()
+    if not st:
+        return Check("guest-dns", "WARN", "not checked: the daemon is not running", "")
+    netst = st.get("network") or {}
+    gdns, gerr = netst.get("guest_dns"), netst.get("guest_dns_error")
+    pols = netst.get("policies") or {}
+    if gerr:
+        return Check("guest-dns", "FAIL", gerr, f"free port 53 on {ctx.config.gateway_ip}")
+    if gdns:
+        return Check(
+            "guest-dns", "PASS", f"guests' nameserver on {gdns}; {len(pols)} VM(s) with rules"
+        )
+    return Check("guest-dns", "PASS", "starts with the bridge (first VM start)")
 
 
 @doctor_check

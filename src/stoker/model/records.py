@@ -25,7 +25,8 @@ class VMSpec:
     memory_mib: int
     disk_size: int  # bytes, the /root work disk
     overlay_size: int  # bytes, the per-VM copy-on-write root disk
-    nat: bool = False
+    nat: bool = False  # kept in step with `net` (True exactly when it is "nat")
+    net: str = "host-only"  # network policy, canonical `--net` form (hostnet.policy)
 
 
 @dataclass

@@ -63,4 +63,11 @@ MIGRATIONS: list[str] = [
         sampled_at TEXT NOT NULL
     );
     """,
+    # network policy per VM (spec.net): VMs made with --nat keep it, the rest get the new
+    # default, host-only
+    """
+    UPDATE vms SET spec = json_set(spec, '$.net',
+        CASE WHEN json_extract(spec, '$.nat') THEN 'nat' ELSE 'host-only' END)
+    WHERE json_extract(spec, '$.net') IS NULL
+    """,
 ]

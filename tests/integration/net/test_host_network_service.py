@@ -51,8 +51,10 @@ async def test_host_network_lifecycle(netns: str) -> None:
         assert await net.links.ports("br-stoker") == [tap]
         assert not await net.teardown_bridge_if_unused()  # a VM's tap is attached
 
-        await net.ensure_nat("vm-a", ip, tap)
-        assert await net.nat_vm_ids() == {"vm-a"}
+        await net.apply_policy("vm-a", ip, tap, "06:53:ac:1e:00:02", "nat")
+        assert await net.policy_vm_ids() == {"vm-a"}
+        assert net.status()["policies"] == {"vm-a": "nat"}
+        assert net.status()["guest_dns"] == "172.30.0.1:53"
         fwd = sh("ip", "netns", "exec", netns, "cat", "/proc/sys/net/ipv4/ip_forward")
         assert fwd.stdout.strip() == "1"
 
@@ -72,8 +74,8 @@ async def test_host_network_lifecycle(netns: str) -> None:
     assert "stoker-vm:vm-a" in ns_nft(netns)
     assert net.status()["dns_listen"] is None
 
-    await net.remove_nat("vm-a")
-    await net.remove_nat("vm-a")
+    await net.remove_policy("vm-a")
+    await net.remove_policy("vm-a")
     await net.release_tap(tap)
     await net.release_tap(tap)
     assert await net.teardown_bridge_if_unused()

@@ -1,4 +1,5 @@
-"""hostnet.nat for real: masquerade + forward rules per VM, inside test namespaces only.
+"""hostnet.nat for real: the `nat` policy's masquerade + forward rules per VM, inside test
+namespaces only (the other policies: test_netpolicy.py).
 
 Topology (all namespaces made by the test; no outside address is ever used):
 
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import pytest
 from _netns_helpers import Namespaces, ns_nft, sh
 
-from stoker.daemon.hostnet import NAT, Links
+from stoker.daemon.hostnet import Firewall, Links, VMRules
+from stoker.daemon.vm_disks import mac_for
 from stoker.errors import InvalidArgument
 from stoker.runner import Runner
 
@@ -32,6 +34,8 @@ pytestmark = pytest.mark.integration
 LOG = logging.getLogger("test.nat")
 SERVER_PORT = 8080
 HOST_IP = "192.0.2.2"
+# per nat VM: 5 anti-spoofing (bridge), DNS (input), out + replies (forward), masquerade
+NAT_RULES = 9
 
 SERVER = f"""
 import socket
@@ -94,6 +98,7 @@ async def topo(namespaces: Namespaces) -> Topo:
         sh("ip", "-n", stoker, "link", "add", tap, "type", "veth", "peer", "name", "eth0",
            "netns", g)  # fmt: skip
         await Links(stoker).attach(tap, "br-stoker")
+        sh("ip", "-n", g, "link", "set", "eth0", "address", mac_for(gip))  # as stoker gives a VM
         sh("ip", "-n", g, "addr", "add", f"{gip}/24", "dev", "eth0")
         sh("ip", "-n", g, "link", "set", "eth0", "up")
         sh("ip", "-n", g, "route", "add", "default", "via", "172.30.0.1")
@@ -101,6 +106,14 @@ async def topo(namespaces: Namespaces) -> Topo:
     server = namespaces.spawn(host, SERVER)
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     return Topo(namespaces, stoker, host, guests, taps)
+
+
+def _fw(ns: str) -> Firewall:
+    return Firewall(Runner(), "br-stoker", "172.30.0.1", LOG, netns=ns)
+
+
+def _nat(vm_id: str, ip: str, tap: str) -> VMRules:
+    return VMRules(vm_id, ip, tap, mac_for(ip), mode="nat")
 
 
 def _vm_rules(stoker_ns: str) -> dict[str, int]:
@@ -115,43 +128,43 @@ def _vm_rules(stoker_ns: str) -> dict[str, int]:
 
 
 async def test_guest_is_masqueraded_only_while_its_rule_exists(topo: Topo) -> None:
-    nat = NAT(Runner(), "br-stoker", LOG, netns=topo.stoker)
+    nat = _fw(topo.stoker)
     g1 = "172.30.0.2"
     assert topo.ip_forward() == "0"
     assert topo.reach(g1) is None  # no forwarding, no NAT: unreachable
 
-    await nat.ensure_vm_nat("vm1", g1, topo.taps[g1])
+    await nat.apply_vm(_nat("vm1", g1, topo.taps[g1]))
     assert topo.ip_forward() == "1"
     assert topo.reach(g1) == "192.0.2.1"  # arrived, masqueraded behind the uplink address
 
-    assert await nat.remove_vm_nat("vm1") is True
+    assert await nat.remove_vm("vm1") is True
     assert topo.ip_forward() == "1"  # forwarding stays on: the base drop rule blocks it
     assert topo.reach(g1) is None
     assert _vm_rules(topo.stoker) == {}
 
 
 async def test_removing_one_vm_leaves_the_other(topo: Topo) -> None:
-    nat = NAT(Runner(), "br-stoker", LOG, netns=topo.stoker)
+    nat = _fw(topo.stoker)
     g1, g2 = "172.30.0.2", "172.30.0.3"
-    await nat.ensure_vm_nat("vm1", g1, topo.taps[g1])
-    await nat.ensure_vm_nat("vm2", g2, topo.taps[g2])
-    await nat.ensure_vm_nat("vm2", g2, topo.taps[g2])  # repeat: replaced, not duplicated
-    assert _vm_rules(topo.stoker) == {"vm1": 3, "vm2": 3}
+    await nat.apply_vm(_nat("vm1", g1, topo.taps[g1]))
+    await nat.apply_vm(_nat("vm2", g2, topo.taps[g2]))
+    await nat.apply_vm(_nat("vm2", g2, topo.taps[g2]))  # repeat: replaced, not duplicated
+    assert _vm_rules(topo.stoker) == {"vm1": NAT_RULES, "vm2": NAT_RULES}
     assert await nat.vm_ids() == {"vm1", "vm2"}
     assert topo.reach(g1) == "192.0.2.1" and topo.reach(g2) == "192.0.2.1"
 
-    await nat.remove_vm_nat("vm1")
-    assert _vm_rules(topo.stoker) == {"vm2": 3}
+    await nat.remove_vm("vm1")
+    assert _vm_rules(topo.stoker) == {"vm2": NAT_RULES}
     assert topo.reach(g1) is None
     assert topo.reach(g2) == "192.0.2.1"
-    assert await nat.remove_vm_nat("vm1") is False  # idempotent
+    assert await nat.remove_vm("vm1") is False  # idempotent
 
 
 async def test_teardown_all_and_idempotence(netns: str) -> None:
-    nat = NAT(Runner(), "br-stoker", LOG, netns=netns)
-    assert await nat.remove_vm_nat("nothing") is False  # no table yet
+    nat = _fw(netns)
+    assert await nat.remove_vm("nothing") is False  # no table yet
     assert await nat.teardown_all() is False
-    await nat.ensure_vm_nat("vm1", "172.30.0.2", "tap-stk-aaaaaa")
+    await nat.apply_vm(_nat("vm1", "172.30.0.2", "tap-stk-aaaaaa"))
     ruleset = ns_nft(netns)
     assert (
         "table inet stoker" in ruleset and 'comment "stoker-vm:vm1 tap=tap-stk-aaaaaa"' in ruleset
@@ -162,11 +175,19 @@ async def test_teardown_all_and_idempotence(netns: str) -> None:
 
 
 async def test_bad_values_never_reach_nft(netns: str) -> None:
-    nat = NAT(Runner(), "br-stoker", LOG, netns=netns)
+    nat = _fw(netns)
     with pytest.raises(InvalidArgument):
-        await nat.ensure_vm_nat('x" ; flush ruleset ; "', "172.30.0.2", "tap-stk-aaaaaa")
+        await nat.apply_vm(_nat('x" ; flush ruleset ; "', "172.30.0.2", "tap-stk-aaaaaa"))
     with pytest.raises(InvalidArgument):
-        await nat.ensure_vm_nat("vm1", "172.30.0.2; drop", "tap-stk-aaaaaa")
+        await nat.apply_vm(
+            VMRules("vm1", "172.30.0.2; drop", "tap-stk-aaaaaa", "06:53:00:00:00:01")
+        )
     with pytest.raises(InvalidArgument):
-        await nat.ensure_vm_nat("vm1", "172.30.0.2", "tap name")
+        await nat.apply_vm(_nat("vm1", "172.30.0.2", "tap name"))
+    with pytest.raises(InvalidArgument):
+        await nat.apply_vm(VMRules("vm1", "172.30.0.2", "tap-stk-aaaaaa", "06:53 drop"))
+    with pytest.raises(InvalidArgument):
+        await nat.apply_vm(
+            VMRules("vm1", "172.30.0.2", "tap-stk-aaaaaa", "06:53:00:00:00:01", peers='a" }')
+        )
     assert "stoker" not in ns_nft(netns)

@@ -136,6 +136,16 @@ class Links:
 
         return await self._wrap(f"listing addresses of {name}", go())
 
+    async def all_addresses(self) -> list[str]:
+        """Every IPv4 address on any link in this namespace (no prefix length)."""
+
+        async def go() -> list[str]:
+            async with self._ipr() as ipr:
+                msgs = await _collect(await ipr.addr("dump", family=2))
+            return sorted({str(m.get("address")) for m in msgs if m.get("address")})
+
+        return await self._wrap("listing addresses", go())
+
     async def ensure_bridge(self, name: str, address: str, prefixlen: int) -> None:
         """Make `name` a bridge carrying `address/prefixlen`, up. Safe to repeat."""
         check_ifname(name)

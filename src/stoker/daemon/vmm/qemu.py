@@ -46,6 +46,16 @@ from stoker.daemon.vmm.base import (
     unlink_quiet,
     validate_config,
     wait_exit,
+    write_file_atomic,
+)
+from stoker.daemon.vmm.confine import (
+    SANDBOX,
+    Confinement,
+    Handover,
+    drop_argv,
+    join_argv,
+    memory_limit,
+    open_tap,
 )
 from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
 from stoker.runner import Runner
@@ -195,8 +205,14 @@ def qemu_argv(
     qmp: Path,
     pidfile: Path,
     tsc_khz: int | None = None,
+    *,
+    handover: Handover | None = None,
+    sandbox: bool = False,
+    paused: bool = False,
 ) -> list[str]:
-    """The QEMU command line for `cfg` (without the netns prefix)."""
+    """The QEMU command line for `cfg` (without the netns prefix). With `handover` every
+    file and socket is one of the descriptors it holds (a QEMU that is not root)."""
+    ho = handover.paths if handover is not None else {}
     argv = [
         qemu_bin,
         "-name",
@@ -215,28 +231,39 @@ def qemu_argv(
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+    ]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
+    if paused:
+        argv.append("-S")
+    for spec in handover.add_fd if handover is not None else []:
+        argv += ["-add-fd", spec]
+    argv += [
         "-chardev",
-        f"file,id=serial0,path={_esc(cfg.serial_log)},append=on",
+        f"file,id=serial0,path={_esc(ho.get('serial', cfg.serial_log))},append=on",
         "-serial",
         "chardev:serial0",
         "-kernel",
-        str(cfg.kernel),
+        ho.get("kernel", str(cfg.kernel)),
     ]
     if cfg.initrd is not None:
-        argv += ["-initrd", str(cfg.initrd)]
+        argv += ["-initrd", ho.get("initrd", str(cfg.initrd))]
     argv += ["-append", guest_cmdline(cfg.cmdline, accel, tsc_khz)]
     for d in cfg.disks:
         argv += [
             "-drive",
-            f"if=none,id={_esc(d.id)},file={_esc(d.path)},format=raw,"
+            f"if=none,id={_esc(d.id)},file={_esc(ho.get('disk:' + d.id, d.path))},format=raw,"
             f"readonly={'on' if d.read_only else 'off'}",
             "-device",
             f"virtio-blk-device,drive={_esc(d.id)}",
         ]
     if cfg.tap:
+        tap_fd = handover.tap_fd if handover is not None else None
         argv += [
             "-netdev",
-            f"tap,id=net0,ifname={_esc(cfg.tap)},script=no,downscript=no",
+            f"tap,id=net0,fd={tap_fd}"
+            if tap_fd is not None
+            else f"tap,id=net0,ifname={_esc(cfg.tap)},script=no,downscript=no",
             "-device",
             f"virtio-net-device,netdev=net0,mac={cfg.mac}",
         ]
@@ -245,12 +272,54 @@ def qemu_argv(
             "-device",
             "virtio-serial-device",
             "-chardev",
-            f"socket,id=agent,path={_esc(cfg.agent_socket)},server=on,wait=off",
+            f"socket,id=agent,fd={handover.agent_fd},server=on,wait=off"
+            if handover is not None and handover.agent_fd is not None
+            else f"socket,id=agent,path={_esc(cfg.agent_socket)},server=on,wait=off",
             "-device",
             f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
+    if handover is not None and handover.qmp_fd is not None:
+        # No -pidfile: QEMU could not create it; the daemon writes it (see `handover_for`).
+        argv += ["-chardev", f"socket,id=qmp,fd={handover.qmp_fd},server=on,wait=off"]
+        argv += ["-mon", "chardev=qmp,mode=control"]
+        return argv
     argv += ["-qmp", f"unix:{_esc(qmp)},server=on,wait=off", "-pidfile", str(pidfile)]
     return argv
+
+
+def handover_for(cfg: MachineConfig, qmp: Path, pidfile: Path) -> Handover:
+    """Open everything a QEMU that is not root needs (see vmm.confine). The pidfile's path
+    rides along as an fd set's `opaque` label: it is what `is_running` recognises."""
+    h = Handover()
+    try:
+        h.fdset(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), opaque=str(pidfile))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        h.paths["serial"] = h.fdset(os.open(cfg.serial_log, flags, 0o600), opaque="serial")
+        h.paths["kernel"] = h.reopenable(cfg.kernel, "kernel")
+        if cfg.initrd is not None:
+            h.paths["initrd"] = h.reopenable(cfg.initrd, "initrd")
+        for d in cfg.disks:
+            ro = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC)
+            fds = [ro] if d.read_only else [os.open(d.path, os.O_RDWR | os.O_CLOEXEC), ro]
+            h.paths["disk:" + d.id] = h.fdset(*fds, opaque=d.id)
+        if cfg.tap:
+            h.tap_fd = h._child(open_tap(cfg.tap, cfg.netns))
+        if cfg.agent_socket is not None:
+            h.agent_fd = h.listening(cfg.agent_socket)
+        h.qmp_fd = h.listening(qmp)
+    except BaseException:
+        h.close()
+        raise
+    return h
+
+
+def _marked(argv: list[str], pidfile: str) -> bool:
+    """A confined QEMU carries its pidfile's path as an `-add-fd ...,opaque=` label."""
+    want = f",opaque={_esc(pidfile)}"
+    return any(
+        a == "-add-fd" and i + 1 < len(argv) and argv[i + 1].endswith(want)
+        for i, a in enumerate(argv)
+    )
 
 
 class QemuDriver:
@@ -268,9 +337,12 @@ class QemuDriver:
         ready_timeout: float = 15.0,
         tsc_khz: int | None = None,
         logger: logging.Logger | None = None,
+        confine: Confinement | None = None,
+        start_paused: bool = False,
     ) -> None:
         """`tsc_khz` presets the TCG guest's TSC rate (default: the host's, see module
-        docstring; 0 turns the preset off)."""
+        docstring; 0 turns the preset off). `confine` (vmm.confine.plan) runs QEMU as an
+        unprivileged user, under seccomp and in its own cgroup; `start_paused` adds -S."""
         if accel not in ("kvm", "tcg"):
             raise InvalidArgument(f"accel must be kvm or tcg, got {accel!r}")
         self.runner = runner
@@ -281,6 +353,8 @@ class QemuDriver:
         self.log = logger or logging.getLogger("stoker.vmm.qemu")
         self._exe_hint = os.path.basename(qemu_bin) or "qemu"
         self.tsc_khz = host_tsc_khz() if tsc_khz is None and accel == "tcg" else tsc_khz
+        self.confine = confine or Confinement()
+        self.start_paused = start_paused
 
     # --- identity --------------------------------------------------------------------
 
@@ -289,7 +363,11 @@ class QemuDriver:
         if handle.kind != self.name:
             return False
         pidfile = str(handle.extra.get("pidfile") or Path(handle.vm_dir) / PIDFILE)
-        return proc_is(handle.pid, self._exe_hint, lambda a: has_option(a, "-pidfile", pidfile))
+        return proc_is(
+            handle.pid,
+            self._exe_hint,
+            lambda a: has_option(a, "-pidfile", pidfile) or _marked(a, pidfile),
+        )
 
     def adopt(self, vm_dir: Path) -> VMMHandle | None:
         """Find a QEMU left running for `vm_dir` (its own pidfile + saved handle)."""
@@ -326,11 +404,47 @@ class QemuDriver:
         unlink_quiet(qmp, pidfile, vm_dir / HANDLE_FILE, cfg.agent_socket)
         cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
         vmm_log = vm_dir / VMM_LOG
-        argv = [
-            *netns_prefix(cfg.netns),
-            *qemu_argv(cfg, self.qemu_bin, self.accel, qmp, pidfile, self.tsc_khz),
-        ]
-        pid = await self.runner.spawn(argv, stdout=vmm_log)
+        if self.confine.pending_user is not None:
+            self.confine = self.confine.with_pending_user()
+            self.log.info("QEMU confinement: %s", self.confine.describe())
+        c = self.confine
+        handover = handover_for(cfg, qmp, pidfile) if c.fds else None
+        cgroups: list[str] = []
+        try:
+            procs = []
+            if c.cgroups is not None:
+                limit = memory_limit(cfg.memory_mib, self.accel)
+                procs = c.cgroups.create(cfg.vm_id, limit, cfg.vcpu)
+                cgroups = [str(p.parent) for p in procs]
+            argv = [
+                *join_argv(procs),
+                *netns_prefix(cfg.netns),
+                *drop_argv(c),
+                *qemu_argv(
+                    cfg,
+                    self.qemu_bin,
+                    self.accel,
+                    qmp,
+                    pidfile,
+                    self.tsc_khz,
+                    handover=handover,
+                    sandbox=c.sandbox,
+                    paused=self.start_paused,
+                ),
+            ]
+            pid = await self.runner.spawn(
+                argv, stdout=vmm_log, pass_fds=handover.fds if handover else None
+            )
+        except BaseException:
+            for d in cgroups:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            raise
+        finally:
+            if handover is not None:
+                handover.close()
+        if handover is not None:
+            write_file_atomic(pidfile, f"{pid}\n")
         handle = VMMHandle(
             kind=self.name,
             pid=pid,
@@ -344,6 +458,8 @@ class QemuDriver:
                 "log": str(vmm_log),
                 "serial_log": str(cfg.serial_log),
                 "agent_socket": str(cfg.agent_socket) if cfg.agent_socket else None,
+                "confinement": c.describe(),
+                "cgroups": cgroups,
             },
         )
         try:
@@ -418,6 +534,12 @@ class QemuDriver:
             handle.extra.get("pidfile"),
             vm_dir / HANDLE_FILE,
         )
+        for d in handle.extra.get("cgroups") or []:
+            # Empty once QEMU is gone; a cgroup still holding a process stays (EBUSY), as
+            # does the `stoker-vms` parent while other VMs' cgroups are in it.
+            for x in (d, os.path.dirname(d)):
+                with contextlib.suppress(OSError):
+                    os.rmdir(x)
 
     # --- introspection ---------------------------------------------------------------
 
@@ -434,4 +556,5 @@ class QemuDriver:
             "state": st,
             "status": status,
             "accel": handle.extra.get("accel"),
+            "confinement": handle.extra.get("confinement"),
         }

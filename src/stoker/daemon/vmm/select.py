@@ -67,9 +67,11 @@ def make_driver(
     qemu_bin: str = "qemu-system-x86_64",
     accel: str = "tcg",
     logger: logging.Logger | None = None,
+    confine: bool = False,
 ) -> VMMDriver:
     """The driver for `name` (`firecracker` or `qemu`). `jailer_bin` runs Firecracker
-    under the jailer with default `JailerOptions`."""
+    under the jailer with default `JailerOptions`; `confine` confines QEMU as far as this
+    host allows (vmm.confine)."""
     # Backends are imported here so that `choose_vmm` (doctor, CLI) does not pay for aiohttp.
     if name == "firecracker":
         from stoker.daemon.vmm.firecracker import FirecrackerDriver, JailerOptions
@@ -81,7 +83,20 @@ def make_driver(
 
         if accel not in ("kvm", "tcg"):
             raise InvalidArgument(f"accel must be kvm or tcg, got {accel!r}")
-        return QemuDriver(runner, qemu_bin, accel="kvm" if accel == "kvm" else "tcg", logger=logger)
+        from stoker.daemon.vmm.confine import plan
+
+        confinement = plan(qemu_bin, accel=accel) if confine else None
+        if confinement is not None:
+            (logger or logging.getLogger("stoker.vmm")).info(
+                "QEMU confinement: %s", confinement.describe()
+            )
+        return QemuDriver(
+            runner,
+            qemu_bin,
+            accel="kvm" if accel == "kvm" else "tcg",
+            logger=logger,
+            confine=confinement,
+        )
     raise Unavailable(
         "no usable VMM: install qemu-system-x86 (or firecracker with KVM) and see `stoker doctor`"
     )
@@ -109,4 +124,5 @@ def driver_for_config(
         qemu_bin=qemu or config.qemu_bin,
         accel=accel,
         logger=logger,
+        confine=True,
     )
