@@ -26,6 +26,7 @@ from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
 from stoker.model.records import Image, Kernel
+from stoker.model.wire import AvailableKernel, CachePruned, Deleted
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -194,7 +195,7 @@ class ImageService:
                 rmtree(staging, ignore_errors=True)
         return im
 
-    async def delete_image(self, name: str) -> dict[str, str]:
+    async def delete_image(self, name: str) -> Deleted:
         """Remove an image (refused while a VM uses it); managed files are deleted."""
         async with self.name_locks.hold(f"image:{name}"):
             im = await self.get_image(name)
@@ -207,9 +208,9 @@ class ImageService:
                 self.store.delete_image(name)
             if im.managed:
                 rmtree(self.layout.images_dir / name, ignore_errors=True)
-        return {"name": name}
+        return Deleted(name)
 
-    async def delete_kernel(self, name: str) -> dict[str, str]:
+    async def delete_kernel(self, name: str) -> Deleted:
         """Remove a kernel (refused while an image uses it)."""
         async with self.name_locks.hold(f"kernel:{name}"):
             k = await self.get_kernel(name)
@@ -218,7 +219,7 @@ class ImageService:
             d = Path(k.dir)
             if d.is_relative_to(self.layout.kernels_dir):
                 rmtree(d, ignore_errors=True)
-        return {"name": name}
+        return Deleted(name)
 
     # --- golden build, kernels, ensure ---------------------------------------------------
 
@@ -456,12 +457,14 @@ class ImageService:
 
         return await self._kernel_inflight.run(f"kernel-pull:{name}", run)
 
-    def available_kernels(self) -> list[dict[str, Any]]:
+    def available_kernels(self) -> list[AvailableKernel]:
         """The catalog's kernels, with whether each is installed here."""
         from stoker.daemon.catalog import load_catalog
 
         have = {k.name for k in self.store.list_kernels()}
-        return [{**k.to_dict(), "installed": k.name in have} for k in load_catalog().kernels]
+        return [
+            AvailableKernel(**k.to_dict(), installed=k.name in have) for k in load_catalog().kernels
+        ]
 
     async def _pull_oci(self, ref: str, name: str | None, progress: Progress) -> Image:
         from stoker.daemon import oci
@@ -564,17 +567,17 @@ class ImageService:
                 rmtree(final, ignore_errors=True)
                 raise
 
-    async def prune_cache(self, dry_run: bool) -> dict[str, object]:
+    async def prune_cache(self, dry_run: bool) -> CachePruned:
         """Remove cached OCI blobs no in-flight pull uses; reports bytes freed."""
         from stoker.daemon.oci import BlobCache
 
         r = await BlobCache(self.layout.oci_cache_dir).prune(dry_run=dry_run)
-        return {
-            "dry_run": r.dry_run,
-            "bytes_freed": r.bytes_freed,
-            "removed": len(r.removed),
-            "in_use": len(r.in_use),
-        }
+        return CachePruned(
+            dry_run=r.dry_run,
+            bytes_freed=r.bytes_freed,
+            removed=len(r.removed),
+            in_use=len(r.in_use),
+        )
 
 
 def _sweep(targets: list[tuple[Path, set[str]]]) -> list[str]:
