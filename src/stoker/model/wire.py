@@ -8,7 +8,8 @@ only: the CLI may import this module without pulling in the daemon.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,9 @@ class Deleted:
 
 
 @dataclass(frozen=True)
-class AvailableKernel:
-    """`kernel list --available`: a catalog kernel and whether it is installed here."""
+class CatalogKernel:
+    """A catalog's kernel bundle: `vmlinux` (+ optional `bzImage`, `initrd.img`,
+    `modules/`). Parsed by `daemon.catalog`, which re-exports it."""
 
     name: str
     version: str
@@ -28,8 +30,18 @@ class AvailableKernel:
     url: str
     sha256: str
     size: int
-    description: str
-    installed: bool
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AvailableKernel(CatalogKernel):
+    """`kernel list --available`: a catalog kernel and whether it is installed here."""
+
+    installed: bool = False
 
 
 @dataclass(frozen=True)
