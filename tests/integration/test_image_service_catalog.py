@@ -152,7 +152,7 @@ async def test_catalog_pull_with_kernel(
     images = daemon.images
     assert images is not None
     avail = images.available_kernels()
-    assert [(k["name"], k["installed"]) for k in avail] == [("cat-kernel", False)]
+    assert [(k.name, k.installed) for k in avail] == [("cat-kernel", False)]
     a, b = await asyncio.gather(
         images.pull("cat-image", None, _noop), images.pull("cat-image", None, _noop)
     )
@@ -161,7 +161,7 @@ async def test_catalog_pull_with_kernel(
     assert Path(a.rootfs).exists() and a.source == "catalog:cat-image"
     k = await images.get_kernel("cat-kernel")
     assert k.vmlinux and Path(k.vmlinux).exists()
-    assert images.available_kernels()[0]["installed"]
+    assert images.available_kernels()[0].installed
 
 
 async def test_catalog_bad_hash_publishes_nothing(

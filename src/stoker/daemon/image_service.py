@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -21,10 +21,12 @@ from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
+from stoker.daemon.opstate.singleflight import SingleFlight
 from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
 from stoker.model.records import Image, Kernel
+from stoker.model.wire import AvailableKernel, CachePruned, Deleted
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -47,7 +49,9 @@ class ImageService:
         self.image_ops_lock = asyncio.Lock()
         # Per-name locks for pull/build/delete (taken before image_ops_lock).
         self.name_locks = LockSet()
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        # Concurrent pulls/builds of one name share one task (`SingleFlight`).
+        self._inflight: SingleFlight[str, Image] = SingleFlight()
+        self._kernel_inflight: SingleFlight[str, Kernel] = SingleFlight()
         self.ops: Registry[OpState] = Registry()
 
     async def list_images(self) -> list[Image]:
@@ -109,6 +113,19 @@ class ImageService:
 
     def _users_of_image(self, name: str) -> list[str]:
         return [v.name for v in self.store.list_vms() if v.image == name]
+
+    def _tracked(
+        self, kind: str, target: str, progress: Progress, work: Callable[[Progress], Awaitable[T]]
+    ) -> Callable[[], Awaitable[T]]:
+        """A `SingleFlight` start for `work`: registered in `ops`, its stages recorded."""
+
+        def start() -> asyncio.Future[T]:
+            op = self.ops.add(OpState(kind=kind, target=target))
+            fut = asyncio.ensure_future(work(op.tracking(progress)))
+            fut.add_done_callback(lambda f: op.finish(_failure(f)))
+            return fut
+
+        return start
 
     async def _copy_sparse(self, src: Path, dst: Path) -> None:
         await self.runner.run(["cp", "--sparse=always", "--", str(src), str(dst)], timeout=1800)
@@ -178,7 +195,7 @@ class ImageService:
                 rmtree(staging, ignore_errors=True)
         return im
 
-    async def delete_image(self, name: str) -> dict[str, str]:
+    async def delete_image(self, name: str) -> Deleted:
         """Remove an image (refused while a VM uses it); managed files are deleted."""
         async with self.name_locks.hold(f"image:{name}"):
             im = await self.get_image(name)
@@ -191,9 +208,9 @@ class ImageService:
                 self.store.delete_image(name)
             if im.managed:
                 rmtree(self.layout.images_dir / name, ignore_errors=True)
-        return {"name": name}
+        return Deleted(name)
 
-    async def delete_kernel(self, name: str) -> dict[str, str]:
+    async def delete_kernel(self, name: str) -> Deleted:
         """Remove a kernel (refused while an image uses it)."""
         async with self.name_locks.hold(f"kernel:{name}"):
             k = await self.get_kernel(name)
@@ -202,7 +219,7 @@ class ImageService:
             d = Path(k.dir)
             if d.is_relative_to(self.layout.kernels_dir):
                 rmtree(d, ignore_errors=True)
-        return {"name": name}
+        return Deleted(name)
 
     # --- golden build, kernels, ensure ---------------------------------------------------
 
@@ -234,67 +251,60 @@ class ImageService:
             raise InvalidArgument(
                 f"cannot build {name!r}: golden images are named debian-SUITE, e.g. debian-bookworm"
             )
-        key = f"build:{name}"
-        fut = self._inflight.get(key)
-        if fut is None:
 
-            async def run() -> Image:
-                async with self.name_locks.hold(f"image:{name}"):
-                    existing = self.store.get_image(name)
-                    if existing is not None and existing.source != f"golden:{m.group(1)}":
-                        raise AlreadyExists(
-                            f"image {name!r} exists and was not built by stoker "
-                            f"({existing.source}): delete it first"
-                        )
-                    cache = (
-                        Path(self.config.golden_cache_dir)
-                        if self.config.golden_cache_dir
-                        else self.layout.cache_dir / "apt"
+        async def run(progress: Progress) -> Image:
+            async with self.name_locks.hold(f"image:{name}"):
+                existing = self.store.get_image(name)
+                if existing is not None and existing.source != f"golden:{m.group(1)}":
+                    raise AlreadyExists(
+                        f"image {name!r} exists and was not built by stoker "
+                        f"({existing.source}): delete it first"
                     )
+                cache = (
+                    Path(self.config.golden_cache_dir)
+                    if self.config.golden_cache_dir
+                    else self.layout.cache_dir / "apt"
+                )
 
-                    def report(stage: str, detail: str = "") -> None:
-                        progress(stage, detail)
+                def report(stage: str, detail: str = "") -> None:
+                    progress(stage, detail)
 
-                    res = await golden.build_golden(
-                        self.runner,
-                        self.layout.images_dir / name,
-                        suite=m.group(1),
-                        mirror=self.config.debian_mirror,
-                        cache_dir=cache,
-                        progress=report,
-                        force=force,
-                    )
-                    if existing is not None and res.reused:
-                        return existing
-                    kname = f"debian-{res.kernel_version}"
-                    progress("kernel", f"importing kernel {kname}")
-                    kernel = await self._import_kernel_files(kname, res.kernel_dir, "golden")
-                    im = Image(
-                        name=name,
-                        managed=True,
-                        rootfs=str(res.rootfs),
-                        work_seed=str(res.work_seed),
-                        kernel=kernel.name,
-                        source=f"golden:{m.group(1)}",
-                        size=res.rootfs.stat().st_size,
-                        created_at=now(),
-                        digest=res.spec_hash,
-                        meta={"packages": res.packages},
-                    )
-                    async with self.image_ops_lock:
-                        self.store.upsert_image(im)
-                    progress("done", f"{name} built ({res.packages} packages)")
-                    return im
+                res = await golden.build_golden(
+                    self.runner,
+                    self.layout.images_dir / name,
+                    suite=m.group(1),
+                    mirror=self.config.debian_mirror,
+                    cache_dir=cache,
+                    progress=report,
+                    force=force,
+                )
+                if existing is not None and res.reused:
+                    return existing
+                kname = f"debian-{res.kernel_version}"
+                progress("kernel", f"importing kernel {kname}")
+                kernel = await self._import_kernel_files(kname, res.kernel_dir, "golden")
+                im = Image(
+                    name=name,
+                    managed=True,
+                    rootfs=str(res.rootfs),
+                    work_seed=str(res.work_seed),
+                    kernel=kernel.name,
+                    source=f"golden:{m.group(1)}",
+                    size=res.rootfs.stat().st_size,
+                    created_at=now(),
+                    digest=res.spec_hash,
+                    meta={"packages": res.packages},
+                )
+                async with self.image_ops_lock:
+                    self.store.upsert_image(im)
+                progress("done", f"{name} built ({res.packages} packages)")
+                return im
 
-            op = self.ops.add(OpState(kind="build", target=name))
-            progress = op.tracking(progress)
-            fut = asyncio.ensure_future(run())
-            fut.add_done_callback(lambda f: op.finish(_failure(f)))
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
-        else:
-            progress("build", f"joining the build of {name} already in progress")
-        return await asyncio.shield(fut)
+        return await self._inflight.run(
+            f"build:{name}",
+            self._tracked("build", name, progress, run),
+            on_join=lambda: progress("build", f"joining the build of {name} already in progress"),
+        )
 
     async def _import_kernel_files(self, name: str, source: Path, origin: str) -> Kernel:
         from stoker.daemon.imagemgr import kernel as kmod
@@ -352,18 +362,11 @@ class ImageService:
     async def pull(self, ref: str, name: str | None, progress: Progress) -> Image:
         """`image pull REF`: a catalog name takes the bundle fast path, anything else is
         pulled from its OCI registry. Concurrent pulls of one ref share one download."""
-        key = f"pull:{ref}"
-        fut = self._inflight.get(key)
-        if fut is None:
-            op = self.ops.add(OpState(kind="pull", target=ref))
-            fut = asyncio.ensure_future(self._pull(ref, name, op.tracking(progress)))
-            fut.add_done_callback(lambda f: op.finish(_failure(f)))
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
-        else:
-            progress("pull", f"joining the pull of {ref} already in progress")
-        # Shield: one caller going away must not cancel the shared pull.
-        return await asyncio.shield(fut)
+        return await self._inflight.run(
+            f"pull:{ref}",
+            self._tracked("pull", ref, progress, lambda p: self._pull(ref, name, p)),
+            on_join=lambda: progress("pull", f"joining the pull of {ref} already in progress"),
+        )
 
     async def _pull(self, ref: str, name: str | None, progress: Progress) -> Image:
         from stoker.daemon.catalog import load_catalog
@@ -423,50 +426,45 @@ class ImageService:
         if existing is not None:
             return existing
         entry = load_catalog().kernel(name)
-        key = f"kernel-pull:{name}"
-        fut = self._inflight.get(key)
-        if fut is None:
 
-            async def run() -> Kernel:
-                async with self.name_locks.hold(f"kernel:{name}"):
-                    cur = self.store.get_kernel(name)
-                    if cur is not None:
-                        return cur
-                    files = await fetch_catalog_entry(
-                        entry, self.layout.kernels_dir / name, progress=progress
-                    )
-                    k = Kernel(
-                        name=name,
-                        version=files.manifest.version,
-                        arch=files.manifest.arch,
-                        dir=str(files.dir),
-                        vmlinux=str(files.vmlinux) if files.vmlinux else None,
-                        bzimage=str(files.bzimage) if files.bzimage else None,
-                        initrd=str(files.initrd) if files.initrd else None,
-                        modules_dir=str(files.modules_dir) if files.modules_dir else None,
-                        source=f"catalog:{name}",
-                        created_at=now(),
-                    )
-                    try:
-                        async with self.image_ops_lock:
-                            self.store.upsert_kernel(k)
-                    except BaseException:
-                        rmtree(files.dir, ignore_errors=True)
-                        raise
-                    return k
+        async def run() -> Kernel:
+            async with self.name_locks.hold(f"kernel:{name}"):
+                cur = self.store.get_kernel(name)
+                if cur is not None:
+                    return cur
+                files = await fetch_catalog_entry(
+                    entry, self.layout.kernels_dir / name, progress=progress
+                )
+                k = Kernel(
+                    name=name,
+                    version=files.manifest.version,
+                    arch=files.manifest.arch,
+                    dir=str(files.dir),
+                    vmlinux=str(files.vmlinux) if files.vmlinux else None,
+                    bzimage=str(files.bzimage) if files.bzimage else None,
+                    initrd=str(files.initrd) if files.initrd else None,
+                    modules_dir=str(files.modules_dir) if files.modules_dir else None,
+                    source=f"catalog:{name}",
+                    created_at=now(),
+                )
+                try:
+                    async with self.image_ops_lock:
+                        self.store.upsert_kernel(k)
+                except BaseException:
+                    rmtree(files.dir, ignore_errors=True)
+                    raise
+                return k
 
-            fut = asyncio.ensure_future(run())
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
-        result: Kernel = await asyncio.shield(fut)
-        return result
+        return await self._kernel_inflight.run(f"kernel-pull:{name}", run)
 
-    def available_kernels(self) -> list[dict[str, Any]]:
+    def available_kernels(self) -> list[AvailableKernel]:
         """The catalog's kernels, with whether each is installed here."""
         from stoker.daemon.catalog import load_catalog
 
         have = {k.name for k in self.store.list_kernels()}
-        return [{**k.to_dict(), "installed": k.name in have} for k in load_catalog().kernels]
+        return [
+            AvailableKernel(**k.to_dict(), installed=k.name in have) for k in load_catalog().kernels
+        ]
 
     async def _pull_oci(self, ref: str, name: str | None, progress: Progress) -> Image:
         from stoker.daemon import oci
@@ -569,17 +567,17 @@ class ImageService:
                 rmtree(final, ignore_errors=True)
                 raise
 
-    async def prune_cache(self, dry_run: bool) -> dict[str, object]:
+    async def prune_cache(self, dry_run: bool) -> CachePruned:
         """Remove cached OCI blobs no in-flight pull uses; reports bytes freed."""
         from stoker.daemon.oci import BlobCache
 
         r = await BlobCache(self.layout.oci_cache_dir).prune(dry_run=dry_run)
-        return {
-            "dry_run": r.dry_run,
-            "bytes_freed": r.bytes_freed,
-            "removed": len(r.removed),
-            "in_use": len(r.in_use),
-        }
+        return CachePruned(
+            dry_run=r.dry_run,
+            bytes_freed=r.bytes_freed,
+            removed=len(r.removed),
+            in_use=len(r.in_use),
+        )
 
 
 def _sweep(targets: list[tuple[Path, set[str]]]) -> list[str]:

@@ -112,10 +112,10 @@ async def test_pull_publishes_managed_image_and_coalesces(
     assert again.name == im.name
     # Cache prune frees the blobs (nothing is pulling now).
     dry = await images.prune_cache(dry_run=True)
-    assert dry["bytes_freed"] > 0
+    assert dry.bytes_freed > 0
     real = await images.prune_cache(dry_run=False)
-    assert real["bytes_freed"] == dry["bytes_freed"]
-    assert (await images.prune_cache(dry_run=True))["bytes_freed"] == 0
+    assert real.bytes_freed == dry.bytes_freed
+    assert (await images.prune_cache(dry_run=True)).bytes_freed == 0
 
 
 async def test_failed_pull_publishes_nothing(daemon: Daemon, registry: RegistryProcess) -> None:

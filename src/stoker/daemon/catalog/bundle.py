@@ -32,7 +32,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from stoker.daemon.catalog.errors import (
 )
 from stoker.daemon.catalog.tarstream import TarEntry, TarFormatError, TarReader
 from stoker.daemon.imagemgr.safetree import rmtree
+from stoker.daemon.opstate.meter import DownloadMeter
 from stoker.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -70,7 +70,6 @@ CHUNK = 1 << 20
 PIPE_LIMIT = 8 << 20  # downloaded bytes waiting for the unpacker
 CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 120.0  # no byte for this long: the download is stuck
-PROGRESS_INTERVAL = 0.5
 MAX_WINDOW = 1 << 30  # zstd --long=30; larger windows would let a bundle claim GiBs of RAM
 MAX_UNPACKED = 64 << 30
 MAX_ENTRIES = 200_000
@@ -556,29 +555,6 @@ def _write_sparse(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-class _Meter:
-    """Reports download progress at most every PROGRESS_INTERVAL."""
-
-    def __init__(self, progress: Progress | None, total: int | None) -> None:
-        self.progress = progress
-        self.total = total
-        self.done = 0
-        self._last = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.progress is not None and now - self._last >= PROGRESS_INTERVAL:
-            self._last = now
-            of = f"/{self.total // (1 << 20)}" if self.total else ""
-            self.progress(
-                "download",
-                f"{self.done // (1 << 20)}{of} MiB",
-                done=self.done,
-                total=self.total,
-            )
-
-
 async def _settle(worker: asyncio.Future[Any]) -> bool:
     """Wait until the worker thread has really stopped; True if we were cancelled meanwhile."""
     cancelled = False
@@ -733,7 +709,7 @@ async def _download_and_unpack(
     )
     h = hashlib.sha256()
     n = 0
-    meter = _Meter(progress, size)
+    meter = DownloadMeter(progress, size)
     try:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout

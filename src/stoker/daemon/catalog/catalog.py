@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from stoker.daemon.catalog.errors import CatalogError
 from stoker.errors import InvalidArgument, NotFound
 from stoker.model.names import validate_artifact_name
+from stoker.model.wire import CatalogKernel as CatalogKernel  # re-exported: parsed here
 
 CATALOG_ENV = "STOKER_CATALOG"
 EMBEDDED = "embedded"
@@ -45,23 +46,6 @@ _TOP_KEYS = frozenset({"comment", "schema_version", "images", "kernels"})
 _KERNEL_KEYS = ("name", "version", "arch", "url", "sha256", "size")
 _KERNEL_OPTIONAL = ("description",)
 _IMAGE_KEYS = ("name", "version", "arch", "url", "sha256", "size", "kernel_ref", "description")
-
-
-@dataclass(frozen=True)
-class CatalogKernel:
-    """A kernel bundle: `vmlinux` (+ optional `bzImage`, `initrd.img`, `modules/`)."""
-
-    name: str
-    version: str
-    arch: str
-    url: str
-    sha256: str
-    size: int
-    description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for `kernel list --available`)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)

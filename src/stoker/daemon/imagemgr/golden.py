@@ -35,6 +35,7 @@ import zstandard
 
 from stoker.daemon.imagemgr import ext4
 from stoker.daemon.imagemgr.inject import guest_files_digest, inject_guest_files
+from stoker.daemon.imagemgr.publish import publish_dir
 from stoker.daemon.imagemgr.safetree import SafeTree, rmtree
 from stoker.errors import CommandFailed, InvalidArgument, PermissionDenied, StokerError
 from stoker.runner import Runner
@@ -563,21 +564,6 @@ def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
     return version, packages
 
 
-def _publish(final: Path, out_dir: Path) -> None:
-    old: Path | None = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.rename(out_dir, old)
-    try:
-        os.rename(final, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        rmtree(old, ignore_errors=True)
-
-
 def _no_progress(stage: str, detail: str) -> None:
     pass
 
@@ -680,7 +666,7 @@ async def build_golden(
         }
         (final / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         report("publish", str(out_dir))
-        await asyncio.to_thread(_publish, final, out_dir)
+        await asyncio.to_thread(publish_dir, final, out_dir)
     finally:
         await _remove_staging(staging)
 

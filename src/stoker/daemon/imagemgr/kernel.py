@@ -26,6 +26,7 @@ from pathlib import Path
 import lz4.block
 import zstandard
 
+from stoker.daemon.imagemgr.publish import publish_dir
 from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
@@ -469,22 +470,6 @@ def _assemble(found: _Found, staging: Path) -> KernelFiles:
     return KernelFiles(staging, vmlinux, bzimage, initrd, modules, version, arch)
 
 
-def _publish(staging: Path, dest: Path) -> None:
-    """Rename `staging` to `dest`, replacing an existing `dest` (old one removed after)."""
-    old: Path | None = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
-    try:
-        os.rename(staging, dest)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    if old is not None:
-        rmtree(old, ignore_errors=True)
-
-
 async def import_kernel(runner: Runner, source: Path, dest_dir: Path) -> KernelFiles:
     """Import a kernel from a directory, a `.deb`, or a single kernel file into `dest_dir`.
 
@@ -524,7 +509,7 @@ async def import_kernel(runner: Runner, source: Path, dest_dir: Path) -> KernelF
         else:
             found = _Found(source, None, None, _suffix_version(source.name))
         files = await asyncio.to_thread(_assemble, found, staging)
-        await asyncio.to_thread(_publish, staging, dest_dir)
+        await asyncio.to_thread(publish_dir, staging, dest_dir)
     except BaseException:
         await asyncio.to_thread(rmtree, staging, ignore_errors=True)
         raise

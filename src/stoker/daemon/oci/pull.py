@@ -19,7 +19,6 @@ import functools
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from stoker.daemon.oci.registry import (
     RegistryClient,
     registry_scheme,
 )
+from stoker.daemon.opstate.meter import DownloadMeter
 from stoker.errors import StokerError, Timeout, Unavailable
 from stoker.runner import Runner
 
@@ -56,7 +56,6 @@ T = TypeVar("T")
 
 MAX_PARALLEL_DOWNLOADS = 3
 DOWNLOAD_ATTEMPTS = 3
-PROGRESS_INTERVAL = 0.5
 TARGET_OS = "linux"
 TARGET_ARCH = "amd64"
 
@@ -90,29 +89,6 @@ class PulledImage:
     def discard(self) -> None:
         """Remove the staging directory (after the ext4 is built, or to abandon the pull)."""
         rmtree(self.workdir, ignore_errors=True)
-
-
-class _Meter:
-    """Aggregates download bytes and reports them at most every PROGRESS_INTERVAL."""
-
-    def __init__(self, progress: Progress | None, ref: str, total: int) -> None:
-        self.progress = progress
-        self.ref = ref
-        self.total = total
-        self.done = 0
-        self._last = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.progress is not None and (now - self._last >= PROGRESS_INTERVAL):
-            self._last = now
-            self.progress(
-                "download",
-                f"{self.done // (1 << 20)}/{self.total // (1 << 20)} MiB",
-                done=self.done,
-                total=self.total,
-            )
 
 
 async def _in_thread(fn: Callable[[], T], cancel: threading.Event) -> T:
@@ -220,7 +196,7 @@ async def pull_image(
         descs = [manifest.config, *manifest.layers]
         async with cache.pinned([d.digest for d in descs], ref):
             missing = _check_space(cache, descs, ref)
-            meter = _Meter(progress, ref, missing)
+            meter = DownloadMeter(progress, missing)
             config = await _config(cache, client, manifest.config, ref, meter)
             workdir = Path(tempfile.mkdtemp(prefix="oci-", dir=staging_dir))
             try:
@@ -259,7 +235,7 @@ def _os_error(ref: str, e: OSError, doing: str) -> StokerError:
 
 
 async def _fetch(
-    cache: BlobCache, client: RegistryClient, d: Descriptor, ref: str, meter: _Meter
+    cache: BlobCache, client: RegistryClient, d: Descriptor, ref: str, meter: DownloadMeter
 ) -> Path:
     """Fetch one blob into the cache, retrying transient transport failures."""
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
@@ -275,7 +251,7 @@ async def _fetch(
 
 
 async def _config(
-    cache: BlobCache, client: RegistryClient, d: Descriptor, ref: str, meter: _Meter
+    cache: BlobCache, client: RegistryClient, d: Descriptor, ref: str, meter: DownloadMeter
 ) -> ImageConfig:
     if d.size > MAX_CONFIG_BYTES:
         raise UnsupportedImage(f"pulling {ref}: config blob {d.digest} is unreasonably large")
@@ -302,7 +278,7 @@ async def _unpack(
     canonical: str,
     top_digest: str,
     progress: Progress | None,
-    meter: _Meter,
+    meter: DownloadMeter,
     allow_devices: bool | None,
     max_parallel: int,
     max_layer_size: int | None,

@@ -1,0 +1,54 @@
+"""Wire shapes of service results that are not records: declared once, as dataclasses.
+
+A service method returns one of these (or a record from `model.records`); the RPC layer
+turns it into JSON with `rpc.jsonable.to_jsonable` (`dataclasses.asdict`), so the field
+names and their order here are the JSON keys `--json` prints (docs/json-output.md). Stdlib
+only: the CLI may import this module without pulling in the daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """`image delete`, `kernel rm`: what was removed."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class CatalogKernel:
+    """A catalog's kernel bundle: `vmlinux` (+ optional `bzImage`, `initrd.img`,
+    `modules/`). Parsed by `daemon.catalog`, which re-exports it."""
+
+    name: str
+    version: str
+    arch: str
+    url: str
+    sha256: str
+    size: int
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AvailableKernel(CatalogKernel):
+    """`kernel list --available`: a catalog kernel and whether it is installed here."""
+
+    installed: bool = False
+
+
+@dataclass(frozen=True)
+class CachePruned:
+    """`image cache prune`: bytes freed and blob counts (removed, kept for a running pull)."""
+
+    dry_run: bool
+    bytes_freed: int
+    removed: int
+    in_use: int
