@@ -232,6 +232,20 @@ def _vmm(key: str, v: Any, _host: Host) -> str:
     return vmm
 
 
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _vmm_user(key: str, v: Any, _host: Host) -> str:
+    name = _str(key, v)
+    if not _USER_NAME.fullmatch(name) or name == "root":
+        raise _bad(
+            key,
+            f"{name!r} is not a usable system user name: 1-32 lowercase letters, digits, "
+            "'_' and '-', starting with a letter or '_' (not root)",
+        )
+    return name
+
+
 def _bridge_name(key: str, v: Any, _host: Host) -> str:
     name = _str(key, v)
     if not _IFNAME.fullmatch(name) or name in _IFNAME_RESERVED:
@@ -447,6 +461,11 @@ class Config:
     jailer_bin: str = setting("jailer", parse=_plain(_str), doc="Firecracker's jailer binary")
     qemu_bin: str = setting("qemu-system-x86_64", parse=_plain(_str), doc="QEMU binary")
     use_jailer: bool = setting(False, parse=_plain(_bool), doc="run Firecracker under the jailer")
+    vmm_user: str = setting(
+        "stoker-vmm",
+        parse=_vmm_user,
+        doc="system user a root daemon runs QEMU as (made if missing)",
+    )
     bridge_name: str = setting(
         "br-stoker", parse=_bridge_name, doc="host bridge the guests live on"
     )

@@ -33,6 +33,7 @@ class StokerEnv:
     root: Path
     env: dict[str, str]
     config: Path
+    vmm_user: str = "stoker-vmm"
     log: list[str] = field(default_factory=list)
 
     @property
@@ -108,7 +109,11 @@ def make_env(tag: str, extra_config: str = "") -> StokerEnv:
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root (network namespaces, taps)")
     require_tools("qemu-system-x86_64", "mkfs.ext4", "debugfs", "ip", "nft")
-    ns = f"stoker-{tag}-{secrets.token_hex(3)}"
+    token = secrets.token_hex(3)
+    ns = f"stoker-{tag}-{token}"
+    # Confined QEMU runs as a system user the daemon creates at its first start: a name of
+    # this env's own, removed by destroy_env, so no user is left on the host.
+    vmm_user = f"stkvm-{token}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
     root = Path(tempfile.mkdtemp(prefix="stk-e2e-"))
@@ -127,6 +132,7 @@ def make_env(tag: str, extra_config: str = "") -> StokerEnv:
     cfg.parent.mkdir(parents=True)
     cfg.write_text(
         'vmm = "qemu"\n'
+        f'vmm_user = "{vmm_user}"\n'
         "tap_pool_size = 1\n"
         'dns_listen = "127.0.0.1:5354"\n'
         f'golden_cache_dir = "{CACHE / "apt"}"\n'
@@ -134,7 +140,7 @@ def make_env(tag: str, extra_config: str = "") -> StokerEnv:
         + '\n[vm_defaults]\nvcpu = 1\nmemory_mib = 1024\ndisk_size = "2G"\n'
         + 'overlay_size = "2G"\n'
     )
-    return StokerEnv(netns=ns, root=root, env=env, config=cfg)
+    return StokerEnv(netns=ns, root=root, env=env, config=cfg, vmm_user=vmm_user)
 
 
 def destroy_env(e: StokerEnv) -> None:
@@ -151,3 +157,5 @@ def destroy_env(e: StokerEnv) -> None:
         time.sleep(0.3)
     subprocess.run(["ip", "netns", "del", e.netns], check=False)
     shutil.rmtree(e.root, ignore_errors=True)
+    subprocess.run(["userdel", e.vmm_user], capture_output=True, check=False)
+    subprocess.run(["groupdel", e.vmm_user], capture_output=True, check=False)

@@ -75,6 +75,7 @@ class Cfg:
     jailer_bin: str = "jailer"
     qemu_bin: str = "qemu-system-x86_64"
     use_jailer: bool = False
+    vmm_user: str = "stoker-vmm"
 
 
 def test_driver_for_config() -> None:

@@ -352,18 +352,19 @@ async def check_confinement(ctx: Context) -> Check:
     """What confinement a QEMU started by this host's stokerd gets, and why a part is off."""
     from dataclasses import replace
 
-    from stoker.hostprobe.confine import VMM_USER, plan
+    from stoker.hostprobe.confine import plan
 
     q = await ctx.qemu()
     if not q.usable or not q.path:
         return Check("confinement", "WARN", "not checked: no usable QEMU", "")
-    c = await asyncio.to_thread(plan, q.path)
+    user = ctx.config.vmm_user
+    c = await asyncio.to_thread(plan, q.path, user=user)
     off = dict(c.off)
     note = ""
     if os.geteuid() == 0 and c.pending_user is not None:
         # A root stokerd creates the user at its first QEMU start: not a problem.
         off.pop("user", None)
-        note = f"; user {VMM_USER} is created at the first VM start"
+        note = f"; user {user} is created at the first VM start"
     fixes = {
         "sandbox": "install a QEMU built with seccomp (Debian's is)",
         "user": "run stokerd as root (the system install does)",

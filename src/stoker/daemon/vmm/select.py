@@ -56,6 +56,8 @@ class VMMConfig(Protocol):
     def qemu_bin(self) -> str: ...
     @property
     def use_jailer(self) -> bool: ...
+    @property
+    def vmm_user(self) -> str: ...
 
 
 def make_driver(
@@ -68,6 +70,7 @@ def make_driver(
     accel: str = "tcg",
     logger: logging.Logger | None = None,
     confine: bool = False,
+    vmm_user: str | None = None,
 ) -> VMMDriver:
     """The driver for `name` (`firecracker` or `qemu`). `jailer_bin` runs Firecracker
     under the jailer with default `JailerOptions`; `confine` confines QEMU as far as this
@@ -83,9 +86,9 @@ def make_driver(
 
         if accel not in ("kvm", "tcg"):
             raise InvalidArgument(f"accel must be kvm or tcg, got {accel!r}")
-        from stoker.daemon.vmm.confine import plan
+        from stoker.daemon.vmm.confine import VMM_USER, plan
 
-        confinement = plan(qemu_bin, accel=accel) if confine else None
+        confinement = plan(qemu_bin, accel=accel, user=vmm_user or VMM_USER) if confine else None
         if confinement is not None:
             (logger or logging.getLogger("stoker.vmm")).info(
                 "QEMU confinement: %s", confinement.describe()
@@ -125,4 +128,5 @@ def driver_for_config(
         accel=accel,
         logger=logger,
         confine=True,
+        vmm_user=config.vmm_user,
     )
