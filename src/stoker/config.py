@@ -283,6 +283,42 @@ def _dns_listen(key: str, v: Any, _host: Host) -> str:
     return addr
 
 
+_REGISTRY_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9a-fA-F:.]+\])(?::\d{1,5})?$"
+)
+
+
+def _registry_host(key: str, v: Any) -> str:
+    s = _str(key, v).strip()
+    if "://" in s:
+        s = s.split("://", 1)[1]
+    s = s.rstrip("/")
+    if not _REGISTRY_HOST.match(s):
+        raise _bad(key, f"{v!r} is not a registry host[:port] such as registry.lan:5000")
+    return s.lower()
+
+
+def _insecure_registries(key: str, v: Any, _host: Host) -> frozenset[str]:
+    if not isinstance(v, list):
+        raise _bad(key, 'expected a list such as ["registry.lan:5000"]')
+    return frozenset(_registry_host(f"{key}[{i}]", h) for i, h in enumerate(v))
+
+
+def _registry_mirrors(key: str, v: Any, _host: Host) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(v, dict):
+        raise _bad(key, 'expected a table such as {"docker.io" = ["mirror.lan:5000"]}')
+    mirrors: dict[str, tuple[str, ...]] = {}
+    for reg, hosts in v.items():
+        k = f"{key}.{reg}"
+        if not isinstance(hosts, list) or not hosts:
+            raise _bad(k, "expected a non-empty list of mirror hosts (host[:port])")
+        name = _registry_host(k, reg)
+        if name in ("index.docker.io", "registry-1.docker.io"):
+            name = "docker.io"
+        mirrors[name] = tuple(_registry_host(f"{k}[{i}]", h) for i, h in enumerate(hosts))
+    return tuple(mirrors.items())
+
+
 def _guest_dns(key: str, v: Any, _host: Host) -> tuple[str, ...]:
     if not isinstance(v, list) or not v:
         raise _bad(key, "expected a non-empty list of IP addresses")
@@ -527,6 +563,18 @@ class Config:
         (),
         parse=_file_sync,
         doc="array of tables: host files copied in at each start (below)",
+        shown="",
+    )
+    insecure_registries: frozenset[str] = setting(
+        frozenset(),
+        parse=_insecure_registries,
+        doc="registries (host[:port]) spoken to over unverified TLS or plain HTTP",
+        shown="`[]`",
+    )
+    registry_mirrors: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        parse=_registry_mirrors,
+        doc='table: registry -> mirrors tried first, e.g. `"docker.io" = ["mirror.lan:5000"]`',
         shown="",
     )
 

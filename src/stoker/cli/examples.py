@@ -64,6 +64,20 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "image promote": ("stoker image promote mine",),
     "image pull": ("stoker image pull debian-bookworm", "stoker image pull localhost:5000/app:1"),
+    "vm port-forward": (
+        "stoker vm port-forward web 8080:80",
+        "stoker vm port-forward web 0.0.0.0:8443:443",
+        "stoker vm port-forward web --remove 8080",
+    ),
+    "image push": (
+        "stoker image push debian-bookworm registry.lan:5000/team/env:1",
+        "stoker image pull registry.lan:5000/team/env:1",
+    ),
+    "image login": (
+        "stoker image login registry.lan:5000 -u me",
+        'echo "$TOKEN" | stoker image login ghcr.io -u me --password-stdin',
+    ),
+    "image logout": ("stoker image logout registry.lan:5000",),
     "image build": ("stoker image build", "stoker image build debian-bookworm --force"),
     "image cache": ("stoker image cache prune --dry-run",),
     "image cache prune": ("stoker image cache prune --dry-run", "stoker image cache prune"),

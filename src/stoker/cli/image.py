@@ -42,6 +42,24 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=image_pull)
 
+    p = isub.add_parser("push", help="publish an image to an OCI registry (as an artifact)")
+    p.add_argument("name", help="the image to publish (with its kernel)")
+    p.add_argument("ref", help="where: REGISTRY/REPOSITORY:TAG, e.g. registry.lan:5000/team/env:1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=image_push)
+
+    p = isub.add_parser("login", help="save credentials for a registry (Docker's config.json)")
+    p.add_argument("registry", help="host[:port] of the registry (docker.io for Docker Hub)")
+    p.add_argument("-u", "--username", help="user name (prompted when omitted)")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    p.set_defaults(func=image_login)
+
+    p = isub.add_parser("logout", help="forget the credentials saved for a registry")
+    p.add_argument("registry", help="host[:port] of the registry")
+    p.set_defaults(func=image_logout)
+
     p = isub.add_parser("build", help="build a golden image from Debian packages")
     p.add_argument("name", nargs="?", default="debian-bookworm")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -144,7 +162,135 @@ def image_delete(args: argparse.Namespace) -> int:
 
 
 def image_pull(args: argparse.Namespace) -> int:
-    return _image_op(args, "image.pull", {"ref": args.ref, "name": args.name})
+    params: dict[str, Any] = {"ref": args.ref, "name": args.name}
+    auth = _auth_for(args.ref)
+    if auth is not None:
+        params["auth"] = auth
+    return _image_op(args, "image.pull", params)
+
+
+def _auth_for(ref: str) -> dict[str, str] | None:
+    """The user's credential for REF's registry, resolved here (as the user, with the
+    user's keyring) and sent to the daemon for that registry only."""
+    from stoker.daemon.catalog import load_catalog
+
+    entry = load_catalog().find_image(ref)
+    if entry is not None and not entry.ref:
+        return None  # a bundle: plain HTTPS download, no registry
+    if entry is not None and entry.ref:
+        ref = entry.ref
+    from stoker.daemon.oci.auth import lookup
+    from stoker.daemon.oci.reference import parse_reference
+
+    cred = lookup(parse_reference(ref).domain)
+    return cred.to_wire() if cred is not None else None
+
+
+def image_push(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import call_with_progress
+
+    params: dict[str, Any] = {"name": args.name, "ref": args.ref}
+    auth = _auth_for(args.ref)
+    if auth is not None:
+        params["auth"] = auth
+    with client(args) as c:
+        r = call_with_progress(c, "image.push", params, quiet=args.json)
+    if args.json:
+        print_json(r)
+    else:
+        print(
+            f"pushed {r['name']} to {r['ref']} ({size(r['size'])}, {r['uploaded']} blobs "
+            f"uploaded, {r['skipped']} already there)\ndigest: {r['digest']}"
+        )
+    return 0
+
+
+def _registry_arg(raw: str) -> str:
+    import re
+
+    from stoker.daemon.oci.auth import normalize_key
+    from stoker.errors import InvalidArgument
+
+    host = normalize_key(raw)
+    if not re.fullmatch(
+        r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?", host
+    ):
+        raise InvalidArgument(
+            f"{raw!r} is not a registry: give host[:port], e.g. registry.lan:5000 or docker.io"
+        )
+    return host
+
+
+def _check_login(args: argparse.Namespace, registry: str, username: str, password: str) -> None:
+    """Ask the registry (from here, as the user) whether the credentials work."""
+    import asyncio
+
+    from stoker.cli.connect import layout_for
+    from stoker.config import config_path, load_config
+    from stoker.daemon.oci.auth import Credential
+    from stoker.daemon.oci.reference import Reference
+    from stoker.daemon.oci.registry import open_client
+
+    layout = layout_for(args)
+    path, explicit = config_path(getattr(args, "config", None), layout.config_file)
+    config = load_config(path, required=explicit)
+    cred = Credential(registry, username, password, source="the login")
+    ref = Reference(domain=registry, repository="stoker/login", tag="latest", digest=None)
+
+    async def check() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            c = await open_client(
+                session,
+                ref,
+                display=registry,
+                insecure_registries=set(config.insecure_registries),
+                credential=cred,
+                verb="logging in to",
+            )
+            await c.ping()
+
+    asyncio.run(check())
+
+
+def image_login(args: argparse.Namespace) -> int:
+    import getpass
+    import sys
+
+    from stoker.daemon.oci.auth import store_credential
+    from stoker.errors import InvalidArgument
+
+    registry = _registry_arg(args.registry)
+    username = args.username
+    if not username:
+        if not sys.stdin.isatty() or args.password_stdin:
+            raise InvalidArgument("give the user name with -u USER (stdin is not a terminal)")
+        username = input("Username: ").strip()
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise InvalidArgument("stdin is not a terminal: pipe the password with --password-stdin")
+    if not username or not password:
+        raise InvalidArgument("a user name and a password are both needed to log in")
+    _check_login(args, registry, username, password)
+    where = store_credential(registry, username, password)
+    print(f"logged in to {registry} as {username} (saved in {where})")
+    return 0
+
+
+def image_logout(args: argparse.Namespace) -> int:
+    from stoker.daemon.oci.auth import erase_credential
+
+    registry = _registry_arg(args.registry)
+    removed = erase_credential(registry)
+    if removed:
+        print(f"logged out of {registry} (removed from {', '.join(removed)})")
+    else:
+        print(f"not logged in to {registry}: nothing to remove")
+    return 0
 
 
 def _image_op(args: argparse.Namespace, method: str, params: dict[str, Any]) -> int:

@@ -15,6 +15,7 @@ SUBCOMMANDS = frozenset(
     {
         "list", "ls", "show", "create", "start", "stop", "restart", "kill", "delete", "rm",
         "set", "run", "exec", "workspace", "health", "stats", "ports", "prune", "logs", "ssh",
+        "port-forward",
     }
 )  # fmt: skip
 
@@ -48,8 +49,27 @@ def register(sub: Any, only: str | None = None) -> None:
         p = vsub.add_parser("create", help="create (and start) a VM")
         add_sizing(p)
         p.add_argument("--no-start", action="store_true", help="create the disks only")
+        add_publish_flag(p)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=vm_create)
+
+    if want("port-forward"):
+        p = vsub.add_parser(
+            "port-forward", help="forward host TCP ports to a running VM (held by the daemon)"
+        )
+        p.add_argument("name")
+        p.add_argument(
+            "specs",
+            nargs="*",
+            metavar="[HOST_ADDR:]HOST_PORT:GUEST_PORT",
+            help="host address defaults to 127.0.0.1; HOST_PORT 0 picks a free port",
+        )
+        p.add_argument(
+            "--remove", type=int, metavar="HOST_PORT", help="stop the forward from HOST_PORT"
+        )
+        p.add_argument("--list", action="store_true", help="list the VM's forwards")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_port_forward)
 
     for verb, helptext in (
         ("start", "boot stopped VMs and wait for SSH"),
@@ -148,13 +168,79 @@ def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_publish_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[HOST_ADDR:]HOST_PORT:GUEST_PORT",
+        help="forward a host TCP port to the VM once it runs (repeatable)",
+    )
+
+
+def check_publish(args: argparse.Namespace) -> None:
+    """Refuse bad -p specs before anything is created."""
+    if not getattr(args, "publish", None):
+        return
+    from stoker.daemon.portfwd import parse_spec
+
+    for spec in args.publish:
+        parse_spec(spec)
+
+
+def publish(args: argparse.Namespace, c: Any, name: str) -> list[dict[str, Any]]:
+    """Apply -p forwards to a running VM; prints one line per forward."""
+    if not getattr(args, "publish", None):
+        return []
+    fwds: list[dict[str, Any]] = c.call("vm.port_forward", {"ref": name, "specs": args.publish})
+    if not getattr(args, "json", False):
+        for f in fwds:
+            err(f"forwarding {f['listen']} -> {name}:{f['guest_port']}")
+    return fwds
+
+
+def vm_port_forward(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        if args.remove is not None:
+            gone = c.call("vm.port_forward.remove", {"ref": args.name, "host_port": args.remove})
+            if args.json:
+                print_json(gone)
+            else:
+                for f in gone:
+                    print(f"removed {f['listen']} -> {args.name}:{f['guest_port']}")
+            return 0
+        if args.list or not args.specs:
+            fwds = c.call("vm.port_forward.list", {"refs": [args.name]})
+        else:
+            fwds = c.call("vm.port_forward", {"ref": args.name, "specs": args.specs})
+    if args.json:
+        print_json(fwds)
+    elif not fwds:
+        print(f"no port forwards for {args.name}")
+    else:
+        table(
+            ["HOST", "GUEST", "NAMESPACE", "CONNECTIONS"],
+            [
+                [f["listen"], f"{args.name}:{f['guest_port']}", f["namespace"], f["connections"]]
+                for f in fwds
+            ],
+        )
+    return 0
+
+
 def vm_create(args: argparse.Namespace) -> int:
     from stoker.cli.progress import call_with_progress
+    from stoker.errors import InvalidArgument
 
+    check_publish(args)
+    if args.publish and args.no_start:
+        raise InvalidArgument("-p forwards to a running VM: drop --no-start or -p")
     with client(args) as c:
         v = call_with_progress(
             c, "vm.create", {**sizing_params(args), "no_start": args.no_start}, args.json
         )
+        v["port_forwards"] = _publish_or_delete(args, c, v["name"])
     if args.json:
         print_json(v)
     else:
@@ -337,6 +423,8 @@ def vm_show(args: argparse.Namespace) -> int:
         print(f"workspace:  {ws['host_path']} -> {ws['guest_path']} @ {ws['head'][:12]}")
     if v.get("last_error"):
         print(f"last error: {v['last_error']}")
+    for f in v.get("port_forwards") or []:
+        print(f"forward:    {f['listen']} -> {f['guest_port']}")
     print(f"dir:        {v['vm_dir']}")
     return 0
 
@@ -435,7 +523,7 @@ def vm_ports(args: argparse.Namespace) -> int:
                 p["endpoint"] + (" (loopback)" if p["loopback_only"] else ""),
                 p["proto"],
                 p["process"] or "-",
-                p["url"] or "",
+                " ".join([p["url"] or "", *(f"<- {h}" for h in p.get("forwarded_from") or [])]),
             ]
             for p in flat
         ],
@@ -456,6 +544,7 @@ def register_run(vsub: Any) -> None:
     add_sizing(p)
     p.add_argument("--rm", action="store_true", help="delete the VM when the command ends")
     p.add_argument("-d", "--detach", action="store_true", help="prepare and exit")
+    add_publish_flag(p)
     add_workspace_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the files and mode only")
     p.set_defaults(func=vm_run, cmd=[])
@@ -504,6 +593,7 @@ def vm_run(args: argparse.Namespace) -> int:
         err("--from needs --branch")
         return 1
     path = os.path.abspath(args.path) if args.path else None
+    check_publish(args)
     with client(args) as c:
         if path is not None:
             # Preflight before anything is created: a real, non-bare work tree, no submodules.
@@ -524,6 +614,7 @@ def vm_run(args: argparse.Namespace) -> int:
             return 1
         v = call_with_progress(c, "vm.create", sizing_params(args))
         name = v["name"]
+        _publish_or_delete(args, c, name)
         rc = 0
         try:
             workdir = "/root"
@@ -560,6 +651,17 @@ def vm_run(args: argparse.Namespace) -> int:
             if args.rm:
                 _delete_fresh(args, name)
     return rc
+
+
+def _publish_or_delete(args: argparse.Namespace, c: Any, name: str) -> list[dict[str, Any]]:
+    """-p forwards for a VM this command just made; on failure the VM goes too."""
+    from stoker.errors import StokerError
+
+    try:
+        return publish(args, c, name)
+    except StokerError:
+        c.call("vm.delete", {"refs": [name]})
+        raise
 
 
 def _delete_fresh(args: argparse.Namespace, name: str) -> None:

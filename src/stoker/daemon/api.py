@@ -85,6 +85,14 @@ class BuildImage(Params):
 class PullRef(Params):
     ref: str
     name: str | None = None
+    # The one credential the CLI resolved for REF's registry (see oci/auth.py).
+    auth: dict[str, str] | None = None
+
+
+class PushImage(Params):
+    name: str
+    ref: str
+    auth: dict[str, str] | None = None
 
 
 class ImportKernel(Params):
@@ -122,6 +130,16 @@ class WorkspacePrepare(Params):
 class WorkspaceExport(Params):
     ref: str
     base_commit: str | None = None
+
+
+class PortForward(Params):
+    ref: str
+    specs: list[str]
+
+
+class PortForwardRemove(Params):
+    ref: str
+    host_port: int | None = None
 
 
 class KernelList(Params):

@@ -21,6 +21,7 @@ from stoker.daemon import api
 from stoker.daemon.capabilities import Capability, CapabilityHooks
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
+from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import CreateRequest, VMService
 from stoker.daemon.wiring import wire_services
 from stoker.daemon.workspace_service import WorkspaceService
@@ -57,6 +58,7 @@ class Daemon:
     vm: VMService | None = None
     hooks: CapabilityHooks | None = None
     capabilities: list[Capability] | None = None
+    forwards: PortForwards | None = None
     started_at: float = field(default_factory=time.time)
     _stop: asyncio.Event | None = None
     _bg: list[asyncio.Task[None]] = field(default_factory=list)
@@ -111,6 +113,8 @@ class Daemon:
         if self.listener is not None:
             await self.listener.close()
             self.listener = None
+        if self.forwards is not None:
+            await self.forwards.close()
         if self.net is not None:
             await self.net.close()
         close_ssh = getattr(self.vm.ssh, "close", None) if self.vm is not None else None
@@ -140,8 +144,34 @@ class Daemon:
         async def vm_list(p: api.ListParams, ctx: RequestContext) -> Any:
             return await vm.list_vms()
 
+        assert self.forwards is not None
+        forwards = self.forwards
+
         async def vm_show(p: api.VMRef, ctx: RequestContext) -> Any:
-            return await vm.show_vm(p.ref)
+            rec = await vm.show_vm(p.ref)
+            out = rec.to_dict()
+            out["port_forwards"] = forwards.for_vm(rec.id)
+            return out
+
+        async def port_forward(p: api.PortForward, ctx: RequestContext) -> Any:
+            from stoker.errors import Conflict
+            from stoker.model.records import VMState
+
+            async with vm.with_vm_lock_by_ref(p.ref) as rec:
+                if rec.state != VMState.RUNNING:
+                    raise Conflict(
+                        f"VM {rec.name} is {rec.state}: ports forward only to a running VM; "
+                        f"start it first (`stoker vm start {rec.name}`)"
+                    )
+                return await forwards.add(rec.id, rec.name, rec.guest_ip, p.specs, ctx.peer_pid)
+
+        async def port_forward_remove(p: api.PortForwardRemove, ctx: RequestContext) -> Any:
+            rec = vm.resolve(p.ref)
+            return await forwards.remove(rec.id, p.host_port)
+
+        async def port_forward_list(p: api.OptionalRefs, ctx: RequestContext) -> Any:
+            recs = [vm.resolve(r) for r in p.refs] if p.refs else vm.store.list_vms()
+            return [f for r in recs for f in forwards.for_vm(r.id)]
 
         async def image_list(p: api.ListParams, ctx: RequestContext) -> Any:
             return await images.list_images()
@@ -174,7 +204,31 @@ class Daemon:
             return await vm.stats(p.refs)
 
         async def vm_ports(p: api.OptionalRefs, ctx: RequestContext) -> Any:
-            return await vm.ports(p.refs)
+            results = await vm.ports(p.refs)
+            for r in results:  # each guest port says which host ports forward to it
+                if r.get("ok") and isinstance(r.get("result"), list):
+                    rec = vm.resolve(r["ref"])
+                    by_port: dict[int, list[str]] = {}
+                    for f in forwards.for_vm(rec.id):
+                        by_port.setdefault(f["guest_port"], []).append(f["listen"])
+                    for entry in r["result"]:
+                        if entry.get("proto") == "tcp":
+                            entry["forwarded_from"] = by_port.pop(entry["port"], [])
+                    for port, listens in sorted(by_port.items()):
+                        r["result"].append(
+                            {
+                                "proto": "tcp",
+                                "port": port,
+                                "addr": None,
+                                "process": None,
+                                "pid": None,
+                                "endpoint": f"{rec.dns_name}:{port}",
+                                "loopback_only": False,
+                                "url": None,
+                                "forwarded_from": listens,
+                            }
+                        )
+            return results
 
         wsvc = self.ws
         assert wsvc is not None
@@ -220,8 +274,16 @@ class Daemon:
         async def image_delete(p: api.NameParam, ctx: RequestContext) -> Any:
             return await images.delete_image(p.name)
 
+        def credential(auth: dict[str, str] | None) -> Any:
+            from stoker.daemon.oci.auth import Credential
+
+            return Credential.from_wire(auth) if auth else None
+
         async def image_pull(p: api.PullRef, ctx: RequestContext) -> Any:
-            return await images.pull(p.ref, p.name, ctx.progress)
+            return await images.pull(p.ref, p.name, ctx.progress, credential(p.auth))
+
+        async def image_push(p: api.PushImage, ctx: RequestContext) -> Any:
+            return await images.push(p.name, p.ref, ctx.progress, credential(p.auth))
 
         async def cache_prune(p: api.PruneCache, ctx: RequestContext) -> Any:
             return await images.prune_cache(p.dry_run)
@@ -263,6 +325,9 @@ class Daemon:
             "vm.ping": Method(api.VMRef, vm_health),
             "vm.stats": Method(api.OptionalRefs, vm_stats),
             "vm.ports": Method(api.OptionalRefs, vm_ports),
+            "vm.port_forward": Method(api.PortForward, port_forward),
+            "vm.port_forward.remove": Method(api.PortForwardRemove, port_forward_remove),
+            "vm.port_forward.list": Method(api.OptionalRefs, port_forward_list),
             "vm.logs": Method(api.VMRef, vm_logs),
             "vm.ssh_info": Method(api.VMRef, vm_ssh_info),
             "image.list": Method(api.ListParams, image_list),
@@ -271,6 +336,7 @@ class Daemon:
             "image.promote": Method(api.NameParam, image_promote),
             "image.delete": Method(api.NameParam, image_delete),
             "image.pull": Method(api.PullRef, image_pull),
+            "image.push": Method(api.PushImage, image_push),
             "image.build": Method(api.BuildImage, image_build),
             "kernel.import": Method(api.ImportKernel, kernel_import),
             "image.cache.prune": Method(api.PruneCache, cache_prune),

@@ -359,22 +359,29 @@ class ImageService:
             "`stoker kernel import NAME --from PACKAGE.deb`"
         )
 
-    async def pull(self, ref: str, name: str | None, progress: Progress) -> Image:
+    async def pull(
+        self, ref: str, name: str | None, progress: Progress, credential: Any = None
+    ) -> Image:
         """`image pull REF`: a catalog name takes the bundle fast path, anything else is
-        pulled from its OCI registry. Concurrent pulls of one ref share one download."""
+        pulled from its OCI registry. Concurrent pulls of one ref share one download.
+        `credential` (an `oci.auth.Credential` the CLI resolved) is for REF's registry."""
         return await self._inflight.run(
             f"pull:{ref}",
-            self._tracked("pull", ref, progress, lambda p: self._pull(ref, name, p)),
+            self._tracked("pull", ref, progress, lambda p: self._pull(ref, name, p, credential)),
             on_join=lambda: progress("pull", f"joining the pull of {ref} already in progress"),
         )
 
-    async def _pull(self, ref: str, name: str | None, progress: Progress) -> Image:
+    async def _pull(
+        self, ref: str, name: str | None, progress: Progress, credential: Any = None
+    ) -> Image:
         from stoker.daemon.catalog import load_catalog
 
         entry = load_catalog().find_image(ref)
+        if entry is not None and entry.ref:
+            return await self._pull_oci(entry.ref, name or entry.name, progress, credential)
         if entry is not None:
             return await self._pull_bundle(entry, name, progress)
-        return await self._pull_oci(ref, name, progress)
+        return await self._pull_oci(ref, name, progress, credential)
 
     async def _pull_bundle(self, entry: Any, name: str | None, progress: Progress) -> Image:
         """Catalog fast path: a verified .tar.zst bundle, published by atomic rename."""
@@ -466,7 +473,26 @@ class ImageService:
             AvailableKernel(**k.to_dict(), installed=k.name in have) for k in load_catalog().kernels
         ]
 
-    async def _pull_oci(self, ref: str, name: str | None, progress: Progress) -> Image:
+    async def _credential(self, ref: str, given: Any) -> Any:
+        """The credential the client sent for REF's registry, else the daemon's own user's
+        (pulls the daemon starts itself, e.g. `vm create --image REF`, get those)."""
+        if given is not None:
+            return given
+        from stoker.daemon.oci import parse_reference
+        from stoker.daemon.oci.auth import lookup
+
+        return await asyncio.to_thread(lookup, parse_reference(ref).domain)
+
+    def _registry_options(self, ref: str) -> tuple[set[str], list[str]]:
+        """(insecure registries, mirrors for REF's registry) from the daemon's config."""
+        from stoker.daemon.oci import parse_reference
+
+        mirrors = dict(self.config.registry_mirrors).get(parse_reference(ref).domain, ())
+        return set(self.config.insecure_registries), list(mirrors)
+
+    async def _pull_oci(
+        self, ref: str, name: str | None, progress: Progress, credential: Any = None
+    ) -> Image:
         from stoker.daemon import oci
         from stoker.daemon.imagemgr import ext4, inject
 
@@ -482,6 +508,24 @@ class ImageService:
                     f"image {image_name!r} already exists (from {existing.source}): pass "
                     "--name to pull under another name"
                 )
+            from stoker.daemon.oci import push as artifact
+
+            insecure, mirrors = self._registry_options(ref)
+            credential = await self._credential(ref, credential)
+            progress("resolve", f"resolving {ref}")
+            art = await artifact.pull_artifact(
+                ref,
+                staging_dir=self.layout.staging_dir,
+                progress=progress,
+                credential=credential,
+                insecure_registries=insecure,
+                mirrors=mirrors,
+            )
+            if art is not None:
+                try:
+                    return await self._install_artifact(art, image_name, progress)
+                finally:
+                    art.discard()
             kernel = self.default_kernel()
             pulled = await oci.pull_image(
                 ref,
@@ -490,6 +534,9 @@ class ImageService:
                 progress=progress,
                 runner=self.runner,
                 max_layer_size=self.config.max_layer_size,
+                credential=credential,
+                insecure_registries=insecure,
+                mirrors=mirrors,
             )
             staging = Path(
                 tempfile.mkdtemp(prefix=f"img-{image_name}-", dir=self.layout.staging_dir)
@@ -551,6 +598,145 @@ class ImageService:
                 )
             progress("done", f"pulled {ref} as {image_name}")
             return im
+
+    async def _install_artifact(self, art: Any, image_name: str, progress: Progress) -> Image:
+        """Publish a pulled stoker artifact as is: its kernel (reused when identical), then
+        the image. The caller holds the image name lock."""
+        cfg = art.config
+        img = cfg.get("image") if isinstance(cfg.get("image"), dict) else {}
+        kcfg = cfg.get("kernel") if isinstance(cfg.get("kernel"), dict) else {}
+        kfile = art.files.get("vmlinux") or art.files.get("bzimage")
+        ksha = await asyncio.to_thread(_sha256_file, str(kfile))
+        base = str(kcfg.get("name") or "kernel")
+        try:
+            validate_artifact_name(base, "kernel")
+        except InvalidArgument:
+            base = "kernel"
+        kernel = None
+        for cand in (base, f"{base}-{ksha[:12]}"):
+            async with self.name_locks.hold(f"kernel:{cand}"):
+                cur = self.store.get_kernel(cand)
+                if cur is not None:
+                    have = cur.vmlinux if "vmlinux" in art.files else cur.bzimage
+                    same = bool(have) and await asyncio.to_thread(_sha256_file, str(have)) == ksha
+                    if same:
+                        kernel = cur
+                        break
+                    continue
+                kdir = art.dir / "kernel"
+                kdir.mkdir()
+                for role in ("vmlinux", "bzimage", "initrd"):
+                    if role in art.files:
+                        os.replace(art.files[role], kdir / art.files[role].name)
+                final = self.layout.kernels_dir / cand
+                self.layout.kernels_dir.mkdir(parents=True, exist_ok=True)
+                if final.exists():
+                    rmtree(final)  # leftovers of a crash, never registered
+                os.replace(kdir, final)
+                kernel = Kernel(
+                    name=cand,
+                    version=str(kcfg.get("version") or ""),
+                    arch=str(kcfg.get("arch") or "x86_64"),
+                    dir=str(final),
+                    vmlinux=str(final / "vmlinux") if "vmlinux" in art.files else None,
+                    bzimage=str(final / "bzImage") if "bzimage" in art.files else None,
+                    initrd=str(final / "initrd.img") if "initrd" in art.files else None,
+                    modules_dir=None,
+                    source=f"oci:{art.ref}",
+                    created_at=now(),
+                )
+                async with self.image_ops_lock:
+                    self.store.upsert_kernel(kernel)
+                progress("kernel", f"installed kernel {cand}")
+                break
+        assert kernel is not None
+        staging = Path(tempfile.mkdtemp(prefix=f"img-{image_name}-", dir=self.layout.staging_dir))
+        try:
+            os.replace(art.files["rootfs"], staging / "rootfs.ext4")
+            if "work_seed" in art.files:
+                os.replace(art.files["work_seed"], staging / "work-seed.ext4")
+            init = img.get("init") if img.get("init") in ("systemd", "stoker-init") else "systemd"
+            raw_meta = img.get("meta")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+            im = Image(
+                name=image_name,
+                managed=True,
+                rootfs=str(self.layout.images_dir / image_name / "rootfs.ext4"),
+                work_seed=(
+                    str(self.layout.images_dir / image_name / "work-seed.ext4")
+                    if "work_seed" in art.files
+                    else None
+                ),
+                kernel=kernel.name,
+                source=f"oci:{art.ref}",
+                size=(staging / "rootfs.ext4").stat().st_size,
+                created_at=now(),
+                digest=art.digest,
+                has_sshd=bool(img.get("has_sshd", True)),
+                init=str(init),
+                meta={**meta, "artifact": True, "pushed_name": str(img.get("name") or "")},
+            )
+            await self._publish(im, staging)
+            staging = None  # type: ignore[assignment]
+        finally:
+            if staging is not None:
+                rmtree(staging, ignore_errors=True)
+        progress("done", f"pulled stoker image {art.ref} as {image_name} (no conversion)")
+        return im
+
+    async def push(self, name: str, ref: str, progress: Progress, credential: Any = None) -> Any:
+        """`image push NAME REF`: publish an image and its kernel as a stoker artifact."""
+        from stoker.daemon.oci import push as artifact
+
+        im = await self.get_image(name)
+        if not im.kernel:
+            raise InvalidArgument(f"image {name!r} has no kernel: it cannot be pushed")
+        k = await self.get_kernel(im.kernel)
+        files = [artifact.ArtifactFile("rootfs", Path(im.rootfs))]
+        if im.work_seed:
+            files.append(artifact.ArtifactFile("work_seed", Path(im.work_seed)))
+        for role, p in (("vmlinux", k.vmlinux), ("bzimage", k.bzimage), ("initrd", k.initrd)):
+            if p:
+                files.append(artifact.ArtifactFile(role, Path(p)))
+        for f in files:
+            if not f.path.is_file():
+                raise NotFound(
+                    f"cannot push {name}: its {f.role} file {f.path} is missing: rebuild or "
+                    "re-pull the image"
+                )
+        config = {
+            "schema": 1,
+            "created": im.created_at,  # stable: pushing the same image twice is a no-op
+            "image": {
+                "name": im.name,
+                "has_sshd": im.has_sshd,
+                "init": im.init,
+                "source": im.source,
+                "meta": im.meta,
+            },
+            "kernel": {"name": k.name, "version": k.version, "arch": k.arch},
+        }
+        insecure, _ = self._registry_options(ref)
+        credential = await self._credential(ref, credential)
+        op = self.ops.add(OpState(kind="push", target=ref))
+        progress = op.tracking(progress)
+        try:
+            async with self.name_locks.hold(f"image:{name}"):
+                res = await artifact.push_artifact(
+                    ref,
+                    files,
+                    config,
+                    staging_dir=self.layout.staging_dir,
+                    progress=progress,
+                    credential=credential,
+                    insecure_registries=insecure,
+                )
+        except BaseException as e:
+            op.finish(str(e) or type(e).__name__)
+            raise
+        op.finish(None)
+        progress("done", f"pushed {name} to {ref} ({res.digest})")
+        return {"name": name, **res.to_dict()}
 
     async def _publish(self, im: Image, staging: Path) -> None:
         """The publication atom: recheck the name, rename into place, upsert."""
@@ -630,6 +816,16 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         if not fut.cancelled():
             fut.exception()
         raise
+
+
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _failure(f: asyncio.Future[Any]) -> str | None:

@@ -18,6 +18,7 @@ from stoker.daemon.capabilities import (
 )
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
+from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import VMService
 from stoker.daemon.workspace_service import WorkspaceSeams, WorkspaceService
 from stoker.model.records import Image, VMRecord
@@ -92,6 +93,13 @@ def wire_services(d: Daemon) -> None:
     # guest's connection whenever that VM stops.
     if type(d.ws.ssh) is type(d.vm.ssh):
         d.ws.ssh = d.vm.ssh
+    if d.forwards is None:
+        forwards = d.forwards = PortForwards(logger.getChild("portfwd"), d.net.netns)
+
+        async def drop_port_forwards(vm: VMRecord) -> None:
+            await forwards.remove(vm.id)
+
+        d.hooks.cleanup.append(drop_port_forwards)  # stop, kill, delete, a crashed VMM
     if d.capabilities is None:
         d.capabilities = [
             WorkDiskCapability(

@@ -14,7 +14,10 @@ Schema (every field required unless marked optional, no other keys):
 
 `sha256` is the hash of the compressed bundle as downloaded; `size` its length in bytes;
 `kernel_ref` names a kernel of the same catalog, so pulling an image can always pull its
-kernel too. A malformed catalog fails at load with the entry and field named.
+kernel too. An image entry may instead name a stoker image published with `stoker image
+push` (an OCI artifact that carries its own kernel): {"name", "version", "arch", "ref",
+"description"}, e.g. "ref": "ghcr.io/team/env:1"; `image pull NAME` then pulls that ref.
+A malformed catalog fails at load with the entry and field named.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ _TOP_KEYS = frozenset({"comment", "schema_version", "images", "kernels"})
 _KERNEL_KEYS = ("name", "version", "arch", "url", "sha256", "size")
 _KERNEL_OPTIONAL = ("description",)
 _IMAGE_KEYS = ("name", "version", "arch", "url", "sha256", "size", "kernel_ref", "description")
+_IMAGE_REF_KEYS = ("name", "version", "arch", "ref", "description")
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]*(/[a-z0-9._-]+)+([:@][A-Za-z0-9_.:+-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,12 @@ class CatalogImage:
     name: str
     version: str
     arch: str
-    url: str
-    sha256: str
-    size: int
-    kernel_ref: str
-    description: str
+    url: str = ""
+    sha256: str = ""
+    size: int = 0
+    kernel_ref: str = ""
+    description: str = ""
+    ref: str | None = None  # a registry ref (a pushed stoker artifact) instead of a bundle
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -192,7 +198,8 @@ def parse_catalog(text: str, source: str) -> Catalog:
         kernels.append(CatalogKernel(**f))
     images: list[CatalogImage] = []
     for i, raw in enumerate(doc["images"]):
-        f = _fields(raw, f"images[{i}]", _IMAGE_KEYS, (), bad)
+        keys = _IMAGE_REF_KEYS if isinstance(raw, dict) and "ref" in raw else _IMAGE_KEYS
+        f = _fields(raw, f"images[{i}]", keys, (), bad)
         images.append(CatalogImage(**f))
 
     for kind, names in (
@@ -206,6 +213,8 @@ def parse_catalog(text: str, source: str) -> Catalog:
             seen.add(name)
     kernel_names = {k.name for k in kernels}
     for i, im in enumerate(images):
+        if im.ref is not None:
+            continue  # the artifact brings its kernel
         if im.kernel_ref not in kernel_names:
             raise bad(
                 f'images[{i}] ("{im.name}"): kernel_ref "{im.kernel_ref}" is not a kernel '
@@ -274,6 +283,9 @@ def _check_field(key: str, value: object) -> str | None:
             validate_artifact_name(value, "kernel" if key == "kernel_ref" else "image")
         except InvalidArgument:
             return "must be 1-128 characters of a-z, 0-9, '.', '_', '-'"
+    elif key == "ref":
+        if not _REF.match(value):
+            return "must be a registry reference such as ghcr.io/team/env:1"
     elif key == "version":
         if not _VERSION.match(value):
             return "must be a version string such as 6.1.0-18 (letters, digits, .+~_-)"

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 
 from stoker.daemon.imagemgr.safetree import rmtree
+from stoker.daemon.oci.auth import Credential
 from stoker.daemon.oci.cache import BlobCache
 from stoker.daemon.oci.errors import NoSpace, TruncatedBlob, UnsupportedImage
 from stoker.daemon.oci.layers import LayerApplier, detect, tree_usage
@@ -46,7 +47,7 @@ from stoker.daemon.oci.registry import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
     RegistryClient,
-    registry_scheme,
+    open_client,
 )
 from stoker.daemon.opstate.meter import DownloadMeter
 from stoker.errors import StokerError, Timeout, Unavailable
@@ -159,19 +160,22 @@ async def pull_image(
     allow_devices: bool | None = None,
     max_parallel: int = MAX_PARALLEL_DOWNLOADS,
     max_layer_size: int | None = None,
+    credential: Credential | None = None,
+    mirrors: list[str] | None = None,
 ) -> PulledImage:
     """Pull `ref` (linux/amd64) and unpack it into a new directory under `staging_dir`.
 
-    Registries on localhost / 127.0.0.1 / ::1 or named in `insecure_registries` are spoken
-    to over plain HTTP, every other one over HTTPS. `session_factory` makes the aiohttp
-    session (owned and closed by this call). `allow_devices` defaults to "running as
-    root". `runner` is the daemon's command runner; the native pull path does not need
-    external commands (`build_ext4` takes it for mkfs). `max_layer_size` bounds what one
-    layer may decompress to (`LayerTooLarge` past it).
+    Registries on localhost / 127.0.0.1 / ::1 are spoken to over plain HTTP, those named
+    in `insecure_registries` over unverified TLS or plain HTTP, every other one over HTTPS.
+    `session_factory` makes the aiohttp session (owned and closed by this call).
+    `allow_devices` defaults to "running as root". `runner` is the daemon's command
+    runner; the native pull path does not need external commands (`build_ext4` takes it
+    for mkfs). `max_layer_size` bounds what one layer may decompress to (`LayerTooLarge`
+    past it). `credential` authenticates to the reference's registry only; `mirrors`
+    (host[:port]) are tried first, anonymously.
     """
     del runner  # accepted so callers wire pulls like every other step; nothing to run here
     reference = parse_reference(ref)
-    scheme = registry_scheme(reference, insecure_registries)
     cache = BlobCache(cache_dir)
     try:
         cache.ensure_dirs()
@@ -188,7 +192,14 @@ async def pull_image(
             auto_decompress=False,
         )
     try:
-        client = RegistryClient(session, reference, scheme=scheme, display=ref)
+        client = await open_client(
+            session,
+            reference,
+            display=ref,
+            insecure_registries=insecure_registries,
+            credential=credential,
+            mirrors=mirrors,
+        )
         if progress is not None:
             progress("resolve", f"resolving {ref}")
         top_digest, manifest = await _resolve(client, ref)

@@ -1,0 +1,217 @@
+"""Benchmark: `image push` + `image pull` of a stoker image through a local registry, vs
+copying the image's files (`cp --sparse=always`, what sharing over a local disk costs).
+
+Uses the golden image if one is built (default: the test suite's cache
+/var/cache/stoker-test/golden-image/debian-bookworm, or --golden DIR holding rootfs.ext4,
+work-seed.ext4 and kernel/{vmlinuz,initrd.img}); else builds a synthetic ext4 of
+--size-mb with a realistic mix (incompressible, text, zeros). Times, in one run:
+
+  push:     ImageService.push  (zstd + sha256 + chunked upload + manifest)
+  pull:     ImageService.pull by a second state dir (download + verify + sparse unzstd)
+  baseline: cp --sparse=always of the same files into a fresh directory
+
+The registry's storage and the source files are in the page cache for both sides alike.
+Prints times and ratios; asserts nothing. Needs root and docker-registry.
+
+    sudo .venv/bin/python bench/bench_push.py [--golden DIR] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from stoker.config import parse_config
+from stoker.daemon.daemon import Daemon
+from stoker.daemon.wiring import wire_services
+from stoker.layout import Layout
+from stoker.model.records import Kernel
+from stoker.store import Store
+from stoker.store.db import now
+
+MIB = 1 << 20
+DEFAULT_GOLDEN = Path("/var/cache/stoker-test/golden-image/debian-bookworm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    host = f"127.0.0.1:{free_port()}"
+    cfg = work / "registry.yml"
+    cfg.write_text(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {work / 'storage'}\n"
+        f"http:\n  addr: {host}\n"
+    )
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://{host}/v2/", timeout=1).close()
+            return proc, host
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("docker-registry did not start")
+
+
+def synthetic(work: Path, size_mb: int) -> dict[str, Path]:
+    """An ext4 with ~40% of its size used: random, text and a tree of small files."""
+    tree = work / "tree"
+    (tree / "usr" / "share" / "doc").mkdir(parents=True)
+    rnd = random.Random(7)
+    used = size_mb * 4 // 10
+    (tree / "usr" / "blob.bin").write_bytes(os.urandom(used // 3 * MIB))
+    words = [bytes(rnd.choice(b"abcdefghij") for _ in range(rnd.randint(2, 9))) for _ in range(500)]
+    (tree / "usr" / "text.txt").write_bytes(
+        b" ".join(rnd.choice(words) for _ in range(used // 3 * MIB // 6))
+    )
+    for i in range(2000):
+        (tree / "usr" / "share" / "doc" / f"f{i}").write_bytes(os.urandom(rnd.randint(100, 20000)))
+    files = {"rootfs": work / "rootfs.ext4", "seed": work / "work-seed.ext4"}
+    for path, mb, src in ((files["rootfs"], size_mb, tree), (files["seed"], 64, None)):
+        with open(path, "wb") as f:
+            f.truncate(mb * MIB)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", *(["-d", str(src)] if src else []), str(path)], check=True
+        )
+    (work / "kernel").mkdir()
+    files["vmlinux"] = work / "kernel" / "vmlinuz"
+    files["vmlinux"].write_bytes(os.urandom(14 * MIB))
+    files["initrd"] = work / "kernel" / "initrd.img"
+    files["initrd"].write_bytes(os.urandom(6 * MIB))
+    return files
+
+
+def golden(d: Path) -> dict[str, Path] | None:
+    files = {
+        "rootfs": d / "rootfs.ext4",
+        "seed": d / "work-seed.ext4",
+        "vmlinux": d / "kernel" / "vmlinuz",
+        "initrd": d / "kernel" / "initrd.img",
+    }
+    return files if all(p.is_file() for p in files.values()) else None
+
+
+def daemon(root: Path) -> Daemon:
+    layout = Layout(root / "c", root / "s", root / "k", root / "s")
+    layout.ensure()
+    d = Daemon(
+        layout=layout,
+        config=parse_config({}),
+        store=Store(layout.db_path),
+        logger=logging.getLogger("bench"),
+    )
+    wire_services(d)
+    return d
+
+
+def usage(paths: list[Path]) -> tuple[int, int]:
+    st = [p.stat() for p in paths]
+    return sum(s.st_size for s in st), sum(s.st_blocks * 512 for s in st)
+
+
+async def one_round(files: dict[str, Path], host: str, work: Path, n: int) -> dict[str, float]:
+    src = daemon(work / f"a{n}")
+    assert src.store is not None and src.images is not None
+    src.store.upsert_kernel(
+        Kernel(
+            name="bench-k",
+            version="6.1",
+            arch="x86_64",
+            dir=str(files["vmlinux"].parent),
+            vmlinux=None,
+            bzimage=str(files["vmlinux"]),
+            initrd=str(files["initrd"]),
+            modules_dir=None,
+            source="bench",
+            created_at=now(),
+        )
+    )
+    await src.images.register_image("bench", str(files["rootfs"]), "bench-k", str(files["seed"]))
+    ref = f"{host}/bench/env-{n}:1"
+
+    def quiet(*a: object, **k: object) -> None:
+        pass
+
+    t0 = time.monotonic()
+    pushed = await src.images.push("bench", ref, quiet)
+    t1 = time.monotonic()
+    dst = daemon(work / f"b{n}")
+    assert dst.images is not None
+    im = await dst.images.pull(ref, None, quiet)
+    t2 = time.monotonic()
+    copy_dir = work / f"copy{n}"
+    copy_dir.mkdir()
+    t3 = time.monotonic()
+    for p in files.values():
+        subprocess.run(["cp", "--sparse=always", str(p), str(copy_dir / p.name)], check=True)
+    subprocess.run(["sync", "-f", str(copy_dir)], check=True)
+    t4 = time.monotonic()
+    apparent, on_disk = usage([Path(im.rootfs)])
+    await src.close()
+    await dst.close()
+    return {
+        "push": t1 - t0,
+        "pull": t2 - t1,
+        "copy": t4 - t3,
+        "wire_mib": pushed["size"] / MIB,
+        "rootfs_apparent_mib": apparent / MIB,
+        "rootfs_on_disk_mib": on_disk / MIB,
+    }
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN)
+    ap.add_argument("--size-mb", type=int, default=1024, help="synthetic image size")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-push-", dir="/var/tmp"))
+    proc, host = start_registry(work)
+    try:
+        files = golden(args.golden)
+        what = f"golden image {args.golden}"
+        if files is None:
+            files = synthetic(work / "src", args.size_mb)
+            what = f"synthetic {args.size_mb} MiB ext4"
+        apparent, on_disk = usage(list(files.values()))
+        print(f"image: {what}: {apparent / MIB:.0f} MiB apparent, {on_disk / MIB:.0f} MiB on disk")
+        for n in range(args.rounds):
+            r = await one_round(files, host, work, n)
+            total = r["push"] + r["pull"]
+            print(
+                f"round {n + 1}: push {r['push']:.2f}s + pull {r['pull']:.2f}s = {total:.2f}s "
+                f"({r['wire_mib']:.0f} MiB compressed on the wire) | cp --sparse {r['copy']:.2f}s"
+                f" | ratio {total / r['copy']:.1f}x (push alone {r['push'] / r['copy']:.1f}x, "
+                f"pull alone {r['pull'] / r['copy']:.1f}x) | pulled rootfs "
+                f"{r['rootfs_on_disk_mib']:.0f} of {r['rootfs_apparent_mib']:.0f} MiB on disk"
+            )
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
