@@ -19,7 +19,7 @@ reads another user's home directory. `store_credential` writes the Docker config
 (0600, in a 0700 directory, atomically by rename; a symlinked config.json is resolved and
 its target replaced, never written through).
 
-A leaf: standard library only, so the CLI can import it without aiohttp.
+Standard library only (plus `oci/errors.py`).
 """
 
 from __future__ import annotations
@@ -36,18 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stoker.errors import InvalidArgument, StokerError
+from stoker.daemon.oci.errors import CredentialError
+from stoker.errors import InvalidArgument
+
+__all__ = ["Credential", "CredentialError", "erase_credential", "lookup", "store_credential"]
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 _HUB_NAMES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 HELPER_TIMEOUT = 30.0
 _NOT_FOUND_MARKERS = ("credentials not found", "not found in native keychain", "no credentials")
-
-
-class CredentialError(StokerError):
-    """A credential source is broken (helper missing, failing or talking nonsense)."""
-
-    code = "credential_error"
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,9 @@ class LayerTooLarge(UnsupportedImage):
 
 class NoSpace(Unavailable):
     """The disk holding the cache, the staging tree or the ext4 ran out of space (ENOSPC)."""
+
+
+class CredentialError(OCIError):
+    """A credential source is broken (helper missing, failing or talking nonsense)."""
+
+    code = "credential_error"
