@@ -201,6 +201,8 @@ def publish(args: argparse.Namespace, c: Any, name: str) -> list[dict[str, Any]]
 
 
 def vm_port_forward(args: argparse.Namespace) -> int:
+    args.publish = args.specs
+    check_publish(args)  # a malformed spec fails here, before any daemon is asked
     with client(args) as c:
         if args.remove is not None:
             gone = c.call("vm.port_forward.remove", {"ref": args.name, "host_port": args.remove})
