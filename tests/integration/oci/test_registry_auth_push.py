@@ -482,18 +482,35 @@ async def test_corrupt_artifact_layer_is_refused_and_nothing_published(
             for x in man["layers"]
             if x["annotations"]["org.opencontainers.image.title"] == "rootfs.ext4"
         )
-        # Re-point the rootfs layer at valid zstd of different content (digest matches the
-        # blob, but not the uncompressed sha256 the annotation promises).
-        other = zstandard.ZstdCompressor().compress(
-            b"\0" * int(rootfs["annotations"]["dev.stoker.size"])
-        )
-        d = "sha256:" + hashlib.sha256(other).hexdigest()
-        fake.blobs[d] = other
-        rootfs["digest"], rootfs["size"] = d, len(other)
-        fake.manifests["1"] = json.dumps(man).encode()
+        size = int(rootfs["annotations"]["dev.stoker.size"])
         d2 = _daemon(tmp_path / "x")
         assert d2.images is not None and d2.layout is not None and d2.store is not None
+
+        def repoint(blob: bytes) -> None:
+            d = "sha256:" + hashlib.sha256(blob).hexdigest()
+            fake.blobs[d] = blob
+            rootfs["digest"], rootfs["size"] = d, len(blob)
+            fake.manifests["1"] = json.dumps(man).encode()
+
+        # 1. Valid zstd, the blob's digest right, but not a sparse stream: refused.
+        repoint(zstandard.ZstdCompressor().compress(b"\0" * size))
+        with pytest.raises(artifact.UnsupportedImage, match="not a valid stoker sparse stream"):
+            await d2.images.pull(ref, None, _noop, None)
+        # 2. A valid sparse stream of other content: the annotation's sha256 catches it.
+        other = tmp_path / "other.img"
+        with open(other, "wb") as f:
+            f.truncate(size)
+            f.write(b"not the pushed rootfs")
+        blob = artifact._compress(other, tmp_path / "other.zst", "rootfs")
+        repoint((tmp_path / "other.zst").read_bytes())
+        assert blob.raw_size == size
         with pytest.raises(artifact.DigestMismatch, match=r"rootfs\.ext4 decompressed"):
+            await d2.images.pull(ref, None, _noop, None)
+        # 3. A header whose extents leave the file: refused before anything is written.
+        hdr = json.dumps({"size": size, "extents": [[size - 1, 2]]}).encode()
+        stream = artifact.SPARSE_MAGIC + len(hdr).to_bytes(8, "big") + hdr + b"xx"
+        repoint(zstandard.ZstdCompressor().compress(stream))
+        with pytest.raises(artifact.UnsupportedImage, match="outside the file"):
             await d2.images.pull(ref, None, _noop, None)
         assert d2.store.list_images() == [] and list(d2.layout.staging_dir.iterdir()) == []
         await d2.close()
