@@ -202,3 +202,25 @@ def test_store_uses_the_configured_helper(tmp_path: Path) -> None:
     }
     assert action.strip() == "store"
     assert "auths" not in json.loads(cfg.read_text())  # the secret stayed out of the file
+
+
+def test_registry_config_keys() -> None:
+    from stoker.config import parse_config
+    from stoker.errors import ConfigError
+
+    c = parse_config(
+        {
+            "insecure_registries": ["Reg.lan:5000", "http://x.lan:1/"],
+            "registry_mirrors": {"index.docker.io": ["127.0.0.1:5000"]},
+        }
+    )
+    assert c.insecure_registries == {"reg.lan:5000", "x.lan:1"}
+    assert dict(c.registry_mirrors) == {"docker.io": ("127.0.0.1:5000",)}
+    for data, key in (
+        ({"insecure_registries": "reg.lan"}, "insecure_registries"),
+        ({"insecure_registries": ["a b"]}, r"insecure_registries\[0\]"),
+        ({"registry_mirrors": ["m:1"]}, "registry_mirrors"),
+        ({"registry_mirrors": {"docker.io": []}}, "registry_mirrors.docker.io"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            parse_config(data)
