@@ -175,7 +175,7 @@ async def one_round(files: dict[str, Path], host: str, work: Path, n: int) -> di
         "push": t1 - t0,
         "pull": t2 - t1,
         "copy": t4 - t3,
-        "wire_mib": pushed["size"] / MIB,
+        "wire_mib": pushed.size / MIB,
         "rootfs_apparent_mib": apparent / MIB,
         "rootfs_on_disk_mib": on_disk / MIB,
     }

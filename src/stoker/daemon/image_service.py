@@ -26,7 +26,7 @@ from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
 from stoker.model.records import Image, Kernel
-from stoker.model.wire import AvailableKernel, CachePruned, Deleted
+from stoker.model.wire import AvailableKernel, CachePruned, Deleted, Pushed
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -367,7 +367,17 @@ class ImageService:
         `credential` (an `oci.auth.Credential` the CLI resolved) is for REF's registry."""
         return await self._inflight.run(
             f"pull:{ref}",
-            self._tracked("pull", ref, progress, lambda p: self._pull(ref, name, p, credential)),
+            self._tracked(
+                "pull",
+                ref,
+                progress,
+                # (without a credential, the call stays the 3-argument one tests stand in for)
+                lambda p: (
+                    self._pull(ref, name, p)
+                    if credential is None
+                    else self._pull(ref, name, p, credential)
+                ),
+            ),
             on_join=lambda: progress("pull", f"joining the pull of {ref} already in progress"),
         )
 
@@ -684,7 +694,7 @@ class ImageService:
         progress("done", f"pulled stoker image {art.ref} as {image_name} (no conversion)")
         return im
 
-    async def push(self, name: str, ref: str, progress: Progress, credential: Any = None) -> Any:
+    async def push(self, name: str, ref: str, progress: Progress, credential: Any = None) -> Pushed:
         """`image push NAME REF`: publish an image and its kernel as a stoker artifact."""
         from stoker.daemon.oci import push as artifact
 
@@ -736,7 +746,7 @@ class ImageService:
             raise
         op.finish(None)
         progress("done", f"pushed {name} to {ref} ({res.digest})")
-        return {"name": name, **res.to_dict()}
+        return Pushed(name=name, **res.to_dict())
 
     async def _publish(self, im: Image, staging: Path) -> None:
         """The publication atom: recheck the name, rename into place, upsert."""

@@ -52,3 +52,16 @@ class CachePruned:
     bytes_freed: int
     removed: int
     in_use: int
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """`image push`: where the artifact went, its manifest digest, what was uploaded."""
+
+    name: str
+    ref: str
+    digest: str
+    size: int  # compressed bytes of its blobs
+    uploaded: int  # blobs sent
+    skipped: int  # blobs the registry already had
+    seconds: float

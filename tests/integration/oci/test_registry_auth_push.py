@@ -219,15 +219,15 @@ async def _push_then_pull_by_another(
     src = pusher_daemon.images
     assert src is not None
     res = await src.push("team-env", ref, _noop, cred)
-    assert res["digest"].startswith("sha256:") and res["uploaded"] >= 4
+    assert res.digest.startswith("sha256:") and res.uploaded >= 4
     again = await src.push("team-env", ref, _noop, cred)  # every blob is there already
-    assert again["uploaded"] == 0 and again["digest"] == res["digest"]
+    assert again.uploaded == 0 and again.digest == res.digest
     d2 = _daemon(tmp_path / "b", cfg)
     assert d2.images is not None and d2.store is not None
     assert d2.store.list_kernels() == []  # the artifact brings its kernel
     im = await d2.images.pull(ref, None, _noop, cred)
     orig = await src.get_image("team-env")
-    assert im.source == f"oci:{ref}" and im.digest == res["digest"] and im.meta["artifact"]
+    assert im.source == f"oci:{ref}" and im.digest == res.digest and im.meta["artifact"]
     assert _same(im.rootfs, orig.rootfs) and im.work_seed and orig.work_seed
     assert _same(im.work_seed, orig.work_seed)
     st = os.stat(im.rootfs)
