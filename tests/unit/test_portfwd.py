@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +81,29 @@ async def test_port_in_use_is_a_clear_conflict_and_binds_nothing() -> None:
     finally:
         taken.close()
         await fw.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vm", "port-forward", "web", "80"],
+        ["vm", "create", "-p", "8080:99999"],
+        ["vm", "run", "-p", "nope", "--", "true"],
+    ],
+)
+def test_cli_refuses_a_bad_spec_before_asking_any_daemon(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from stoker.cli import connect, vm
+    from stoker.cli.main import main
+
+    def no_daemon(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a daemon was asked (or started) for a malformed spec")
+
+    monkeypatch.setattr(connect, "client", no_daemon)
+    monkeypatch.setattr(vm, "client", no_daemon)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    rc = main(argv)
+    assert rc != 0
+    assert "HOST_PORT:GUEST_PORT" in capsys.readouterr().err
