@@ -117,7 +117,13 @@ def test_golden_build_outputs(built: golden.GoldenResult, tmp_path: Path) -> Non
         mounts = [
             ln.split()[1] for ln in fstab.splitlines() if ln.split()[:1] != ["#"] and ln.split()
         ]
-        assert mounts == ["/root"], fstab
+        # overlay-init mounts / and /root itself (no fsck job, no udev device wait).
+        assert mounts == [], fstab
+        # The lean boot: masked units, stoker's own small initramfs.
+        reap = await ext4.stat_path(r, rootfs, "/etc/systemd/system/e2scrub_reap.service")
+        assert reap is not None and reap.kind == "symlink"
+        assert "modules/order" in golden.initramfs_members(built.initrd.read_bytes())
+        assert built.initrd.stat().st_size < 4 * MIB
         home = await ext4.stat_path(r, rootfs, "/root")
         assert home is not None and (home.mode, home.uid, home.gid) == (0o755, 0, 0)
         assert not await ext4.exists(r, rootfs, f"/boot/vmlinuz-{built.kernel_version}")

@@ -204,7 +204,7 @@ def test_initramfs_members_and_missing_modules(tmp_path: Path) -> None:
     moddir.mkdir()
     (moddir / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
     missing = golden.missing_initramfs_modules(initrd, moddir)
-    assert missing == ["virtio_net", "vmw_vsock_virtio_transport", "overlay"]
+    assert missing == ["virtio_net", "virtio_console", "vmw_vsock_virtio_transport", "overlay"]
 
 
 def fake_built_tree(tmp_path: Path, *, modules_ok: bool = True) -> Path:
@@ -252,7 +252,35 @@ def test_postprocess_moves_kernel_and_cleans_the_tree(tmp_path: Path) -> None:
     assert (tree / "etc/resolv.conf").read_text() == ""
     assert "force-unsafe-io" not in (tree / "etc/dpkg/dpkg.cfg.d/99mmdebstrap").read_text()
     assert (tree / "usr/lib/stoker/overlay-init").is_file()
-    assert "/dev/vdc  /root" in (tree / "etc/fstab").read_text()
+    assert "/root" not in (tree / "etc/fstab").read_text()
+
+
+def test_postprocess_applies_the_lean_boot(tmp_path: Path) -> None:
+    tree = fake_built_tree(tmp_path)
+    (tree / "usr").mkdir(exist_ok=True)
+    os.utime(tree / "usr", (1_700_000_000, 1_700_000_000))
+    (tree / "etc/systemd/system").mkdir(parents=True, exist_ok=True)
+    # An enabled unit (a real file where the mask goes) is replaced by the mask.
+    (tree / "etc/systemd/system/fstrim.timer").write_text("[Timer]\n")
+    golden._postprocess(tree, tmp_path / "kernel")
+    for unit in golden.MASKED_UNITS:
+        link = tree / "etc/systemd/system" / unit
+        assert link.is_symlink() and os.readlink(link) == "/dev/null", unit
+    assert {"e2scrub_reap.service", "systemd-logind.service", "dbus.socket"} <= set(
+        golden.MASKED_UNITS
+    )
+    for gen in golden.MASKED_GENERATORS:
+        assert os.readlink(tree / "etc/systemd/system-generators" / gen) == "/dev/null"
+    assert "systemd-fstab-generator" not in golden.MASKED_GENERATORS
+    dropin = (tree / "etc/systemd/system/ssh.service.d/stoker-lean.conf").read_text()
+    assert "DefaultDependencies=no" in dropin and "ExecStartPre=\n" in dropin
+    journald = (tree / "etc/systemd/journald.conf.d/stoker-volatile.conf").read_text()
+    assert "Storage=volatile" in journald
+    # systemd's ConditionNeedsUpdate= compares /usr's mtime with these stamps.
+    for d in ("etc", "var"):
+        stamp = tree / d / ".updated"
+        assert stamp.stat().st_mtime_ns >= (tree / "usr").stat().st_mtime_ns
+        assert "TIMESTAMP_NSEC=1700000000000000000" in stamp.read_text()
 
 
 def test_postprocess_refuses_an_initramfs_without_the_modules(tmp_path: Path) -> None:

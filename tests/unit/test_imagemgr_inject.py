@@ -63,7 +63,11 @@ def test_packaged_files_cover_the_contract() -> None:
         "d /run/sshd 0755 root root -"
     )
     unit = files["usr/lib/systemd/system/stoker-net.service"].decode()
-    assert "Before=network-pre.target" in unit and "ssh.service" in unit
+    assert "Before=network-pre.target network.target" in unit
+    # Lean boot: it runs at once (no udev ordering) and sshd does not wait for it.
+    unit_section = unit.split("[Unit]")[1].split("[Service]")[0]
+    assert "DefaultDependencies=no" in unit_section and "udev" not in unit_section
+    assert "ssh.service" not in unit
     assert len(inject.guest_files_digest()) == 64
 
 
@@ -92,6 +96,9 @@ def test_overlay_init_follows_the_contract() -> None:
     ):
         assert needle in text, needle
     assert "STAGE=/run/stoker" in text
+    # The work disk goes on /root before the init runs (no fstab entry any more).
+    mount_root = text.index('"$WORK_DEV" "$NEW/root"')
+    assert "WORK_DEV=/dev/vdc" in text and mount_root < text.index("pivot_root . ")
 
 
 def test_inject_systemd_tree(tmp_path: Path) -> None:
@@ -108,12 +115,13 @@ def test_inject_systemd_tree(tmp_path: Path) -> None:
     assert os.readlink(wants) == "/usr/lib/systemd/system/stoker-net.service"
     assert not (root / "usr/lib/stoker/init.conf").exists()
 
+    # overlay-init mounts / and /root: fstab keeps only the image's other entries.
     fstab = (root / "etc/fstab").read_text().splitlines()
-    assert inject.FSTAB_WORK_LINE in fstab
+    assert inject.FSTAB_WORK_LINE not in fstab
     assert "# disabled by stoker: UUID=abcd / ext4 ro,errors=remount-ro 0 1" in fstab
     assert "tmpfs /tmp tmpfs defaults 0 0" in fstab
     active = [ln.split() for ln in fstab if ln.strip() and not ln.startswith("#")]
-    assert [f[1] for f in active] == ["/tmp", "/root"]
+    assert [f[1] for f in active] == ["/tmp"]
 
     ssh = sorted(p.name for p in (root / "etc/ssh").iterdir())
     assert ssh == ["ssh_config", "sshd_config", "sshd_config.d"]
@@ -141,7 +149,16 @@ def test_inject_is_idempotent(tmp_path: Path) -> None:
     first = snapshot()
     inject.inject_guest_files(root)
     assert snapshot() == first
-    assert (root / "etc/fstab").read_text().count(inject.FSTAB_WORK_LINE) == 1
+    assert inject.FSTAB_WORK_LINE not in (root / "etc/fstab").read_text()
+
+
+def test_inject_drops_the_work_line_of_older_versions(tmp_path: Path) -> None:
+    """An image injected by an older stoker had /root in fstab; overlay-init mounts it now,
+    and a second mount by systemd (with its fsck job and device wait) must not remain."""
+    root = debian_like(tmp_path / "root")
+    (root / "etc/fstab").write_text(f"tmpfs /tmp tmpfs defaults 0 0\n{inject.FSTAB_WORK_LINE}\n")
+    inject.inject_guest_files(root)
+    assert (root / "etc/fstab").read_text() == "tmpfs /tmp tmpfs defaults 0 0\n"
 
 
 def test_inject_stoker_init_and_back(tmp_path: Path) -> None:
@@ -150,8 +167,8 @@ def test_inject_stoker_init_and_back(tmp_path: Path) -> None:
     inject.inject_guest_files(root, init="stoker-init")
     conf = root / "usr/lib/stoker/init.conf"
     assert conf.read_text() == "STOKER_INIT=/usr/lib/stoker/stoker-init\n"
-    # A bare tree gets the directories it needs and a fresh fstab.
-    assert (root / "etc/fstab").read_text() == inject.FSTAB_WORK_LINE + "\n"
+    # A bare tree gets the directories it needs and an empty fstab.
+    assert (root / "etc/fstab").read_text() == ""
     assert mode(root / "root") == 0o755
     assert inject.is_injected(root)
     inject.inject_guest_files(root, init="systemd")
@@ -235,7 +252,7 @@ def test_planted_temp_name_links_never_write_to_the_host(tmp_path: Path) -> None
         assert t.read_text() == "host secret\n", t
         assert mode(t) == 0o600, t
     assert sorted(p.name for p in host.iterdir()) == sorted(t.name for t in targets)
-    assert inject.FSTAB_WORK_LINE in (root / "etc/fstab").read_text()
+    assert "tmpfs /tmp" in (root / "etc/fstab").read_text()
 
 
 def test_symlinked_root_home_is_replaced_by_a_real_directory(tmp_path: Path) -> None:
@@ -280,7 +297,7 @@ def test_fifo_fstab_does_not_hang(tmp_path: Path) -> None:
     (root / "etc").mkdir(parents=True)
     os.mkfifo(root / "etc/fstab")
     inject.inject_guest_files(root)  # a blocking open would hang here forever
-    assert (root / "etc/fstab").read_text() == inject.FSTAB_WORK_LINE + "\n"
+    assert (root / "etc/fstab").read_text() == ""
 
 
 async def test_ext4_builders_refuse_a_symlinked_source(tmp_path: Path) -> None:

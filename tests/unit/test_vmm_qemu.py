@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,14 @@ from typing import Any
 import pytest
 
 from stoker.daemon.vmm.base import Disk, MachineConfig
-from stoker.daemon.vmm.qemu import QemuDriver, QMPClient, guest_cmdline, host_tsc_khz, qemu_argv
+from stoker.daemon.vmm.qemu import (
+    QemuDriver,
+    QMPClient,
+    guest_cmdline,
+    host_tsc_khz,
+    pvh_bootable,
+    qemu_argv,
+)
 from stoker.errors import CommandFailed, Timeout, Unavailable
 from stoker.runner import Runner
 
@@ -57,7 +65,9 @@ def test_argv_has_the_guest_boot_contract_devices(tmp_path: Path) -> None:
         assert flag in argv
     assert values(argv, "-kernel") == [str(cfg.kernel)]
     assert values(argv, "-initrd") == [str(cfg.initrd)]
-    assert values(argv, "-append") == [cfg.cmdline]
+    assert values(argv, "-append") == [
+        f"{cfg.cmdline} tsc=reliable module_blacklist=kvm,kvm_amd,kvm_intel"
+    ]
     drives = values(argv, "-drive")
     # vda, vdb, vdc in config order, the base read-only.
     assert drives == [
@@ -75,6 +85,9 @@ def test_argv_has_the_guest_boot_contract_devices(tmp_path: Path) -> None:
     assert f"file,id=serial0,path={cfg.serial_log},append=on" in chardevs
     assert f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off" in chardevs
     assert values(argv, "-serial") == ["chardev:serial0"]
+    # Host entropy for the guest from the start (virtio-rng backed by /dev/urandom).
+    assert values(argv, "-object") == ["rng-random,id=rng0,filename=/dev/urandom"]
+    assert "virtio-rng-device,rng=rng0" in devices
     assert values(argv, "-qmp") == [f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
     assert values(argv, "-pidfile") == [str(tmp_path / "p")]
 
@@ -105,12 +118,16 @@ def test_argv_kvm_no_nic_no_agent_no_initrd_and_comma_escaping(tmp_path: Path) -
 def test_tcg_guests_get_the_tsc_rate_preset(tmp_path: Path) -> None:
     cfg = machine(tmp_path)
     argv = qemu_argv(cfg, "qemu", "tcg", tmp_path / "q", tmp_path / "p", tsc_khz=2100000)
-    assert values(argv, "-append") == [f"{cfg.cmdline} tsc_early_khz=2100000"]
+    tcg_extra = "tsc=reliable module_blacklist=kvm,kvm_amd,kvm_intel"
+    assert values(argv, "-append") == [f"{cfg.cmdline} tsc_early_khz=2100000 {tcg_extra}"]
     # KVM guests calibrate fine (kvmclock); an explicit value in the cmdline wins.
     argv = qemu_argv(cfg, "qemu", "kvm", tmp_path / "q", tmp_path / "p", tsc_khz=2100000)
     assert values(argv, "-append") == [cfg.cmdline]
-    assert guest_cmdline("a tsc_early_khz=5", "tcg", 7) == "a tsc_early_khz=5"
-    assert guest_cmdline("a", "tcg", None) == "a"
+    assert guest_cmdline("a tsc_early_khz=5", "tcg", 7) == f"a tsc_early_khz=5 {tcg_extra}"
+    assert guest_cmdline("a", "tcg", None) == f"a {tcg_extra}"
+    assert guest_cmdline("a tsc=unstable module_blacklist=x", "tcg", None) == (
+        "a tsc=unstable module_blacklist=x"
+    )
     khz = host_tsc_khz()
     assert khz is None or 100_000 < khz < 10_000_000
     assert QemuDriver(Runner(), accel="tcg").tsc_khz == khz
@@ -223,3 +240,28 @@ async def test_qmp_connection_dropped_mid_command(
     async with QMPClient(path, timeout=2) as c:
         with pytest.raises(Unavailable, match="broke during system_powerdown"):
             await c.execute("system_powerdown")
+
+
+def _elf_with_notes(notes: list[tuple[bytes, int]]) -> bytes:
+    """A minimal ELF64 whose one PT_NOTE segment holds `notes` (name, type)."""
+    body = b""
+    for name, ntype in notes:
+        n = name + b"\0"
+        body += struct.pack("<III", len(n), 8, ntype) + n + b"\0" * (-len(n) % 4) + b"\0" * 8
+    phoff = 64
+    head = b"\x7fELF" + bytes([2, 1, 1]) + b"\0" * 9
+    head += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, phoff, 0, 0, 64, 56, 1, 0, 0, 0)
+    off = phoff + 56
+    ph = struct.pack("<IIQQQQQQ", 4, 4, off, 0, 0, len(body), len(body), 4)
+    return head + ph + body
+
+
+def test_pvh_bootable_needs_the_xen_phys32_entry_note(tmp_path: Path) -> None:
+    k = tmp_path / "vmlinux"
+    k.write_bytes(_elf_with_notes([(b"GNU", 3), (b"Xen", 6), (b"Xen", 18)]))
+    assert pvh_bootable(k)
+    k.write_bytes(_elf_with_notes([(b"GNU", 18), (b"Xen", 6)]))
+    assert not pvh_bootable(k)
+    k.write_bytes(b"MZ" + b"\0" * 600)  # a bzImage
+    assert not pvh_bootable(k)
+    assert not pvh_bootable(tmp_path / "missing")

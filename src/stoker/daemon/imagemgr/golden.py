@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zstandard
 
-from stoker.daemon.imagemgr import ext4
+from stoker.daemon.imagemgr import ext4, initramfs
 from stoker.daemon.imagemgr.inject import guest_files_digest, inject_guest_files
 from stoker.daemon.imagemgr.publish import publish_dir
 from stoker.daemon.imagemgr.safetree import SafeTree, rmtree
@@ -71,6 +71,7 @@ INITRAMFS_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    "virtio_console",
     "vsock",
     "vmw_vsock_virtio_transport",
     "overlay",
@@ -85,6 +86,87 @@ DPKG_OPTIONS: tuple[str, ...] = (
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
 )
+# Lean boot (docs/guest-boot.md, "Boot time"): under TCG the single vCPU is the bottleneck,
+# so time to SSH is about the CPU work of everything that runs before sshd. Masked (a
+# /dev/null link in /etc/systemd/system): what a sandbox does not use. Periodic jobs,
+# gettys (root has no password; the console is a log), pstore, modprobe@ (every module a
+# guest needs is loaded by the initramfs or on demand), binfmt, debug/trace/config/fuse
+# mounts, logind + D-Bus (socket-activated together; nothing in the image needs them:
+# stop goes over SSH, pam_systemd is optional), journal flush (the journal is volatile),
+# the random seed (virtio-rng seeds the kernel, and a seed file cloned into many VMs would
+# be shared), firstboot prompts.
+MASKED_UNITS: tuple[str, ...] = (
+    "e2scrub_reap.service",
+    "e2scrub_all.timer",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "fstrim.timer",
+    "getty.target",
+    "getty@.service",
+    "serial-getty@.service",
+    "systemd-pstore.service",
+    "modprobe@.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount",
+    "dev-hugepages.mount",
+    "systemd-logind.service",
+    "dbus.service",
+    "dbus.socket",
+    "systemd-journal-flush.service",
+    "systemd-random-seed.service",
+    "systemd-firstboot.service",
+)
+# Generators run on every boot before any unit starts; only fstab's is of use here.
+MASKED_GENERATORS: tuple[str, ...] = (
+    "systemd-cryptsetup-generator",
+    "systemd-debug-generator",
+    "systemd-getty-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-integritysetup-generator",
+    "systemd-rc-local-generator",
+    "systemd-run-generator",
+    "systemd-system-update-generator",
+    "systemd-sysv-generator",
+    "systemd-veritysetup-generator",
+)
+LEAN_FILES: dict[str, str] = {
+    # sshd listens on 0.0.0.0 and has its host key from the overlay: it needs neither the
+    # network nor sysinit.target, and `sshd -t` before every start only costs CPU.
+    "/etc/systemd/system/ssh.service.d/stoker-lean.conf": (
+        "# stoker lean boot: start sshd as soon as the journal socket is there.\n"
+        "[Unit]\n"
+        "DefaultDependencies=no\n"
+        "After=systemd-journald.socket\n"
+        "Conflicts=shutdown.target\n"
+        "Before=shutdown.target\n"
+        "[Service]\n"
+        "ExecStartPre=\n"
+    ),
+    # Coldplug (udev loading modules for every device) is not needed to reach SSH: the
+    # initramfs loaded the guest's drivers. Let it run once sshd listens, not beside it.
+    "/etc/systemd/system/systemd-udevd.service.d/stoker-lean.conf": (
+        "# stoker lean boot: udev after sshd (the initramfs loaded the drivers).\n"
+        "[Unit]\n"
+        "After=ssh.service\n"
+    ),
+    "/etc/systemd/system/systemd-udev-trigger.service.d/stoker-lean.conf": (
+        "# stoker lean boot: coldplug after sshd (the initramfs loaded the drivers).\n"
+        "[Unit]\n"
+        "After=ssh.service\n"
+    ),
+    "/etc/systemd/journald.conf.d/stoker-volatile.conf": (
+        "# stoker lean boot: the journal lives in /run (a VM's log is `vm logs` + this).\n"
+        "[Journal]\n"
+        "Storage=volatile\n"
+    ),
+}
 WORK_SEED_SIZE = 64 * 1024**2
 BOOTSTRAP_TIMEOUT = 1800.0
 MANIFEST = "manifest.json"
@@ -243,6 +325,7 @@ def spec_hash(spec: GoldenSpec) -> str:
         "initramfs_modules": INITRAMFS_MODULES,
         "dpkg_options": DPKG_OPTIONS,
         "guest_files": guest_files_digest(),
+        "lean": [MASKED_UNITS, MASKED_GENERATORS, LEAN_FILES, initramfs.INIT, "pam-motd-off"],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -531,7 +614,21 @@ def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
         )
     kernel_out.mkdir(parents=True)
     shutil.move(kernels[0], kernel_out / "vmlinuz")
-    shutil.move(initrd, kernel_out / "initrd.img")
+    lean = initramfs.build(tree, version, INITRAMFS_MODULES)
+    if lean is not None:
+        # stoker's own (initramfs.py); the Debian one stays the fallback when it cannot be.
+        (kernel_out / "initrd.img").write_bytes(lean)
+        initrd.unlink()
+        missing = missing_initramfs_modules(
+            kernel_out / "initrd.img", tree / "usr" / "lib" / "modules" / version
+        )
+        if missing:
+            raise CommandFailed(
+                f"stoker's initramfs for {version} lacks modules {', '.join(missing)}: "
+                "report this as a bug"
+            )
+    else:
+        shutil.move(initrd, kernel_out / "initrd.img")
     for p in (kernel_out / "vmlinuz", kernel_out / "initrd.img"):
         os.chmod(p, 0o644)
     # Everything below edits the tree through SafeTree: links resolve inside it (an
@@ -558,10 +655,47 @@ def _postprocess(tree: Path, kernel_out: Path) -> tuple[str, int]:
             0o644,
         )
     inject_guest_files(tree, init="systemd")
+    _lean_boot(tree)
     with SafeTree(tree) as t:
         status = (t.read("/var/lib/dpkg/status", _MAX_STATUS) or b"").decode(errors="replace")
     packages = status.count("Status: install ok installed")
     return version, packages
+
+
+def _lean_boot(tree: Path) -> None:
+    """Blocking: masks, drop-ins and update stamps that shorten the boot (see MASKED_UNITS).
+    Through SafeTree, like the rest of the post-processing."""
+    with SafeTree(tree) as t:
+        for unit in MASKED_UNITS:
+            t.symlink(f"/etc/systemd/system/{unit}", "/dev/null")
+        for gen in MASKED_GENERATORS:
+            t.symlink(f"/etc/systemd/system-generators/{gen}", "/dev/null")
+        for path, text in LEAN_FILES.items():
+            t.write(path, text.encode(), 0o644)
+        # Each SSH session ran update-motd.d and checked mail: nothing a sandbox shows.
+        pam = t.read("/etc/pam.d/sshd", _MAX_READ)
+        if pam is not None:
+            out = []
+            for ln in pam.decode(errors="replace").splitlines():
+                if not ln.lstrip().startswith("#") and (
+                    "pam_motd.so" in ln.split() or "pam_mail.so" in ln.split()
+                ):
+                    ln = f"# stoker lean boot: {ln}"
+                out.append(ln + "\n")
+            t.write("/etc/pam.d/sshd", "".join(out).encode(), 0o644)
+        # What systemd-update-done writes after a first boot: the image is prepared, so the
+        # ConditionNeedsUpdate= units (sysusers, ldconfig, hwdb, catalog) skip every boot.
+        # (They compare /usr's mtime with the stamp's, which is the build's: newer.)
+        usr = t.lstat("/usr")
+        usr_mtime = usr.st_mtime_ns if usr is not None else time.time_ns()
+        stamp = (
+            "# This file was created by systemd-update-done. Its only\n"
+            "# purpose is to hold a timestamp of the time this directory\n"
+            "# was updated. See man:systemd-update-done.service(8).\n"
+            f"TIMESTAMP_NSEC={usr_mtime}\n"
+        ).encode()
+        for d in ("/etc", "/var"):
+            t.write(f"{d}/.updated", stamp, 0o644)
 
 
 def _no_progress(stage: str, detail: str) -> None:

@@ -2,7 +2,8 @@
 
 `inject_guest_files(root)` writes stoker's guest side into an unpacked root tree before
 its ext4 is made: the overlay-init that builds the copy-on-write root, the network
-bootstrap and its unit, the sshd drop-in, tmpfiles for /run/sshd, the /root fstab line.
+bootstrap and its unit, the sshd drop-in, tmpfiles for /run/sshd; fstab loses any / or
+/root entry (overlay-init mounts both).
 The files themselves are package data under `stoker/guest/files/`, laid out as they land
 in the guest. See docs/guest-boot.md for what each piece must do.
 
@@ -34,6 +35,7 @@ NET_UNIT = "stoker-net.service"
 NET_UNIT_PATH = "/usr/lib/systemd/system/" + NET_UNIT
 NET_UNIT_WANTS = "/etc/systemd/system/multi-user.target.wants/" + NET_UNIT
 SSHD_DROPIN_DIR = "/etc/ssh/sshd_config.d"
+# What earlier versions added to fstab for the work disk; overlay-init mounts it now.
 FSTAB_WORK_LINE = "/dev/vdc  /root  ext4  defaults,nofail,x-systemd.device-timeout=30s  0  2"
 
 _HOST_KEY = re.compile(r"^ssh_host_.*_key(\.pub)?$")
@@ -107,19 +109,19 @@ def resolve_in_root(root: Path, guest_path: str, *, follow_last: bool = False) -
 
 
 def _fstab(existing: bytes | None) -> bytes:
-    """Keep fstab's other entries; drop any that mount / or /root, add the work disk."""
+    """Keep fstab's other entries; drop any that mount / or /root (overlay-init mounts the
+    overlay root and the work disk on /root before systemd starts)."""
     out: list[str] = []
     for line in (existing or b"").decode(errors="replace").splitlines():
         fields = line.split()
         if fields == FSTAB_WORK_LINE.split():
-            continue  # ours, from an earlier injection: re-added below
+            continue  # ours, from an earlier injection
         if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] in ("/", "/root"):
             # A read-only "/" entry makes systemd remount the overlay root read-only.
             out.append(f"# disabled by stoker: {line}")
             continue
         out.append(line)
-    out.append(FSTAB_WORK_LINE)
-    return ("\n".join(out) + "\n").encode()
+    return ("\n".join(out) + "\n").encode() if out else b""
 
 
 def _sshd_config(existing: bytes) -> bytes | None:
@@ -140,10 +142,10 @@ def inject_guest_files(root: Path, *, init: InitKind = "systemd") -> None:
 
     `init="systemd"` enables stoker-net.service through a wants symlink (no systemctl);
     `init="stoker-init"` makes overlay-init hand over to stoker's small init instead of
-    /sbin/init, for images that have no systemd. Both get the same files, the fstab line
-    for the work disk on /root, a 0755 root:root /root (a symlinked /root is replaced by
-    a real directory: the work seed is built from it on the host), and no SSH host keys
-    (each VM gets its own from the host).
+    /sbin/init, for images that have no systemd. Both get the same files, an fstab without
+    / or /root entries (overlay-init mounts both), a 0755 root:root /root (a symlinked
+    /root is replaced by a real directory: the work seed is built from it on the host), and
+    no SSH host keys (each VM gets its own from the host).
 
     Blocking: run it in a thread. Every write goes through `SafeTree` (symlinks resolved
     inside `root`, temporaries created O_EXCL|O_NOFOLLOW); files read from the image
