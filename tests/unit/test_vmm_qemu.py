@@ -115,6 +115,16 @@ def test_argv_kvm_no_nic_no_agent_no_initrd_and_comma_escaping(tmp_path: Path) -
     assert values(argv, "-qmp") == [f"unix:{tmp_path}/a,,b/qmp.sock,server=on,wait=off"]
 
 
+def test_argv_incoming_waits_paused_for_a_saved_state(tmp_path: Path) -> None:
+    cfg = machine(tmp_path)
+    plain = qemu_argv(cfg, "qemu", "tcg", tmp_path / "q", tmp_path / "p")
+    assert "-incoming" not in plain and "-S" not in plain
+    argv = qemu_argv(cfg, "qemu", "tcg", tmp_path / "q", tmp_path / "p", incoming=True)
+    i = argv.index("-incoming")
+    assert argv[i - 1 : i + 2] == ["-S", "-incoming", "defer"]
+    assert argv[: i - 1] + argv[i + 2 :] == plain
+
+
 def test_tcg_guests_get_the_tsc_rate_preset(tmp_path: Path) -> None:
     cfg = machine(tmp_path)
     argv = qemu_argv(cfg, "qemu", "tcg", tmp_path / "q", tmp_path / "p", tsc_khz=2100000)
