@@ -586,3 +586,45 @@ async def test_prepare_lock_discipline(rig: Rig, tmp_path: Path) -> None:
         for p in (p1, p2):
             p.cancel()
         await asyncio.wait([p1, p2], timeout=5)
+
+
+async def test_ttl_deletes_the_vm_even_after_a_daemon_restart(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None and rig.d.store is not None
+    with pytest.raises(InvalidArgument, match="not in the future"):
+        await vm.create_vm(req(name="past", ttl=-5.0), _noop)
+    with pytest.raises(InvalidArgument, match="not in the future"):
+        await vm.create_vm(req(name="zero", ttl=0.0), _noop)
+    assert [v.name for v in await vm.list_vms()] == []
+    short = await vm.create_vm(req(name="short", ttl=20.0, no_start=True), _noop)
+    running = await vm.create_vm(req(name="running", ttl=20.0), _noop)
+    keep = await vm.create_vm(req(name="keep", ttl=3600.0, no_start=True), _noop)
+    assert short.expires_at and vm.resolve("short").expires_at == short.expires_at
+    assert await vm.expire_vms() == []  # not yet
+    pid = running.teardown.vmm_pid
+    # Let the TTLs run out (moved to 0.5 s from now rather than waiting 20 s), then a new
+    # daemon on the same state, as if they passed while no daemon was watching.
+    await vm.set_ttl("short", 0.5)
+    await vm.set_ttl("running", 0.5)
+    await asyncio.sleep(0.7)
+    d2 = build_daemon(rig.root, rig.ns, rig.fake, rig.ssh)
+    try:
+        assert d2.vm is not None
+        await d2.vm.reconcile()
+        assert sorted(await d2.vm.expire_vms()) == ["running", "short"]
+        assert [v.name for v in await d2.vm.list_vms()] == ["keep"]
+        assert not Path(short.vm_dir).exists() and not Path(running.vm_dir).exists()
+        assert not pid_alive(pid or 0)
+        # `vm set --ttl` moves the deadline from now; clearing it keeps the VM for good.
+        before = d2.vm.resolve("keep").expires_at
+        await d2.vm.set_ttl("keep", 7200.0)
+        after = d2.vm.resolve("keep").expires_at
+        assert before and after and after > before
+        await d2.vm.set_ttl("keep", None)
+        assert d2.vm.resolve("keep").expires_at is None
+        with pytest.raises(InvalidArgument):
+            await d2.vm.set_ttl("keep", -1.0)
+    finally:
+        assert d2.store is not None
+        d2.store.close()
+    assert keep.name == "keep"

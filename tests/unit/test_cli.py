@@ -206,7 +206,16 @@ def test_vm_list_json_and_table(threaded_daemon: Any, capsys: pytest.CaptureFixt
 
     rc, out, _ = run(capsys, "ps")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "IMAGE", "IP", "VCPU/MEM", "WORKSPACE", "AGE"]
+    assert lines[0].split() == [
+        "NAME",
+        "STATE",
+        "IMAGE",
+        "IP",
+        "VCPU/MEM",
+        "WORKSPACE",
+        "AGE",
+        "TTL",
+    ]
     assert lines[1].split()[:5] == ["web", "stopped", "img", "172.30.0.2", "2/2048M"]
 
 

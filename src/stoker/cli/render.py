@@ -57,6 +57,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "vm": (
         "id", "name", "state", "image", "spec", "guest_ip", "dns_name", "vm_dir",
         "created_at", "updated_at", "started_at", "last_error", "workspace", "teardown",
+        "expires_at",
     ),
     "image": (
         "name", "managed", "rootfs", "work_seed", "kernel", "source", "size", "created_at",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from stoker.cli.connect import client
@@ -16,6 +17,7 @@ SUBCOMMANDS = frozenset(
         "list", "ls", "show", "create", "start", "stop", "restart", "kill", "delete", "rm",
         "set", "run", "exec", "workspace", "health", "stats", "ports", "prune", "logs", "ssh",
         "port-forward",
+        "cp",
     }
 )  # fmt: skip
 
@@ -48,6 +50,7 @@ def register(sub: Any, only: str | None = None) -> None:
     if want("create"):
         p = vsub.add_parser("create", help="create (and start) a VM")
         add_sizing(p)
+        add_ttl(p)
         p.add_argument("--no-start", action="store_true", help="create the disks only")
         add_publish_flag(p)
         p.add_argument("--json", action="store_true")
@@ -95,11 +98,20 @@ def register(sub: Any, only: str | None = None) -> None:
         p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
         p.add_argument("--disk-size", help="work disk size, e.g. 16G (only grows)")
         p.add_argument("--net", metavar="POLICY", help=NET_HELP + " (applies to a running VM)")
+        p.add_argument(
+            "--ttl",
+            metavar="DURATION",
+            help="delete the VM DURATION from now (e.g. 30m, 2h, 1d; `none` clears it)",
+        )
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=vm_set)
 
     if want("run", "exec"):
         register_run(vsub)
+    if want("cp"):
+        from stoker.cli import cp
+
+        cp.register(vsub)
     if want("workspace"):
         from stoker.cli import workspace
 
@@ -135,7 +147,13 @@ def register(sub: Any, only: str | None = None) -> None:
         p.set_defaults(func=vm_logs)
 
     if want("ssh"):
-        p = vsub.add_parser("ssh", help="ssh into a VM (system ssh, managed key)")
+        p = vsub.add_parser(
+            "ssh",
+            help="ssh into a VM (system ssh, managed key)",
+            description="stoker vm ssh NAME [-- CMD...]: a login shell, or CMD over SSH.\n\n"
+            + COMMAND_LINE_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("name")
         p.set_defaults(func=vm_ssh, cmd=[])
 
@@ -144,6 +162,28 @@ NET_HELP = (
     "network policy: host-only (default: stoker's DNS only), none, nat, or "
     "allow=HOST[:PORT],...; add ,peers or ,peers=GROUP to reach VMs that opted in too"
 )
+
+COMMAND_LINE_HELP = """\
+command lines (as ssh takes them): after --, ONE argument is a shell command line, run by
+`bash -lc` (`sh -c` where the guest has no bash), e.g. -- 'make test > log 2>&1';
+SEVERAL arguments are words, each quoted, e.g. -- ls -l "my file" keeps the space.
+"""
+
+EXIT_CODES_HELP = """\
+environment: PATH, HOME, USER, LOGNAME, SHELL, LANG=C.UTF-8, and TERM from this
+terminal's $TERM when set, else TERM=dumb; --env adds or overrides.
+
+exit status: the command's own; 128+N when a signal N killed it; 124 when --timeout
+ended it; 125 when stoker itself failed (VM not running, daemon or agent channel lost,
+bad option); 126/127 when the guest could not execute / find the program.
+"""
+
+
+def command_line(cmd: list[str]) -> str:
+    """The ssh rule: one argument is a command line as it stands, several are words."""
+    import shlex
+
+    return cmd[0] if len(cmd) == 1 else shlex.join(cmd)
 
 
 def add_sizing(p: argparse.ArgumentParser) -> None:
@@ -154,6 +194,38 @@ def add_sizing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-size", help="size of the /root work disk, e.g. 8G")
     p.add_argument("--net", metavar="POLICY", help=NET_HELP)
     p.add_argument("--nat", action="store_true", help="alias of --net nat")
+
+
+def add_ttl(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="delete the VM this long after creation (e.g. 30m, 2h, 1d), even across "
+        "daemon restarts; `vm set --ttl` changes it",
+    )
+
+
+def ttl_param(args: argparse.Namespace) -> dict[str, Any]:
+    """{"ttl": seconds} from --ttl (raises ValueError with the message for bad input)."""
+    text = getattr(args, "ttl", None)
+    return {} if text is None else {"ttl": parse_duration(text, "--ttl")}
+
+
+def time_left(expires_at: str | None) -> str:
+    """`12m30s` until a store timestamp; `-` without one; `expired` once it passed."""
+    if not expires_at:
+        return "-"
+    from datetime import UTC, datetime
+
+    t = datetime.strptime(expires_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    left = int((t - datetime.now(UTC)).total_seconds())
+    if left <= 0:
+        return "expired"
+    if left >= 86400:
+        return f"{left // 86400}d{left % 86400 // 3600:02d}h"
+    if left >= 3600:
+        return f"{left // 3600}h{left % 3600 // 60:02d}m"
+    return f"{left // 60}m{left % 60:02d}s"
 
 
 def sizing_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,9 +310,15 @@ def vm_create(args: argparse.Namespace) -> int:
     check_publish(args)
     if args.publish and args.no_start:
         raise InvalidArgument("-p forwards to a running VM: drop --no-start or -p")
+    try:
+        ttl = ttl_param(args)
+    except ValueError as e:
+        from stoker.cli.render import UsageError
+
+        raise UsageError(str(e)) from None
     with client(args) as c:
         v = call_with_progress(
-            c, "vm.create", {**sizing_params(args), "no_start": args.no_start}, args.json
+            c, "vm.create", {**sizing_params(args), "no_start": args.no_start, **ttl}, args.json
         )
         v["port_forwards"] = _publish_or_delete(args, c, v["name"])
     if args.json:
@@ -278,10 +356,26 @@ def vm_multi(args: argparse.Namespace) -> int:
 
 
 def vm_set(args: argparse.Namespace) -> int:
-    if args.vcpu is None and args.memory is None and args.disk_size is None and args.net is None:
-        from stoker.cli.render import UsageError
+    from stoker.cli.render import UsageError
 
-        raise UsageError("nothing to change: give --vcpu, --memory, --disk-size and/or --net")
+    if (
+        args.vcpu is None
+        and args.memory is None
+        and args.disk_size is None
+        and args.net is None
+        and args.ttl is None
+    ):
+        raise UsageError(
+            "nothing to change: give --vcpu, --memory, --disk-size, --net and/or --ttl"
+        )
+    ttl: dict[str, Any] = {}
+    if args.ttl is not None and args.ttl.lower() in ("none", "off", "never"):
+        ttl = {"clear_ttl": True}
+    else:
+        try:
+            ttl = ttl_param(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     with client(args) as c:
         v = c.call(
             "vm.set",
@@ -291,10 +385,13 @@ def vm_set(args: argparse.Namespace) -> int:
                 "memory_mib": args.memory,
                 "disk_size": args.disk_size,
                 "net": args.net,
+                **ttl,
             },
         )
     if args.json:
         print_json(v)
+    elif args.vcpu is None and args.memory is None and args.disk_size is None and args.net is None:
+        print(f"{v['name']}: TTL {time_left(v.get('expires_at'))}")
     else:
         s = v["spec"]
         print(
@@ -358,16 +455,15 @@ def vm_ssh(args: argparse.Namespace) -> int:
 
     cmd = list(args.cmd)
     with client(args) as c:
-        info = c.call("vm.ssh_info", {"ref": args.name})
+        # A VM made ready by its agent (`vm run -- CMD`) may not answer SSH yet.
+        info = c.call("vm.ssh_info", {"ref": args.name, "wait": True}, _quiet_progress)
     if info["state"] != "running":
         err(f"VM {info['name']} is {info['state']}: start it with `stoker vm start {info['name']}`")
         return 1
     interactive = not cmd
     argv = ssh_argv(info, tty=interactive and sys.stdin.isatty())
     if cmd:
-        import shlex
-
-        argv.append(" ".join(shlex.quote(a) for a in cmd))
+        argv.append(ssh_command(command_line(cmd), None, {}))
     rc = subprocess.call(argv)
     if interactive:
         remind_running(args, info["name"])
@@ -395,9 +491,10 @@ def vm_list(args: argparse.Namespace) -> int:
                 f"{spec['vcpu']}/{spec['memory_mib']}M",
                 ws.get("guest_path", "-"),
                 age(v["created_at"]),
+                time_left(v.get("expires_at")),
             ]
         )
-    table(["NAME", "STATE", "IMAGE", "IP", "VCPU/MEM", "WORKSPACE", "AGE"], rows)
+    table(["NAME", "STATE", "IMAGE", "IP", "VCPU/MEM", "WORKSPACE", "AGE", "TTL"], rows)
     return 0
 
 
@@ -540,10 +637,17 @@ def register_run(vsub: Any) -> None:
     p = vsub.add_parser(
         "run",
         help="create + start a VM, copy a git workspace in, run a command or a shell",
-        description="stoker vm run [PATH] [-- CMD...]",
+        description="stoker vm run [PATH] [-- CMD...]: with CMD, the command runs through the\n"
+        "guest agent as soon as it answers (no wait for sshd; SSH when the image's agent\n"
+        "cannot run commands); without, an interactive login shell over SSH.\n\n"
+        + COMMAND_LINE_HELP
+        + "\n"
+        + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", nargs="?", help="a git work tree to copy to /root/repo")
     add_sizing(p)
+    add_ttl(p)
     p.add_argument("--rm", action="store_true", help="delete the VM when the command ends")
     p.add_argument("-d", "--detach", action="store_true", help="prepare and exit")
     add_publish_flag(p)
@@ -551,8 +655,35 @@ def register_run(vsub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the files and mode only")
     p.set_defaults(func=vm_run, cmd=[])
 
-    p = vsub.add_parser("exec", help="run a command in a VM's workspace (bash -lc)")
+    p = vsub.add_parser(
+        "exec",
+        help="run a command in a VM (guest agent; SSH fallback)",
+        description="stoker vm exec NAME [options] -- CMD...: run CMD in the VM's workspace\n"
+        "(/root/repo when prepared, else /root) through the guest agent, stdout and stderr\n"
+        "streamed separately; stdin is forwarded when it is not a terminal; Ctrl-C and\n"
+        "SIGTERM are forwarded to the command.\n\n" + COMMAND_LINE_HELP + "\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name")
+    p.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable (repeatable)",
+    )
+    p.add_argument("-w", "--workdir", metavar="DIR", help="guest working directory")
+    p.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="kill the command's process group after DURATION (e.g. 30, 90s, 5m); exit 124",
+    )
+    p.add_argument("-u", "--user", help="run as this guest user (default root)")
+    p.add_argument(
+        "-n", "--no-stdin", action="store_true", help="do not forward stdin (like ssh -n)"
+    )
+    p.add_argument("--ssh", action="store_true", help="use SSH, not the guest agent")
     p.add_argument(
         "--auto-prepare",
         action="store_true",
@@ -571,11 +702,212 @@ def add_workspace_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _shell_cmd(cmd: list[str], cwd: str) -> str:
+STOKER_FAILED = 125  # stoker's own failure, as `docker run` reports it
+
+
+def parse_duration(text: str, what: str) -> float:
+    """`30`, `90s`, `5m`, `2h`, `1d` -> seconds (positive)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    scale = units.get(t[-1:])
+    num = t[:-1] if scale is not None else t
+    try:
+        value = float(num) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(
+            f"{what} {text!r} is not a duration: give a positive number of seconds or one "
+            "with a unit, e.g. 30, 90s, 5m, 2h, 1d"
+        )
+    return value
+
+
+def ssh_command(line: str, cwd: str | None, env: dict[str, str]) -> str:
+    """The remote command line that runs `line` the way the agent does: in `cwd`, with the
+    documented environment, by `bash -lc` (or `sh -c` without bash)."""
+    import os
     import shlex
 
-    inner = " ".join(shlex.quote(a) for a in cmd)
-    return f"cd {shlex.quote(cwd)} && exec bash -lc {shlex.quote(inner)}"
+    q = shlex.quote
+    term = os.environ.get("TERM") or "dumb"
+    assigns = " ".join(f"{k}={q(v)}" for k, v in {"LANG": "C.UTF-8", "TERM": term, **env}.items())
+    cd = f"cd {q(cwd)} || exit {STOKER_FAILED}; " if cwd else ""
+    return (
+        f"{cd}export {assigns}; if command -v bash >/dev/null 2>&1; then exec bash -lc "
+        f"{q(line)}; else exec sh -c {q(line)}; fi"
+    )
+
+
+def _quiet_progress(ev: dict[str, Any]) -> None:
+    if ev.get("stage") == "ssh":
+        print(f"stoker: {ev.get('message', '')}", file=sys.stderr, flush=True)
+
+
+class AgentExec:
+    """One `vm.exec` call: output to our stdout/stderr (or `out`/`err`) as it comes; stdin
+    (ours, or what `feed` produces) and signals sent on a second connection once the
+    daemon names the exec."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        forward_stdin: bool,
+        out: Any = None,
+        err: Any = None,
+        feed: Callable[[Callable[[bytes], bool]], None] | None = None,
+        connect: Callable[..., Any] | None = None,
+    ) -> None:
+        self.args = args
+        # How to reach stokerd: `connect(autostart=...)` -> an RPC client (the SDK's own).
+        self.connect = connect or (lambda autostart=True: client(args, autostart=autostart))
+        self.forward_stdin = forward_stdin or feed is not None
+        self.feed = feed or self._read_stdin
+        self.token: str | None = None
+        self.signals = 0
+        self.out = out if out is not None else sys.stdout.buffer
+        self.err = err if err is not None else sys.stderr.buffer
+        self.feed_error: BaseException | None = None
+
+    def on_event(self, ev: dict[str, Any]) -> None:
+        stage = ev.get("stage")
+        if stage == "exec.output":
+            import base64
+
+            f = self.out if ev.get("fd") == 1 else self.err
+            f.write(base64.b64decode(ev.get("data", "")))
+            f.flush()
+        elif stage == "exec.started":
+            self.token = ev.get("exec")
+            if self.forward_stdin and self.token:
+                import threading
+
+                threading.Thread(target=self._pump, daemon=True).start()
+
+    @staticmethod
+    def _read_stdin(write: Callable[[bytes], bool]) -> None:
+        import os
+
+        fd = sys.stdin.fileno()
+        while True:
+            data = os.read(fd, 32768)
+            if not write(data) or not data:
+                return
+
+    def _pump(self) -> None:
+        import base64
+
+        from stoker.errors import StokerError
+
+        try:
+            with self.connect(autostart=False) as c:
+
+                def write(data: bytes) -> bool:
+                    r = c.call(
+                        "vm.exec.input",
+                        {
+                            "exec": self.token,
+                            "data": base64.b64encode(data).decode(),
+                            "eof": not data,
+                        },
+                    )
+                    return bool(r.get("open"))
+
+                self.feed(write)
+        except (StokerError, OSError) as e:
+            self.feed_error = e  # the exec ended; nothing more to feed
+        except Exception as e:
+            self.feed_error = e
+
+    def forward(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.signals += 1
+        if self.token is None or self.signals > 3:
+            raise KeyboardInterrupt  # the connection closes: the daemon kills the process
+        name = "INT" if signum == signal.SIGINT else "TERM"
+        from stoker.errors import StokerError
+
+        try:
+            with self.connect(autostart=False) as c:
+                c.call("vm.exec.signal", {"exec": self.token, "signal": name})
+        except StokerError:
+            pass
+
+    def run(self, params: dict[str, Any]) -> dict[str, Any]:
+        import signal
+        import threading
+
+        params = {**params, "stdin": self.forward_stdin}
+        old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # else: the caller's job
+            old = {s: signal.signal(s, self.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with self.connect() as c:
+                r: dict[str, Any] = c.call("vm.exec", params, self.on_event)
+                return r
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def run_command(
+    args: argparse.Namespace,
+    name: str,
+    line: str,
+    *,
+    cwd: str | None,
+    env: dict[str, str],
+    user: str | None = None,
+    timeout: float | None = None,
+    stdin: bool = False,
+    ssh_only: bool = False,
+) -> int:
+    """Run a command line in a running VM: the guest agent, else SSH. The exit status."""
+    import os
+
+    term = os.environ.get("TERM")
+    full_env = {**({"TERM": term} if term else {}), **env}
+    if not ssh_only:
+        params: dict[str, Any] = {
+            "ref": name,
+            "shell": line,
+            "cwd": cwd,
+            "env": full_env,
+            "user": user,
+            "stdin": stdin,
+            "timeout": timeout,
+        }
+        r = AgentExec(args, stdin).run(params)
+        if r.get("transport") == "agent":
+            if r.get("timed_out"):
+                err(f"command timed out after {timeout:g}s: its process group was killed")
+            elif r.get("signal"):
+                err(f"command killed by signal {r['signal']}")
+            return int(r["exit_code"])
+        err(f"note: running over SSH: {r.get('reason')}")
+    if user:
+        err("--user needs the guest agent, which cannot run commands in this VM")
+        return STOKER_FAILED
+    import subprocess
+
+    with client(args) as c:
+        info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
+    remote = ssh_command(line, cwd or info.get("workspace") or "/root", env)
+    if timeout is not None:
+        import shlex
+
+        remote = f"exec timeout -k 2 {timeout:g} sh -c {shlex.quote(remote)}"
+    argv = [*ssh_argv(info, tty=False), remote]
+    return subprocess.call(argv, stdin=None if stdin else subprocess.DEVNULL)
+
+
+def _stdin_piped() -> bool:
+    """Forward stdin when it is a pipe or file, not when it is a terminal (or closed)."""
+    try:
+        return not sys.stdin.isatty() and sys.stdin.fileno() >= 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def vm_run(args: argparse.Namespace) -> int:
@@ -583,6 +915,7 @@ def vm_run(args: argparse.Namespace) -> int:
     import subprocess
 
     from stoker.cli.progress import call_with_progress
+    from stoker.errors import StokerError
 
     cmd = list(args.cmd)
     if args.detach and args.rm:
@@ -596,6 +929,11 @@ def vm_run(args: argparse.Namespace) -> int:
         return 1
     path = os.path.abspath(args.path) if args.path else None
     check_publish(args)
+    try:
+        ttl = ttl_param(args)
+    except ValueError as e:
+        err(str(e))
+        return STOKER_FAILED if cmd else 1
     with client(args) as c:
         if path is not None:
             # Preflight before anything is created: a real, non-bare work tree, no submodules.
@@ -614,7 +952,10 @@ def vm_run(args: argparse.Namespace) -> int:
         elif args.dry_run:
             err("--dry-run needs a PATH: it shows which files would be copied")
             return 1
-        v = call_with_progress(c, "vm.create", sizing_params(args))
+        # A command without a workspace needs only the agent (no wait for sshd); a
+        # workspace is copied over SSH, and a shell is SSH.
+        ready = "agent" if cmd and path is None else "ssh"
+        v = call_with_progress(c, "vm.create", {**sizing_params(args), "ready": ready, **ttl})
         name = v["name"]
         _publish_or_delete(args, c, name)
         rc = 0
@@ -639,16 +980,23 @@ def vm_run(args: argparse.Namespace) -> int:
                     f"`stoker vm exec {name} -- CMD` or `stoker vm ssh {name}`"
                 )
                 return 0
-            info = c.call("vm.ssh_info", {"ref": name})
             if cmd:
-                argv = [*ssh_argv(info, tty=False), _shell_cmd(cmd, workdir)]
+                rc = run_command(
+                    args, name, command_line(cmd), cwd=workdir, env={}, stdin=_stdin_piped()
+                )
             else:
+                info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
                 argv = [*ssh_argv(info, tty=sys.stdin.isatty()), f"cd {workdir} && exec bash -l"]
-            rc = subprocess.call(argv)
+                rc = subprocess.call(argv)
             if not cmd and not args.rm:
                 remind_running(args, name)
         except KeyboardInterrupt:
             rc = 130
+        except StokerError as e:
+            if not cmd:
+                raise
+            err(e.message)
+            rc = STOKER_FAILED
         finally:
             if args.rm:
                 _delete_fresh(args, name)
@@ -683,38 +1031,71 @@ def _delete_fresh(args: argparse.Namespace, name: str) -> None:
 
 
 def vm_exec(args: argparse.Namespace) -> int:
-    import subprocess
+    from stoker.errors import StokerError
 
     if not args.cmd:
         err("give the command after --: stoker vm exec NAME -- CMD")
-        return 1
-    with client(args) as c:
-        info = c.call("vm.ssh_info", {"ref": args.name})
-        if info["state"] != "running":
-            err(
-                f"VM {info['name']} is {info['state']}: start it with "
-                f"`stoker vm start {info['name']}`"
-            )
-            return 1
-        ws = info.get("workspace_record")
-        if ws and ws.get("host_path"):
-            moved = _host_head_moved(ws["host_path"], ws.get("head"))
-            if moved and args.auto_prepare:
-                from stoker.cli.progress import call_with_progress
-
-                call_with_progress(
-                    c,
-                    "vm.workspace.prepare",
-                    {"ref": info["name"], "path": ws["host_path"], "guest_path": ws["guest_path"]},
-                )
-            elif moved:
+        return 2
+    env: dict[str, str] = {}
+    for item in args.env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            err(f"--env {item!r} is not K=V: write it as NAME=VALUE")
+            return STOKER_FAILED
+        env[k] = v
+    timeout = None
+    if args.timeout is not None:
+        try:
+            timeout = parse_duration(args.timeout, "--timeout")
+        except ValueError as e:
+            err(str(e))
+            return STOKER_FAILED
+    try:
+        with client(args) as c:
+            info = c.call("vm.ssh_info", {"ref": args.name})
+            if info["state"] != "running":
                 err(
-                    f"warning: {ws['host_path']} HEAD moved since the workspace was prepared "
-                    f"({(ws.get('head') or '')[:12]} -> {moved[:12]}); "
-                    "pass --auto-prepare to re-sync"
+                    f"VM {info['name']} is {info['state']}: start it with "
+                    f"`stoker vm start {info['name']}`"
                 )
-    workdir = info.get("workspace") or "/root"
-    return subprocess.call([*ssh_argv(info, tty=False), _shell_cmd(args.cmd, workdir)])
+                return STOKER_FAILED
+            ws = info.get("workspace_record")
+            if ws and ws.get("host_path"):
+                moved = _host_head_moved(ws["host_path"], ws.get("head"))
+                if moved and args.auto_prepare:
+                    from stoker.cli.progress import call_with_progress
+
+                    call_with_progress(
+                        c,
+                        "vm.workspace.prepare",
+                        {
+                            "ref": info["name"],
+                            "path": ws["host_path"],
+                            "guest_path": ws["guest_path"],
+                        },
+                    )
+                elif moved:
+                    err(
+                        f"warning: {ws['host_path']} HEAD moved since the workspace was "
+                        f"prepared ({(ws.get('head') or '')[:12]} -> {moved[:12]}); "
+                        "pass --auto-prepare to re-sync"
+                    )
+        return run_command(
+            args,
+            info["name"],
+            command_line(args.cmd),
+            cwd=args.workdir,
+            env=env,
+            user=args.user,
+            timeout=timeout,
+            stdin=not args.no_stdin and _stdin_piped(),
+            ssh_only=args.ssh,
+        )
+    except StokerError as e:
+        err(e.message)
+        return STOKER_FAILED
+    except KeyboardInterrupt:
+        return 130
 
 
 def _host_head_moved(host_path: str, head: str | None) -> str | None:

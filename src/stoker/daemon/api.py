@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -55,6 +55,8 @@ class CreateVM(Params):
     nat: bool = False
     net: str | None = None
     no_start: bool = False
+    ready: Literal["ssh", "agent"] = "ssh"  # "agent": running once the agent can exec
+    ttl: float | int | None = None  # seconds from now; the VM is deleted then
 
 
 class SetVM(Params):
@@ -63,6 +65,8 @@ class SetVM(Params):
     memory_mib: int | None = None
     disk_size: str | int | None = None
     net: str | None = None
+    ttl: float | int | None = None  # seconds from now (replaces any earlier TTL)
+    clear_ttl: bool = False
 
 
 class NameParam(Params):
@@ -144,3 +148,32 @@ class PortForwardRemove(Params):
 
 class KernelList(Params):
     available: bool = False
+
+
+class ExecVM(Params):
+    """`vm.exec`: exactly one of argv (words, no shell) and shell (one command line)."""
+
+    ref: str
+    argv: list[str] | None = None
+    shell: str | None = None
+    cwd: str | None = None
+    env: dict[str, str] = {}
+    user: str | None = None
+    stdin: bool = False
+    timeout: float | int | None = None
+
+
+class ExecSignal(Params):
+    exec: str
+    signal: str
+
+
+class ExecInput(Params):
+    exec: str
+    data: str = ""
+    eof: bool = False
+
+
+class SSHInfo(Params):
+    ref: str
+    wait: bool = False  # wait until SSH answers (a VM made ready by its agent may be early)

@@ -254,13 +254,28 @@ class Daemon:
             return await vm.prune_vms(p.names)
 
         async def vm_set(p: api.SetVM, ctx: RequestContext) -> Any:
+            if p.ttl is not None or p.clear_ttl:
+                await vm.set_ttl(p.ref, None if p.clear_ttl else p.ttl)
+            if p.vcpu is None and p.memory_mib is None and p.disk_size is None and p.net is None:
+                return vm.resolve(p.ref)
             return await vm.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size, p.net)
 
         async def vm_logs(p: api.VMRef, ctx: RequestContext) -> Any:
             return vm.logs_info(p.ref)
 
-        async def vm_ssh_info(p: api.VMRef, ctx: RequestContext) -> Any:
+        async def vm_ssh_info(p: api.SSHInfo, ctx: RequestContext) -> Any:
+            if p.wait:
+                await vm.wait_ssh(p.ref, ctx.progress)
             return vm.ssh_info(p.ref)
+
+        async def vm_exec(p: api.ExecVM, ctx: RequestContext) -> Any:
+            return await vm.exec(p, ctx)
+
+        async def vm_exec_signal(p: api.ExecSignal, ctx: RequestContext) -> Any:
+            return await vm.exec_signal(p.exec, p.signal)
+
+        async def vm_exec_input(p: api.ExecInput, ctx: RequestContext) -> Any:
+            return await vm.exec_input(p.exec, p.data, p.eof)
 
         async def image_show(p: api.NameParam, ctx: RequestContext) -> Any:
             return await images.get_image(p.name)
@@ -329,7 +344,10 @@ class Daemon:
             "vm.port_forward.remove": Method(api.PortForwardRemove, port_forward_remove),
             "vm.port_forward.list": Method(api.OptionalRefs, port_forward_list),
             "vm.logs": Method(api.VMRef, vm_logs),
-            "vm.ssh_info": Method(api.VMRef, vm_ssh_info),
+            "vm.ssh_info": Method(api.SSHInfo, vm_ssh_info),
+            "vm.exec": Method(api.ExecVM, vm_exec),
+            "vm.exec.signal": Method(api.ExecSignal, vm_exec_signal),
+            "vm.exec.input": Method(api.ExecInput, vm_exec_input),
             "image.list": Method(api.ListParams, image_list),
             "image.show": Method(api.NameParam, image_show),
             "image.register": Method(api.RegisterImage, image_register),
@@ -410,6 +428,7 @@ class Daemon:
                 reg.prune(older_than=cfg.op_prune_interval * 5)
 
         self._ticker("watch-vmms", 2.0, vm.check_vmms)
+        self._ticker("expire-vms", 2.0, vm.expire_vms)
         self._ticker("poll-stats", float(cfg.stats_poll_interval), vm.poll_stats)
         self._ticker("prune-ops", float(cfg.op_prune_interval), prune_ops)
 

@@ -87,12 +87,17 @@ class CreateRequest:
     nat: bool = False  # alias of net="nat"
     net: str | None = None  # `--net` policy; None: the default (host-only)
     no_start: bool = False
+    ready: str = "ssh"  # "agent": running once the guest agent can exec (SSH may lag)
+    ttl: float | None = None  # seconds: the VM is deleted this long after creation
 
 
 if TYPE_CHECKING:
+    from stoker.daemon.agent import ExecSession
+    from stoker.daemon.api import ExecVM
     from stoker.daemon.host_network import HostNetwork
     from stoker.daemon.image_service import ImageService
     from stoker.daemon.workspace_service import WorkspaceService
+    from stoker.rpc.server import RequestContext
 
 
 class VMService:
@@ -135,6 +140,8 @@ class VMService:
         self.agents: dict[str, AgentClient] = {}
         self.last_samples: dict[str, dict[str, Any]] = {}
         self.agent_required = False  # readiness gates on SSH; the agent is waited for too
+        self.exec_capable: dict[str, bool] = {}  # VM id -> its agent answered with exec
+        self.execs: dict[str, ExecSession] = {}  # running execs by token (vm_exec)
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -220,6 +227,7 @@ class VMService:
         spec = self._resolve_spec(p.vcpu, p.memory_mib, p.disk_size)
         policy = await self.net.check_policy(p.net, nat=p.nat)
         spec.net, spec.nat = str(policy), policy.mode == "nat"
+        expires_at = expiry_after(p.ttl) if p.ttl is not None else None
         image_name = p.image or self.config.default_image
         progress(
             "spec",
@@ -260,6 +268,9 @@ class VMService:
                     updated_at=ts,
                 )
                 self.store.insert_vm(vm)
+                if expires_at is not None:
+                    self.store.set_vm_expiry(vm.id, expires_at)
+                    vm.expires_at = expires_at
             op.target = name
             op.stage = "disks"
             try:
@@ -276,7 +287,7 @@ class VMService:
                 return vm
             op.stage = "start"
             async with self.with_vm_lock_by_id(vm.id) as locked:
-                vm = await self._start_locked(locked, progress)
+                vm = await self._start_locked(locked, progress, ready=p.ready)
             op.finish()
             return vm
         except BaseException as e:
@@ -321,12 +332,12 @@ class VMService:
                 raise Conflict(f"VM {vm.name} is already running")
             return await self._start_locked(vm, progress)
 
-    async def _start_locked(self, vm: VMRecord, progress: Progress) -> VMRecord:
+    async def _start_locked(self, vm: VMRecord, progress: Progress, ready: str = "ssh") -> VMRecord:
         """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
         client never leaves a half-started VM or kills a VMM already spawned."""
-        return await run_to_end(self._start_flow(vm, progress))
+        return await run_to_end(self._start_flow(vm, progress, ready))
 
-    async def _start_flow(self, vm: VMRecord, progress: Progress) -> VMRecord:
+    async def _start_flow(self, vm: VMRecord, progress: Progress, ready: str = "ssh") -> VMRecord:
         t0 = time.monotonic()
         image = await self.images.get_image(vm.image)
         kernel = await self.images.get_kernel(image.kernel or "")
@@ -380,17 +391,22 @@ class VMService:
                 return driver.is_running(handle)
 
             # VMM up -> agent /healthz -> SSH. The agent is not required (images without
-            # python3 have none): SSH is the gate, the agent wait runs beside it.
+            # python3 have none): SSH is the gate, the agent wait runs beside it. With
+            # ready="agent" (a non-interactive command comes next) an agent that can exec
+            # is enough, and SSH is the gate only when it answers first.
             progress("agent", "waiting for the guest agent")
-            agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
-            try:
-                await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
-                progress("ssh", "SSH answers")
-                agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
-            except TimeoutError:
-                agent_s = None
-            finally:
-                agent_wait.cancel()
+            if ready == "agent":
+                agent_s = await self._wait_agent_or_ssh(vm, deadline, alive, progress)
+            else:
+                agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
+                try:
+                    await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+                    progress("ssh", "SSH answers")
+                    agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
+                except TimeoutError:
+                    agent_s = None
+                finally:
+                    agent_wait.cancel()
             boot = time.monotonic() - t_vmm
             for hook in self.hooks.post_start:
                 await hook(vm)
@@ -411,6 +427,99 @@ class VMService:
             vm.last_error = msg + (f" (cleanup: {'; '.join(errs)})" if errs else "")
             self.store.update_vm(vm)
             raise
+
+    async def _wait_agent_or_ssh(
+        self, vm: VMRecord, deadline: float, alive: Callable[[], bool], progress: Progress
+    ) -> float | None:
+        """Readiness for a non-interactive command: the agent can exec, or else SSH
+        answers (an image whose agent cannot run). Seconds until the agent, else None."""
+        from stoker.daemon import vm_exec
+
+        agent = asyncio.ensure_future(vm_exec.wait_agent_exec(self, vm, deadline))
+        ssh = asyncio.ensure_future(
+            self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+        )
+        try:
+            pending: set[asyncio.Future[Any]] = {agent, ssh}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if agent in done and agent.result() is not None:
+                    progress("agent", "the guest agent answers (SSH not waited for)")
+                    return agent.result()
+                if ssh in done:
+                    ssh.result()  # raises when the VM never answered
+                    progress("ssh", "SSH answers")
+                    return None
+            return None
+        finally:
+            for t in (agent, ssh):
+                t.cancel()
+            await asyncio.gather(agent, ssh, return_exceptions=True)
+
+    async def wait_ssh(self, ref: str, progress: Progress) -> None:
+        """Wait until a running VM's SSH answers (it may lag the agent after a start that
+        only waited for the agent)."""
+        vm = self.resolve(ref)
+        if vm.state != VMState.RUNNING:
+            return
+        handle = self._handle(vm)
+        driver = self._driver()
+
+        def alive() -> bool:
+            return handle is not None and driver.is_running(handle)
+
+        try:
+            r = await self.ssh.run(self.ssh_target(vm), "true", timeout=5, connect_timeout=1)
+            if r.exit_status == 0:
+                return
+        except StokerError:
+            pass
+        progress("ssh", "waiting for SSH")
+        await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+
+    # --- exec (vm_exec.py) ---------------------------------------------------------------
+
+    async def exec(self, p: ExecVM, ctx: RequestContext) -> dict[str, Any]:
+        """Run a command through the guest agent, streaming its output (see vm_exec)."""
+        from stoker.daemon import vm_exec
+        from stoker.daemon.agent import ExecSpec
+
+        if (p.argv is None) == (p.shell is None):
+            raise InvalidArgument("give exactly one of argv (a list of words) and shell")
+        if p.argv is not None and (not p.argv or not p.argv[0]):
+            raise InvalidArgument("argv must name a program")
+        if p.shell is not None and not p.shell.strip():
+            raise InvalidArgument("the command line is empty")
+        for k in p.env:
+            if not k or "=" in k or "\0" in k or not (k[0].isalpha() or k[0] == "_"):
+                raise InvalidArgument(
+                    f"environment variable name {k!r} is invalid: use NAME=VALUE with a "
+                    "name of letters, digits and _"
+                )
+        if p.timeout is not None and not 0 < p.timeout <= 7 * 86400:
+            raise InvalidArgument(f"--timeout must be between 0 and 7 days, got {p.timeout}")
+        if p.cwd is not None and not p.cwd.startswith("/"):
+            raise InvalidArgument(f"--workdir must be an absolute guest path, got {p.cwd!r}")
+        spec = ExecSpec(
+            argv=p.argv,
+            shell=p.shell,
+            cwd=p.cwd,
+            env=dict(p.env),
+            user=p.user,
+            stdin=p.stdin,
+            timeout=float(p.timeout) if p.timeout is not None else None,
+        )
+        return await vm_exec.exec_stream(self, p.ref, spec, ctx)
+
+    async def exec_signal(self, token: str, sig: str) -> dict[str, Any]:
+        from stoker.daemon import vm_exec
+
+        return await vm_exec.exec_signal(self, token, sig)
+
+    async def exec_input(self, token: str, data: str, eof: bool) -> dict[str, Any]:
+        from stoker.daemon import vm_exec
+
+        return await vm_exec.exec_input(self, token, data, eof)
 
     def _machine_config(
         self, vm: VMRecord, kernel: Kernel, image: Image, tap: str
@@ -589,6 +698,33 @@ class VMService:
             vm.spec = spec
             self.store.update_vm(vm)
             return vm
+
+    async def set_ttl(self, ref: str, ttl: float | None) -> VMRecord:
+        """`vm set --ttl`: the VM is deleted `ttl` seconds from now (None: never)."""
+        expires_at = expiry_after(ttl) if ttl is not None else None
+        async with self.with_vm_lock_by_ref(ref) as vm:
+            self.store.set_vm_expiry(vm.id, expires_at)
+            vm.expires_at = expires_at
+            return vm
+
+    async def expire_vms(self) -> list[str]:
+        """Background: delete every VM whose TTL has passed (the time is in the store, so
+        this also catches VMs that expired while the daemon was down). Names deleted."""
+        done: list[str] = []
+        t = time.time()
+        for vm in self.store.list_vms():
+            if vm.expires_at is None or parse_time(vm.expires_at) > t:
+                continue
+            if self.vm_locks.locked(vm.id):
+                continue  # a lifecycle op is running; the next tick gets it
+            try:
+                await self.delete_vm(vm.id)
+            except StokerError as e:
+                self.log.warning("TTL of %s expired, but deleting it failed: %s", vm.name, e)
+                continue
+            self.log.info("deleted %s: its TTL expired at %s", vm.name, vm.expires_at)
+            done.append(vm.name)
+        return done
 
     # --- info for the CLI ---------------------------------------------------------------
 
@@ -812,6 +948,30 @@ def default_driver(config: Config, runner: Runner) -> VMMDriver:
     from stoker.daemon.vmm.select import driver_for_config
 
     return driver_for_config(config, runner)
+
+
+MAX_TTL = 365 * 86400.0
+
+
+def expiry_after(ttl: float) -> str:
+    """The store timestamp `ttl` seconds from now; refuses a TTL that is not in the future."""
+    import math
+    from datetime import UTC, datetime, timedelta
+
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgument(
+            f"--ttl must be a positive duration (got {ttl:g} s, which is not in the future)"
+        )
+    if ttl > MAX_TTL:
+        raise InvalidArgument(f"--ttl is at most 365 days, got {ttl:g} s")
+    return (datetime.now(UTC) + timedelta(seconds=ttl)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(ts: str) -> float:
+    """A store timestamp (`now()`'s format) as a Unix time."""
+    from datetime import UTC, datetime
+
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def vsock_cid_for(ip: str) -> int:

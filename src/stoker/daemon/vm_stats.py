@@ -45,6 +45,7 @@ def agent_for(svc: VMService, vm: VMRecord) -> AgentClient:
 
 
 async def drop_agent(svc: VMService, vm_id: str) -> None:
+    svc.exec_capable.pop(vm_id, None)
     c = svc.agents.pop(vm_id, None)
     if c is not None:
         with contextlib.suppress(Exception):

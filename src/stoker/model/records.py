@@ -72,6 +72,7 @@ class VMRecord:
     last_error: str | None = None
     workspace: Workspace | None = None
     teardown: Teardown = field(default_factory=Teardown)
+    expires_at: str | None = None  # --ttl: deleted at this time (store.set_vm_expiry)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

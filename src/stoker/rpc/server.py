@@ -56,6 +56,20 @@ class RequestContext:
         with contextlib.suppress(Exception):
             w.write(encode({"id": self._rid, "progress": event}))
 
+    async def stream(self, event: dict[str, Any]) -> bool:
+        """Send one progress event and wait until the socket has taken it (flow control
+        for bulk streams such as exec output); not kept in progress_log. False once the
+        caller has gone."""
+        w = self._writer
+        if w is None or w.is_closing():
+            return False
+        try:
+            w.write(encode({"id": self._rid, "progress": event}))
+            await w.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
 
 Dispatch = Callable[[str, dict[str, Any], RequestContext], Awaitable[Any]]
 

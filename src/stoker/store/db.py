@@ -221,6 +221,15 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"VM {vm_id} no longer exists")
 
+    def set_vm_expiry(self, vm_id: str, expires_at: str | None) -> None:
+        """Set (or clear) when a VM is deleted (`--ttl`); not written by update_vm."""
+        with self.tx() as c:
+            cur = c.execute(
+                "UPDATE vms SET expires_at=?, updated_at=? WHERE id=?", (expires_at, now(), vm_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"VM {vm_id} no longer exists")
+
     def delete_vm(self, vm_id: str) -> None:
         with self.tx() as c:
             c.execute("DELETE FROM vms WHERE id=?", (vm_id,))
@@ -478,6 +487,7 @@ def _vm_from(r: sqlite3.Row) -> VMRecord:
         created_at=r["created_at"],
         updated_at=r["updated_at"],
         started_at=r["started_at"],
+        expires_at=r["expires_at"] if "expires_at" in r.keys() else None,  # noqa: SIM118
     )
 
 

@@ -70,4 +70,8 @@ MIGRATIONS: list[str] = [
         CASE WHEN json_extract(spec, '$.nat') THEN 'nat' ELSE 'host-only' END)
     WHERE json_extract(spec, '$.net') IS NULL
     """,
+    # vm TTL: when set, the VM is deleted at this time (UTC, like created_at)
+    """
+    ALTER TABLE vms ADD COLUMN expires_at TEXT;
+    """,
 ]

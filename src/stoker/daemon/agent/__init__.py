@@ -1,4 +1,4 @@
-"""Leaf: the host side of the guest agent channel (health, listening ports, stats)."""
+"""Leaf: the host side of the guest agent channel (health, listening ports, stats, exec)."""
 
 from stoker.daemon.agent.client import (
     AGENT_VSOCK_PORT,
@@ -22,6 +22,13 @@ from stoker.daemon.agent.client import (
     UnixTransport,
     cpu_percent,
 )
+from stoker.daemon.agent.execchan import (
+    ExecRefused,
+    ExecSession,
+    ExecSpec,
+    ExitStatus,
+    FrameChannel,
+)
 
 __all__ = [
     "AGENT_VSOCK_PORT",
@@ -36,7 +43,12 @@ __all__ = [
     "AgentUnavailable",
     "CPUTimes",
     "DiskUsage",
+    "ExecRefused",
+    "ExecSession",
+    "ExecSpec",
+    "ExitStatus",
     "FirecrackerVsockTransport",
+    "FrameChannel",
     "GuestStats",
     "Health",
     "HostVsockTransport",

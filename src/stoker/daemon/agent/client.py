@@ -30,9 +30,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stoker.errors import StokerError, Timeout, Unavailable
+
+if TYPE_CHECKING:
+    from stoker.daemon.agent.execchan import ExecSession, ExecSpec, FrameChannel
 
 AGENT_VSOCK_PORT = 10700
 SERIAL_PORT_NAME = "org.stoker.agent"
@@ -257,6 +260,10 @@ class AgentTransport(Protocol):
         """Drop any open connection."""
         ...
 
+    async def exec_channel(self) -> FrameChannel:
+        """The frame channel that exec sessions share (opened on demand)."""
+        ...
+
 
 class SerialTransport:
     """QEMU virtio-serial port `org.stoker.agent` behind a unix socket (one per VM).
@@ -269,23 +276,56 @@ class SerialTransport:
         self.path = Path(socket_path)
         self._lock = asyncio.Lock()
         self._conn: _Conn | None = None
+        self._channel: FrameChannel | None = None
 
     def describe(self) -> str:
         """e.g. `virtio-serial via /run/.../agent.sock`."""
         return f"virtio-serial via {self.path}"
 
-    async def request(self, path: str, max_response: int) -> AgentResponse:
-        """One request under the lock; closes the connection on any error or cancellation."""
+    async def exec_channel(self) -> FrameChannel:
+        """The frame demultiplexer on the kept connection (started on first use). From
+        then on it owns the connection's reader, and GETs go through it too."""
+        from stoker.daemon.agent.execchan import FrameChannel
+
         async with self._lock:
-            reused = self._conn is not None
-            try:
-                return await self._attempt(path, max_response)
-            except (_EOF, ConnectionError):
-                if not reused:
-                    raise
-                # A kept connection can be dead without our knowing (the VMM restarted
-                # behind the same socket path): GETs are idempotent, so try once afresh.
+            if self._channel is None or self._channel.closed:
+                if self._conn is None:
+                    self._conn = await _open_unix(self.path, "agent socket")
+                conn = self._conn
+
+                def closed(ch: FrameChannel) -> None:
+                    if self._channel is ch:
+                        self._channel = None
+                    if self._conn is conn:
+                        self._conn = None
+
+                self._channel = FrameChannel(conn, self.describe(), closed)
+            return self._channel
+
+    async def request(self, path: str, max_response: int) -> AgentResponse:
+        """One request under the lock; closes the connection on any error or cancellation
+        (through the frame channel instead once exec has used the connection)."""
+        ch = self._channel
+        if ch is not None and not ch.closed:
+            return await ch.request(path, max_response)
+        async with self._lock:
+            ch = self._channel
+            if ch is not None and not ch.closed:
+                pass  # exec started the channel while we waited for the lock
+            else:
+                return await self._request_locked(path, max_response)
+        return await ch.request(path, max_response)
+
+    async def _request_locked(self, path: str, max_response: int) -> AgentResponse:
+        reused = self._conn is not None
+        try:
             return await self._attempt(path, max_response)
+        except (_EOF, ConnectionError):
+            if not reused:
+                raise
+            # A kept connection can be dead without our knowing (the VMM restarted
+            # behind the same socket path): GETs are idempotent, so try once afresh.
+        return await self._attempt(path, max_response)
 
     async def _attempt(self, path: str, max_response: int) -> AgentResponse:
         try:
@@ -304,12 +344,45 @@ class SerialTransport:
     async def close(self) -> None:
         """Close the connection (the next request reconnects)."""
         async with self._lock:
+            ch, self._channel = self._channel, None
             conn, self._conn = self._conn, None
+            if ch is not None:
+                await ch.aclose()
             if conn is not None:
                 await conn.aclose()
 
 
-class FirecrackerVsockTransport:
+class _StreamExecChannel:
+    """For stream transports: GETs take a connection each, while every exec shares one
+    kept connection (the agent caps stream connections; frames multiplex)."""
+
+    _channel: FrameChannel | None = None
+    _channel_lock: asyncio.Lock | None = None
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    async def _connect(self) -> _Conn:
+        raise NotImplementedError
+
+    async def exec_channel(self) -> FrameChannel:
+        """The kept exec connection, opened (or reopened) on demand."""
+        from stoker.daemon.agent.execchan import FrameChannel
+
+        if self._channel_lock is None:
+            self._channel_lock = asyncio.Lock()
+        async with self._channel_lock:
+            if self._channel is None or self._channel.closed:
+                self._channel = FrameChannel(await self._connect(), self.describe())
+            return self._channel
+
+    async def _close_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            await ch.aclose()
+
+
+class FirecrackerVsockTransport(_StreamExecChannel):
     """Firecracker's vsock: a connection to `uds_path` per request, opened with
     `CONNECT <port>`."""
 
@@ -323,6 +396,13 @@ class FirecrackerVsockTransport:
 
     async def request(self, path: str, max_response: int) -> AgentResponse:
         """Handshake, then one request on the fresh connection."""
+        conn = await self._connect()
+        try:
+            return await exchange(conn, path, resync=False, max_response=max_response)
+        finally:
+            conn.close()
+
+    async def _connect(self) -> _Conn:
         conn = await _open_unix(self.path, "vsock socket")
         try:
             conn.writer.write(f"CONNECT {self.port}\n".encode())
@@ -339,15 +419,17 @@ class FirecrackerVsockTransport:
                 raise AgentProtocolError(
                     f"unexpected vsock handshake reply {_show(line)} from {self.path}"
                 )
-            return await exchange(conn, path, resync=False, max_response=max_response)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return conn
 
     async def close(self) -> None:
-        """Nothing to close: connections are per request."""
+        """Close the exec channel, if one is open (GET connections are per request)."""
+        await self._close_channel()
 
 
-class HostVsockTransport:
+class HostVsockTransport(_StreamExecChannel):
     """AF_VSOCK from the host to guest `cid` (QEMU with vhost-vsock-device)."""
 
     def __init__(self, cid: int, port: int = AGENT_VSOCK_PORT) -> None:
@@ -360,6 +442,13 @@ class HostVsockTransport:
 
     async def request(self, path: str, max_response: int) -> AgentResponse:
         """One request on a fresh vsock connection."""
+        conn = await self._connect()
+        try:
+            return await exchange(conn, path, resync=False, max_response=max_response)
+        finally:
+            conn.close()
+
+    async def _connect(self) -> _Conn:
         try:
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         except OSError as e:
@@ -379,17 +468,14 @@ class HostVsockTransport:
         except BaseException:
             sock.close()
             raise
-        conn = _Conn(BoundedReader(reader), writer)
-        try:
-            return await exchange(conn, path, resync=False, max_response=max_response)
-        finally:
-            conn.close()
+        return _Conn(BoundedReader(reader), writer)
 
     async def close(self) -> None:
-        """Nothing to close: connections are per request."""
+        """Close the exec channel, if one is open (GET connections are per request)."""
+        await self._close_channel()
 
 
-class UnixTransport:
+class UnixTransport(_StreamExecChannel):
     """Plain HTTP on a unix stream socket (the agent's `--listen-unix` mode)."""
 
     def __init__(self, socket_path: Path | str) -> None:
@@ -401,14 +487,18 @@ class UnixTransport:
 
     async def request(self, path: str, max_response: int) -> AgentResponse:
         """One request on a fresh connection."""
-        conn = await _open_unix(self.path, "agent socket")
+        conn = await self._connect()
         try:
             return await exchange(conn, path, resync=False, max_response=max_response)
         finally:
             conn.close()
 
+    async def _connect(self) -> _Conn:
+        return await _open_unix(self.path, "agent socket")
+
     async def close(self) -> None:
-        """Nothing to close: connections are per request."""
+        """Close the exec channel, if one is open (GET connections are per request)."""
+        await self._close_channel()
 
 
 # --- typed answers ----------------------------------------------------------------------
@@ -462,6 +552,7 @@ class Health:
     hostname: str
     agent_version: str
     sshd_running: bool  # sshd's pidfile names a live process (it writes it once listening)
+    features: tuple[str, ...] = ()  # e.g. ("exec",): what the agent serves beyond the GETs
 
     @classmethod
     def from_json(cls, data: Any) -> Health:
@@ -477,7 +568,15 @@ class Health:
             hostname=_field(o, "hostname", str, ""),
             agent_version=_field(o, "agent_version", str, ""),
             sshd_running=_field(o, "sshd_running", bool, False),
+            features=tuple(
+                f for f in (o.get("features") or []) if isinstance(f, str) and len(f) < 64
+            )[:32],
         )
+
+    @property
+    def can_exec(self) -> bool:
+        """The agent runs commands (agent 1.1+); older ones only answer GETs."""
+        return "exec" in self.features
 
 
 @dataclass(frozen=True)
@@ -721,6 +820,38 @@ class AgentClient:
     async def stats(self, timeout: float = 5.0) -> GuestStats:
         """`GET /stats`."""
         return GuestStats.from_json(await self.get("/stats", timeout))
+
+    async def exec(self, spec: ExecSpec, timeout: float = 30.0) -> ExecSession:
+        """Start a process in the guest; returns once it runs (its output may already be
+        queued). Raises AgentUnavailable/AgentTimeout for the channel, ExecRefused when the
+        agent would not start it (bad cwd or user); a missing program is exit code 127."""
+        where = self.transport.describe()
+        session: ExecSession | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                ch = await self.transport.exec_channel()
+                session = await ch.open_exec(spec)
+                await session.wait_started()
+        except TimeoutError:
+            if session is not None:
+                session.kill()
+            raise AgentTimeout(
+                f"the guest agent of {self._who()} did not start the command within "
+                f"{timeout:g}s ({where}); see {self._logs_hint()}"
+            ) from None
+        except AgentError as e:
+            if session is not None:
+                session.kill()
+            raise type(e)(f"guest agent of {self._who()}: {e.message}") from None
+        except (OSError, _EOF) as e:
+            raise AgentUnavailable(
+                f"the guest agent channel of {self._who()} failed ({where}): {e}"
+            ) from None
+        except BaseException:
+            if session is not None:
+                session.kill()
+            raise
+        return session
 
     async def alive(self, timeout: float = 2.0) -> bool:
         """True when /healthz answers ok in time; never raises an AgentError."""

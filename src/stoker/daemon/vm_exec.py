@@ -1,0 +1,171 @@
+"""VMService's exec side: commands run by the guest agent, streamed to the RPC caller.
+
+`vm.exec` starts a process through the agent (`stoker.daemon.agent.execchan`) and streams
+its output to the caller as progress events, waiting for the caller's socket to take each
+one before acknowledging it to the agent: output flows end to end at the pace of the
+slowest reader, in bounded memory (one flow-control window per exec). The caller sends
+stdin (`vm.exec.input`) and signals (`vm.exec.signal`) on a second connection, naming the
+exec by the token of the `exec.started` event. A caller that disconnects cancels the
+request, which kills the guest process group. docs/protocol.md has the wire format.
+
+Functions take the VMService as their first argument, as in vm_stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING, Any
+
+from stoker.daemon.agent import (
+    AgentError,
+    ExecSession,
+    ExecSpec,
+)
+from stoker.daemon.vm_stats import agent_for
+from stoker.errors import Cancelled, Conflict, InvalidArgument, NotFound
+from stoker.model.records import VMRecord, VMState
+
+if TYPE_CHECKING:
+    from stoker.daemon.vm_service import VMService
+    from stoker.rpc.server import RequestContext
+
+AGENT_PROBE_TIMEOUT = 3.0  # seconds a running VM's agent gets to answer before SSH is used
+START_TIMEOUT = 30.0  # seconds for the agent to fork the process
+SIGNALS = ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2")
+
+
+def default_workdir(vm: VMRecord) -> str:
+    """The workspace when one is prepared, else /root."""
+    return vm.workspace.guest_path if vm.workspace else "/root"
+
+
+async def agent_can_exec(svc: VMService, vm: VMRecord, timeout: float) -> str | None:
+    """None when the VM's agent runs commands, else why not (the caller falls back to
+    SSH). A positive answer is remembered until the agent client is dropped."""
+    client = agent_for(svc, vm)
+    if svc.exec_capable.get(vm.id):
+        return None
+    try:
+        h = await client.healthz(timeout)
+    except AgentError as e:
+        return e.message
+    if not h.can_exec:
+        return f"the guest agent ({h.agent_version}) in image {vm.image} cannot run commands"
+    svc.exec_capable[vm.id] = True
+    return None
+
+
+async def wait_agent_exec(svc: VMService, vm: VMRecord, deadline: float) -> float | None:
+    """Poll until the agent answers and can exec; seconds waited, None at the deadline or
+    when the agent answers without exec (an old image: SSH is the way in)."""
+    t0 = time.monotonic()
+    client = agent_for(svc, vm)
+    while time.monotonic() < deadline:
+        try:
+            h = await client.healthz(1.0)
+        except AgentError:
+            await asyncio.sleep(0.1)
+            continue
+        if not h.can_exec:
+            return None
+        svc.exec_capable[vm.id] = True
+        return time.monotonic() - t0
+    return None
+
+
+async def exec_stream(
+    svc: VMService,
+    ref: str,
+    spec: ExecSpec,
+    ctx: RequestContext,
+    probe_timeout: float = AGENT_PROBE_TIMEOUT,
+) -> dict[str, Any]:
+    """Run `spec` in the VM through its agent, streaming output to `ctx`.
+
+    Returns {"transport": "agent", "exit_code", "code", "signal", "timed_out"}, or
+    {"transport": None, "fallback": "ssh", "reason"} when the agent cannot run commands
+    (nothing ran: the caller uses SSH).
+    """
+    vm = svc.resolve(ref)
+    if vm.state != VMState.RUNNING or not await svc.is_alive(vm):
+        state = vm.state if vm.state != VMState.RUNNING else "not running (its VMM exited)"
+        raise Conflict(f"VM {vm.name} is {state}: start it with `stoker vm start {vm.name}`")
+    why = await agent_can_exec(svc, vm, probe_timeout)
+    if why is not None:
+        return {"transport": None, "fallback": "ssh", "reason": why}
+    if spec.cwd is None:
+        spec = ExecSpec(
+            argv=spec.argv,
+            shell=spec.shell,
+            cwd=default_workdir(vm),
+            env=spec.env,
+            user=spec.user,
+            stdin=spec.stdin,
+            timeout=spec.timeout,
+        )
+    session = await agent_for(svc, vm).exec(spec, START_TIMEOUT)
+    svc.execs[session.id] = session
+    try:
+        await ctx.stream(
+            {"stage": "exec.started", "exec": session.id, "pid": session.pid, "transport": "agent"}
+        )
+        async for fd, data in session.output():
+            event = {"stage": "exec.output", "fd": fd, "data": base64.b64encode(data).decode()}
+            if not await ctx.stream(event):
+                raise Cancelled("the caller went away")
+        st = session.status
+        assert st is not None
+        return {
+            "transport": "agent",
+            "exit_code": st.exit_code,
+            "code": st.code,
+            "signal": st.signal,
+            "timed_out": st.timed_out,
+        }
+    except AgentError as e:
+        raise type(e)(f"VM {vm.name}: {e.message}") from None
+    finally:
+        svc.execs.pop(session.id, None)
+        session.kill()  # a no-op once the process ended; else its group is killed
+
+
+def _session(svc: VMService, token: str) -> ExecSession:
+    s = svc.execs.get(token)
+    if s is None:
+        raise NotFound(f"no running exec {token!r}: it has ended (or never started)")
+    return s
+
+
+async def exec_signal(svc: VMService, token: str, sig: str) -> dict[str, Any]:
+    """Deliver a signal to a running exec's process group."""
+    name = sig.upper().removeprefix("SIG")
+    if name not in SIGNALS:
+        raise InvalidArgument(f"signal {sig!r} is not one of {', '.join(SIGNALS)}")
+    s = _session(svc, token)
+    try:
+        s.signal(name)
+        await s.channel.drain()
+    except AgentError as e:
+        raise type(e)(e.message) from None
+    return {"exec": token, "signal": name}
+
+
+async def exec_input(svc: VMService, token: str, data: str, eof: bool) -> dict[str, Any]:
+    """Feed stdin to a running exec (base64 `data`); returns once the agent took it, so
+    the caller's next chunk waits for the window. `open` False: the process closed its
+    stdin or ended (stop sending)."""
+    s = _session(svc, token)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument("exec input data is not base64") from None
+    try:
+        ok = await s.write_stdin(raw) if raw else not s.done
+        if eof and ok:
+            await s.close_stdin()
+    except AgentError as e:
+        raise type(e)(e.message) from None
+    return {"exec": token, "open": ok and not eof}

@@ -1,0 +1,347 @@
+"""Commands through the guest agent on real guests (QEMU/TCG): `vm exec`, `vm run -- CMD`,
+`vm ssh -- CMD`, the command-line rule, exit codes, signals, timeout, stdin, options.
+
+One VM (`x1`) is shared by the module's tests; `vm run --rm` boots one more of its own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stokerenv import StokerEnv
+
+from stoker.rpc.client import Client
+
+pytestmark = pytest.mark.e2e
+
+VM = "x1"
+
+
+@pytest.fixture(scope="module")
+def vm(env: StokerEnv) -> Iterator[str]:
+    try:
+        env.run("vm", "create", "--name", VM, timeout=600)
+    except AssertionError as e:
+        logs = env.run("vm", "logs", VM, check=False).stdout[-4000:]
+        raise AssertionError(f"{e}\nserial console tail:\n{logs}") from None
+    try:
+        yield VM
+    finally:
+        env.run("vm", "delete", VM, check=False)
+
+
+def sh(env: StokerEnv, *args: str, timeout: float = 120, **kw: object) -> subprocess.Popen[str]:
+    e = dict(env.env)
+    e.pop("TERM", None)
+    e.update(kw.pop("extra_env", {}))  # type: ignore[arg-type]
+    return subprocess.Popen(
+        env.argv(*args),
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def run(
+    env: StokerEnv, *args: str, input: str | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    e = dict(env.env)
+    e.pop("TERM", None)
+    e.update(extra_env or {})
+    return subprocess.run(
+        env.argv(*args),
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def test_run_rm_command_does_not_wait_for_sshd(env: StokerEnv) -> None:
+    t0 = time.monotonic()
+    r = run(env, "vm", "run", "--rm", "--name", "r1", "--", "echo a > /tmp/x; cat /tmp/x; exit 3")
+    took = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "a\n"
+    assert "SSH not waited for" in r.stderr, r.stderr
+    assert "running over SSH" not in r.stderr
+    assert "deleted r1" in r.stderr
+    print(f"vm run --rm -- CMD took {took:.1f}s")
+
+
+def test_exit_codes_and_the_one_argument_rule(env: StokerEnv, vm: str) -> None:
+    assert run(env, "vm", "exec", vm, "--", "exit 7").returncode == 7
+    r = run(env, "vm", "ssh", vm, "--", "echo hi > /root/f")
+    assert r.returncode == 0, r.stderr
+    assert run(env, "vm", "exec", vm, "--", "cat", "/root/f").stdout == "hi\n"
+    # Several arguments are words: the space in "my file" is kept.
+    assert run(env, "vm", "exec", vm, "--", "touch", "/root/my file").returncode == 0
+    r = run(env, "vm", "exec", vm, "--", "ls", "/root/my file")
+    assert (r.returncode, r.stdout) == (0, "/root/my file\n")
+    r = run(env, "vm", "ssh", vm, "--", "ls", "/root/my file")
+    assert (r.returncode, r.stdout) == (0, "/root/my file\n")
+
+
+def test_stdout_stderr_separate_and_signals_and_missing_commands(env: StokerEnv, vm: str) -> None:
+    r = run(env, "vm", "exec", vm, "--", "echo out; echo err >&2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "out\n", "err\n")
+    r = run(env, "vm", "exec", vm, "--", "kill -TERM $$")
+    assert r.returncode == 128 + 15 and "signal 15" in r.stderr
+    r = run(env, "vm", "exec", vm, "--", "no-such-program-xyz")
+    assert r.returncode == 127 and "not found" in r.stderr
+    r = run(env, "vm", "exec", vm, "--", "no-such-program-xyz", "arg")
+    assert r.returncode == 127 and "not found" in r.stderr
+
+
+def test_environment_stdin_and_options(env: StokerEnv, vm: str) -> None:
+    r = run(env, "vm", "exec", vm, "--", "echo $LANG $TERM $HOME $USER; echo $PATH")
+    lines = r.stdout.splitlines()
+    assert lines[0] == "C.UTF-8 dumb /root root" and "/usr/bin" in lines[1]
+    r = run(env, "vm", "exec", vm, "--", "echo $TERM", extra_env={"TERM": "xterm-256color"})
+    assert r.stdout == "xterm-256color\n"
+    r = run(env, "vm", "exec", vm, "--", "wc -c", input="hello")
+    assert r.stdout.strip() == "5"
+    r = run(
+        env,
+        "vm",
+        "exec",
+        "-e",
+        "A=1 2",
+        "--workdir",
+        "/tmp",
+        "--user",
+        "nobody",
+        vm,
+        "--",
+        'echo "$A|$PWD|$(id -un)|$HOME"',
+    )
+    assert r.stdout == "1 2|/tmp|nobody|/nonexistent\n", r.stderr
+    r = run(env, "vm", "exec", "--workdir", "/no/such/dir", vm, "--", "true")
+    assert r.returncode == 125 and "/no/such/dir does not exist" in r.stderr
+    r = run(env, "vm", "exec", "--timeout", "soon", vm, "--", "true")
+    assert r.returncode == 125 and "not a duration" in r.stderr
+
+
+def test_timeout_kills_the_group_and_exits_124(env: StokerEnv, vm: str) -> None:
+    t0 = time.monotonic()
+    r = run(env, "vm", "exec", "--timeout", "2s", vm, "--", "sleep 100 & sleep 100; wait")
+    assert r.returncode == 124 and "timed out" in r.stderr
+    assert time.monotonic() - t0 < 30
+    r = run(env, "vm", "exec", vm, "--", "pgrep -c -x sleep || true")
+    assert r.stdout.strip() == "0"
+
+
+def test_ctrl_c_is_forwarded_to_the_guest_process(env: StokerEnv, vm: str) -> None:
+    p = sh(
+        env,
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "trap 'echo got-int; exit 5' INT; echo ready; sleep 100 & wait",
+        stdin=subprocess.DEVNULL,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline() == "ready\n"
+    _signal_cli(p, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 5 and "got-int" in out, err
+
+
+def _signal_cli(p: subprocess.Popen[str], sig: int) -> None:
+    """Signal the CLI itself (the child of `ip netns exec`), as a terminal's Ctrl-C would."""
+    kids = subprocess.run(
+        ["pgrep", "-P", str(p.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in [int(k) for k in kids] or [p.pid]:
+        os.kill(pid, sig)
+
+
+def test_client_killed_mid_exec_ends_the_guest_process(env: StokerEnv, vm: str) -> None:
+    p = sh(env, "vm", "exec", vm, "--", "echo $$ > /tmp/victim; echo ready; exec sleep 300")
+    assert p.stdout is not None
+    assert p.stdout.readline() == "ready\n"
+    _signal_cli(p, signal.SIGKILL)
+    p.wait(30)
+    deadline = time.monotonic() + 30
+    while True:
+        r = run(env, "vm", "exec", vm, "--", "kill -0 $(cat /tmp/victim) 2>/dev/null && echo alive")
+        if r.stdout.strip() != "alive":
+            break
+        assert time.monotonic() < deadline, "the guest process outlived its killed client"
+        time.sleep(0.5)
+
+
+def test_100_concurrent_execs(env: StokerEnv, vm: str) -> None:
+    sock = env.state_dir / "stokerd.sock"
+
+    def one(i: int) -> tuple[int, str]:
+        out: list[str] = []
+
+        def on(ev: dict[str, object]) -> None:
+            if ev.get("stage") == "exec.output":
+                import base64
+
+                out.append(base64.b64decode(str(ev["data"])).decode())
+
+        with Client(sock) as c:
+            r = c.call("vm.exec", {"ref": vm, "argv": ["echo", str(i)]}, on)
+        return int(r["exit_code"]), "".join(out)
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert results == [(0, f"{i}\n") for i in range(100)]
+
+
+def test_exec_on_a_stopped_vm_is_a_clear_error(env: StokerEnv) -> None:
+    env.run("vm", "create", "--no-start", "--name", "s1")
+    try:
+        r = run(env, "vm", "exec", "s1", "--", "true")
+        assert r.returncode == 125 and "start it with `stoker vm start s1`" in r.stderr
+    finally:
+        env.run("vm", "delete", "s1", check=False)
+
+
+def test_bench_exec_prints_agent_vs_ssh(env: StokerEnv, vm: str) -> None:
+    """Not a check: runs bench/bench_exec.py on the shared VM so a run records the figures."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "bench_exec.py"
+    r = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            env.netns,
+            sys.executable,
+            str(bench),
+            vm,
+            "-n",
+            "10",
+            "--run-rm",
+            "--cp-mb",
+            "50",
+        ],
+        env=env.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+
+
+def _tree(root: Path) -> None:
+    (root / "sub").mkdir(parents=True)
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "secret").write_text("s")
+    (root / "secret").chmod(0o600)
+    (root / "sub" / "link").symlink_to("../run.sh")
+    (root / "abs-link").symlink_to("/etc/hostname")
+    with open(root / "big", "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    import hashlib
+
+    out: dict[str, tuple[int, str]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            what = "->" + os.readlink(p)
+        elif p.is_file():
+            what = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            what = "dir"
+        out[str(p.relative_to(root))] = (p.lstat().st_mode, what)
+    return out
+
+
+def test_cp_round_trip_of_a_tree_with_a_100mb_file(env: StokerEnv, vm: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "tree"
+        _tree(src)
+        t0 = time.monotonic()
+        r = run(env, "vm", "cp", str(src), f"{vm}:/root/")
+        t_in = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        r = run(
+            env, "vm", "exec", vm, "--", "sha256sum /root/tree/big; stat -c %a /root/tree/run.sh"
+        )
+        assert r.stdout.split()[2] == "755"
+        t0 = time.monotonic()
+        r = run(env, "vm", "cp", f"{vm}:/root/tree", str(Path(d) / "back"))
+        t_out = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert _snapshot(Path(d) / "back") == _snapshot(src)
+        print(f"vm cp 100 MB tree: in {t_in:.1f}s ({100 / t_in:.1f} MB/s), out {t_out:.1f}s")
+        r = run(env, "vm", "cp", str(src / "run.sh"), f"{vm}:/no/such/dir/x")
+        assert r.returncode == 1 and "no such directory in the guest" in r.stderr
+        r = run(env, "vm", "cp", str(src / "run.sh"), f"{vm}:/root/tree/sub/../renamed.sh")
+        assert r.returncode == 0
+        r = run(env, "vm", "exec", vm, "--", "cat /root/tree/renamed.sh")
+        assert r.stdout == "#!/bin/sh\necho hi\n"
+        run(env, "vm", "exec", vm, "--", "rm -rf /root/tree")
+
+
+def test_ttl_expiry_deletes_the_vm_across_a_daemon_restart(env: StokerEnv) -> None:
+    env.run("vm", "create", "--no-start", "--name", "ttl1", "--ttl", "6s")
+    listed = json.loads(env.run("vm", "list", "--json").stdout)
+    assert any(v["name"] == "ttl1" and v["expires_at"] for v in listed)
+    assert "TTL" in env.run("vm", "list").stdout.splitlines()[0]
+    env.run("daemon", "stop")
+    time.sleep(7)
+    deadline = time.monotonic() + 30
+    while True:
+        names = [v["name"] for v in json.loads(env.run("vm", "list", "--json").stdout)]
+        if "ttl1" not in names:
+            break
+        assert time.monotonic() < deadline, "the expired VM was not deleted after the restart"
+        time.sleep(1)
+    r = run(env, "vm", "create", "--no-start", "--name", "ttl2", "--ttl", "soon")
+    assert r.returncode == 2 and "not a duration" in r.stderr
+
+
+def test_the_sdk_example_runs_a_repos_tests(env: StokerEnv, tmp_path: Path) -> None:
+    """examples/run_tests.py: a throwaway VM with the repo, its tests, the verdict."""
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "run-tests.sh").write_text("#!/bin/sh\necho running-tests; test -f marker && echo ok\n")
+    (repo / "run-tests.sh").chmod(0o755)
+    (repo / "marker").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@x"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    example = Path(__file__).resolve().parents[2] / "examples" / "run_tests.py"
+    r = subprocess.run(
+        ["ip", "netns", "exec", env.netns, sys.executable, str(example), str(repo)],
+        env=env.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "running-tests\nok\n" in r.stdout and "PASSED (exit 0)" in r.stdout
+    left = [v["name"] for v in json.loads(env.run("vm", "list", "--json").stdout)]
+    assert all(not n.startswith("sdk") for n in left) and len(left) <= 1  # only x1, if any
