@@ -178,9 +178,10 @@ async def test_killed_by_a_signal_is_reported_as_such(serial: AgentClient) -> No
 async def test_timeout_kills_the_process_group(serial: AgentClient, work: Path) -> None:
     marker = work / "child.pid"
     t0 = time.monotonic()
-    _, _, st = await run(serial, sh(f"sleep 60 & echo $! > {marker}; wait", timeout=0.5))
+    line = f"sleep 60 & echo $! > {marker}; wait"
+    _, _, st = await run(serial, ExecSpec(argv=["sh", "-c", line], timeout=2.0))
     assert st.timed_out and st.exit_code == 124
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 10
     child = int(marker.read_text())
     await asyncio.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or _zombie(child), "the background child lived on"
