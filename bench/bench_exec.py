@@ -9,8 +9,9 @@ Per round, median/p95/min of:
   * `vm.exec ["true"]` over the daemon RPC (what the CLI and the Python API do),
   * the system `ssh ... true` with stoker's key (a fresh connection, as `vm ssh -- true`),
   * the whole CLI: `stoker vm exec NAME -- true` and `stoker vm exec --ssh NAME -- true`.
-`--run-rm` also times `stoker vm run --rm -- true` (agent readiness) next to the SSH path
-(`vm create`, which waits for sshd, then `vm exec --ssh`, then `vm delete`), once each.
+`--run-rm` also times what `stoker vm run --rm -- true` does, step by step (create, exec,
+delete), with agent readiness next to SSH readiness (+ `vm exec --ssh`), four boots in
+the order agent, ssh, ssh, agent.
 `--cp-mb N` times `vm cp` of an N MB file in and out next to `ssh cat` both ways.
 """
 
@@ -92,23 +93,44 @@ def main() -> int:
     if args.cp_mb:
         _bench_cp(args.name, args.cp_mb, ssh[:-1])
     if args.run_rm:
-        t0 = time.perf_counter()
-        _check(_cli("vm", "run", "--rm", "--name", "bench-agent", "--", "true"))
-        t_agent = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _check(_cli("vm", "create", "--name", "bench-ssh"))
-        t_create = time.perf_counter() - t0
-        _check(_cli("vm", "exec", "--ssh", "bench-ssh", "--", "true"))
-        t_exec = time.perf_counter() - t0 - t_create
-        _check(_cli("vm", "delete", "bench-ssh"))
-        t_ssh = time.perf_counter() - t0
-        print(f"vm run --rm -- true (agent readiness)        {t_agent:6.1f} s")
-        print(
-            f"create (SSH readiness) + exec --ssh + delete {t_ssh:6.1f} s "
-            f"(create {t_create:.1f} s, exec {t_exec:.1f} s)"
-        )
-        print(f"       saved                                 {t_ssh - t_agent:6.1f} s")
+        _bench_run_rm(sock)
     return 0
+
+
+def _bench_run_rm(sock: Any) -> None:
+    """`vm run --rm -- true` in steps over the RPC, agent readiness vs SSH readiness (twice,
+    alternating, since the host's load moves a lot between boots)."""
+
+    def steps(ready: str, name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with Client(sock) as c:
+            v = c.call("vm.create", {"name": name, "ready": ready})
+        out["create"] = time.perf_counter() - t0
+        t = v.get("timings") or {}
+        out["boot"] = float(t.get("boot_s", -1))
+        out["agent"] = float(t.get("agent_s", -1))
+        t1 = time.perf_counter()
+        if ready == "agent":
+            with Client(sock) as c:
+                r = c.call("vm.exec", {"ref": name, "argv": ["true"]})
+            assert r.get("exit_code") == 0, r
+        else:
+            _check(_cli("vm", "exec", "--ssh", name, "--", "true"))
+        out["exec"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        _check(_cli("vm", "delete", name))
+        out["delete"] = time.perf_counter() - t2
+        out["total"] = time.perf_counter() - t0
+        return out
+
+    for i, ready in enumerate(("agent", "ssh", "ssh", "agent")):
+        s = steps(ready, f"bench-{ready}-{i}")
+        print(
+            f"vm run --rm -- true, {ready:5} readiness: total {s['total']:5.1f} s = create "
+            f"{s['create']:5.1f} s (boot to ready {s['boot']:5.1f} s, agent answered at "
+            f"{s['agent']:5.1f} s) + exec {s['exec']:4.1f} s + delete {s['delete']:4.1f} s"
+        )
 
 
 def _bench_cp(name: str, mb: int, ssh: list[str]) -> None:

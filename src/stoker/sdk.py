@@ -290,7 +290,9 @@ class Sandbox:
         if check and not res.ok:
             tail = res.stderr.decode(errors="replace").strip()[-500:]
             raise CommandFailed(
-                f"{cmd!r} in VM {self.name} exited {res.exit_code}" + (f": {tail}" if tail else "")
+                f"{cmd!r} in VM {self.name} exited {res.exit_code}" + (f": {tail}" if tail else ""),
+                returncode=res.exit_code,
+                stderr=res.stderr.decode(errors="replace"),
             )
         return res
 

@@ -142,6 +142,7 @@ class VMService:
         self.agent_required = False  # readiness gates on SSH; the agent is waited for too
         self.exec_capable: dict[str, bool] = {}  # VM id -> its agent answered with exec
         self.execs: dict[str, ExecSession] = {}  # running execs by token (vm_exec)
+        self.ssh_seen: set[str] = set()  # VM ids whose SSH answered since their start
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -401,6 +402,7 @@ class VMService:
                 agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
                 try:
                     await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+                    self.ssh_seen.add(vm.id)
                     progress("ssh", "SSH answers")
                     agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
                 except TimeoutError:
@@ -448,6 +450,7 @@ class VMService:
                     return agent.result()
                 if ssh in done:
                     ssh.result()  # raises when the VM never answered
+                    self.ssh_seen.add(vm.id)
                     progress("ssh", "SSH answers")
                     return None
             return None
@@ -460,7 +463,7 @@ class VMService:
         """Wait until a running VM's SSH answers (it may lag the agent after a start that
         only waited for the agent)."""
         vm = self.resolve(ref)
-        if vm.state != VMState.RUNNING:
+        if vm.state != VMState.RUNNING or vm.id in self.ssh_seen:
             return
         handle = self._handle(vm)
         driver = self._driver()
@@ -471,11 +474,13 @@ class VMService:
         try:
             r = await self.ssh.run(self.ssh_target(vm), "true", timeout=5, connect_timeout=1)
             if r.exit_status == 0:
+                self.ssh_seen.add(vm.id)
                 return
         except StokerError:
             pass
         progress("ssh", "waiting for SSH")
         await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+        self.ssh_seen.add(vm.id)
 
     # --- exec (vm_exec.py) ---------------------------------------------------------------
 
@@ -642,6 +647,7 @@ class VMService:
             except Exception as e:
                 errs.append(f"release tap {vm.teardown.tap}: {e}")
         await vm_stats.drop_agent(self, vm.id)
+        self.ssh_seen.discard(vm.id)
         forget = getattr(self.ssh, "forget", None)
         if forget is not None:
             await forget(self.ssh_target(vm))
