@@ -70,4 +70,10 @@ MIGRATIONS: list[str] = [
         CASE WHEN json_extract(spec, '$.nat') THEN 'nat' ELSE 'host-only' END)
     WHERE json_extract(spec, '$.net') IS NULL
     """,
+    # derived images: the image they were made from and the hash of their recipe
+    """
+    ALTER TABLE images ADD COLUMN parent TEXT;
+    ALTER TABLE images ADD COLUMN recipe_hash TEXT;
+    CREATE INDEX images_recipe_hash ON images(recipe_hash);
+    """,
 ]
