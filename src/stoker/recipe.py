@@ -119,7 +119,11 @@ class _Checker:
         self.text = text
 
     def fail(self, table: str | None, key: str | None, msg: str) -> RecipeError:
-        line = key_line(self.text, table, key)
+        if table is None and key is not None:
+            # A top-level name: a [table] header, or a plain key.
+            line = key_line(self.text, key, None) or key_line(self.text, None, key)
+        else:
+            line = key_line(self.text, table, key)
         where = f"{table}.{key}" if table and key else (key or table or "")
         at = f" (line {line})" if line else ""
         return RecipeError(f"{self.path}: {where}{at}: {msg}")
