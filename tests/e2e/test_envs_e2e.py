@@ -300,3 +300,27 @@ def test_commit_then_boot_from_the_committed_image(env: StokerEnv) -> None:
     assert "motd-back" not in got.stdout  # the whiteout was applied
     assert "in-root" in got.stdout
     env.run("vm", "delete", "cm1")
+
+
+def test_setup_timeout_and_keep_failed(env: StokerEnv) -> None:
+    r = env.run(
+        "image",
+        "build",
+        "slow",
+        "--setup",
+        "echo started-sleeping; sleep 600",
+        "--setup-timeout",
+        "20",
+        "--keep-failed",
+        check=False,
+        timeout=600,
+    )
+    assert r.returncode != 0
+    assert "did not finish within 20s" in r.stderr and "started-sleeping" in r.stderr, r.stderr
+    assert "kept" in r.stderr
+    images = [i["name"] for i in json.loads(env.run("image", "list", "--json").stdout)]
+    assert "slow" not in images
+    kept = [v["name"] for v in json.loads(env.run("vm", "list", "--json").stdout)]
+    kept = [n for n in kept if n.startswith("build-")]
+    assert len(kept) == 1, kept  # --keep-failed: the builder VM is there to inspect
+    env.run("vm", "delete", kept[0])

@@ -185,3 +185,77 @@ def test_package_names_validated() -> None:
     for bad in ("", "Gcc", "a", "x;rm -rf /", "-o"):
         with pytest.raises(InvalidArgument, match="not a Debian package name"):
             derived.validate_packages([bad])
+
+
+# --- CLI: image build / vm run params -----------------------------------------------------
+
+
+def _build_args(*argv: str) -> object:
+    from stoker.cli.main import build_parser
+
+    return build_parser("image", "build").parse_args(["image", "build", *argv])
+
+
+def test_cli_build_params_from_flags(tmp_path: Path) -> None:
+    from stoker.cli.envs import build_params
+
+    script = tmp_path / "setup.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    a = _build_args("cdev", "--packages", "make, gcc", "--setup", str(script), "--setup", "ls")
+    p = build_params(a)  # type: ignore[arg-type]
+    assert p is not None
+    assert p["name"] == "cdev" and p["from_image"] == "debian-bookworm"
+    assert p["packages"] == ["make", "gcc"]
+    assert p["setup"][0]["script"] == "#!/bin/sh\necho hi\n"  # a file's content runs
+    assert p["setup"][1]["script"] == "ls"
+    golden = build_params(_build_args())  # type: ignore[arg-type]
+    assert golden == {"name": "debian-bookworm", "force": False}
+
+
+def test_cli_build_params_from_recipe(tmp_path: Path) -> None:
+    from stoker.cli.envs import build_params
+
+    (tmp_path / "stoker.toml").write_text(GOOD)
+    p = build_params(_build_args("--recipe", str(tmp_path)))  # type: ignore[arg-type]
+    assert p is not None and p["packages"] == ["make", "gcc"] and p["repo"] == str(tmp_path)
+    (tmp_path / "stoker.toml").write_text("[image]\npackages = 3\n")
+    with pytest.raises(RecipeError, match=r"stoker.toml: image.packages \(line 2\)"):
+        build_params(_build_args("--recipe", str(tmp_path)))  # type: ignore[arg-type]
+
+
+def test_cli_bad_recipe_fails_before_contacting_the_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stoker.cli.main import main
+
+    def refuse(*a: object, **kw: object) -> None:
+        raise AssertionError("contacted the daemon")
+
+    monkeypatch.setattr("stoker.cli.image.client", refuse)
+    (tmp_path / "stoker.toml").write_text('[vm]\nvcpu = "many"\n')
+    rc = main(["image", "build", "--recipe", str(tmp_path)])
+    assert rc == 1
+    assert "vm.vcpu (line 2): expected an integer" in capsys.readouterr().err
+
+
+def test_vm_run_recipe_overrides(tmp_path: Path) -> None:
+    from stoker.cli.envs import recipe_for_run
+    from stoker.cli.main import build_parser
+
+    (tmp_path / "stoker.toml").write_text(GOOD)
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    class FakeClient:
+        def call(self, method: str, params: dict[str, object], progress: object = None) -> object:
+            calls.append((method, params))
+            return {"name": "env-abc"}
+
+    args = build_parser("vm", "run").parse_args(["vm", "run", str(tmp_path), "--vcpu", "4"])
+    out = recipe_for_run(FakeClient(), args, str(tmp_path))
+    assert out == {"memory_mib": 2048, "disk_size": 4 * 1024**3, "nat": True, "image": "env-abc"}
+    assert calls[0][0] == "image.build" and calls[0][1]["packages"] == ["make", "gcc"]
+    args = build_parser("vm", "run").parse_args(["vm", "run", str(tmp_path), "--image", "x"])
+    calls.clear()
+    assert "image" not in recipe_for_run(FakeClient(), args, str(tmp_path))
+    assert calls == []  # --image overrides: nothing is built
+    assert recipe_for_run(FakeClient(), args, None) == {}
