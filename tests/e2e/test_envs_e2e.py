@@ -66,7 +66,7 @@ def git_repo(path: Path, files: dict[str, str]) -> Path:
     return path
 
 
-def host_run(e: StokerEnv, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+def host_run(e: StokerEnv, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
         e.argv(*args, host=True), env=e.env, capture_output=True, text=True, timeout=timeout
     )
@@ -111,6 +111,8 @@ def built(env: StokerEnv) -> Iterator[dict[str, object]]:
     t0 = time.monotonic()
     second = host_run(env, "image", "build", "--recipe", str(repo))
     t_second = time.monotonic() - t0
+    unknown = host_run(env, "image", "build", "nopkg", "--packages", "make,no-such-package-stk")
+    leftovers = sorted(p.name for p in (env.state_dir / "staging").glob("*"))
     host_run(env, "daemon", "stop", timeout=60)
     assert first.returncode == 0, first.stdout + first.stderr + env.daemon_log_tail()
     assert second.returncode == 0, second.stdout + second.stderr
@@ -120,6 +122,8 @@ def built(env: StokerEnv) -> Iterator[dict[str, object]]:
         "second": second,
         "t_first": t_first,
         "t_second": t_second,
+        "unknown": unknown,
+        "leftovers": leftovers,
     }
 
 
@@ -144,6 +148,18 @@ def test_c_repo_make_test_with_recipe(env: StokerEnv, built: dict[str, object]) 
     shown = env.run("image", "show", im1["name"]).stdout
     assert "parent:     debian-bookworm" in shown and im1["recipe_hash"] in shown
     assert "make, gcc, libc6-dev" in shown
+
+
+def test_unknown_package_reports_apt_and_publishes_nothing(
+    env: StokerEnv, built: dict[str, object]
+) -> None:
+    r = built["unknown"]
+    assert isinstance(r, subprocess.CompletedProcess)
+    assert r.returncode != 0
+    assert "Unable to locate package no-such-package-stk" in r.stderr, r.stderr
+    images = [i["name"] for i in json.loads(env.run("image", "list", "--json").stdout)]
+    assert "nopkg" not in images and not [i for i in images if i.startswith("pkgs-")]
+    assert built["leftovers"] == []  # the build's staging dir is gone
 
 
 @pytest.fixture(scope="module")
