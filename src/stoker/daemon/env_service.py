@@ -319,9 +319,15 @@ class EnvService:
                 return cur
             vm_name = f"build-{key[:8]}-{secrets.token_hex(2)}"
             progress("builder", f"starting builder VM {vm_name} from {stage.name} (NAT on)")
-            rec = await self.vm.create_vm(
-                CreateRequest(name=vm_name, image=stage.name, nat=True), progress
-            )
+            try:
+                rec = await self.vm.create_vm(
+                    CreateRequest(name=vm_name, image=stage.name, nat=True), progress
+                )
+            except BaseException:
+                # A builder that failed to boot is of no use to inspect unless asked for.
+                if not req.keep_failed:
+                    await self._delete_builder(vm_name, progress)
+                raise
             ok = False
             try:
                 cwd = "/root"
@@ -365,14 +371,21 @@ class EnvService:
                 raise
             finally:
                 if ok or not req.keep_failed:
-                    from stoker.daemon.vm_service import run_to_end
-
-                    try:
-                        await run_to_end(self.vm.delete_vm(rec.id))
-                    except StokerError as e:
-                        progress("warning", f"could not delete builder VM {vm_name}: {e}")
+                    await self._delete_builder(vm_name, progress)
             progress("done", f"{name} built")
             return im
+
+    async def _delete_builder(self, vm_name: str, progress: Progress) -> None:
+        from stoker.daemon.vm_service import run_to_end
+
+        try:
+            vm_id = self.vm.resolve(vm_name).id
+        except NotFound:
+            return
+        try:
+            await run_to_end(self.vm.delete_vm(vm_id))
+        except StokerError as e:
+            progress("warning", f"could not delete builder VM {vm_name}: {e}")
 
     async def _run_step(
         self,
