@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stokerenv import StokerEnv
+from stokerenv import StokerEnv, destroy_env, make_env
 
-pytestmark = pytest.mark.e2e
+# Package builds and boots under TCG on a shared 2-core host: far past the 600 s default.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 C_RECIPE = """\
 [image]
@@ -64,6 +65,18 @@ def git_repo(path: Path, files: dict[str, str]) -> Path:
     ):
         subprocess.run(cmd, cwd=path, check=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[StokerEnv]:
+    """This module's own namespace and daemon: boots here include builder VMs and happen
+    after long package builds, so the boot timeout is raised for loaded 2-core hosts."""
+    e = make_env("envs", 'boot_timeout = "8m"\n')
+    try:
+        e.build_image(1800)
+        yield e
+    finally:
+        destroy_env(e)
 
 
 def host_run(e: StokerEnv, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
