@@ -126,3 +126,16 @@ def test_build_refuses_a_cycle_of_derived_images(svc: tuple[EnvService, Store]) 
     req = BuildRequest(name="d1", from_image="d2", setup=(SetupStep("s", "true"),))
     with pytest.raises(InvalidArgument, match=r"cycle of derived images \(d1 -> d2 -> d1\)"):
         asyncio.run(env.build(req, prog))
+
+
+def test_unnamed_recipe_reuses_the_same_recipe_built_under_a_name(
+    svc: tuple[EnvService, Store],
+) -> None:
+    env, store = svc
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    plan = env._plan(BuildRequest(packages=("make",)), parent)
+    store.upsert_image(_image("cdev", "derived:debian-bookworm", recipe_hash=plan.key))
+    hit = env.cached(BuildRequest(packages=("make",)))
+    assert hit is not None and hit.name == "cdev"
+    assert env.cached(BuildRequest(name="other", packages=("make",))) is None

@@ -180,7 +180,10 @@ class EnvService:
         except StokerError:
             return None
         im = self.store.get_image(plan.name)
-        return im if im is not None and im.recipe_hash == plan.key else None
+        if im is not None and im.recipe_hash == plan.key:
+            return im
+        # A recipe without a name is satisfied by the same recipe built under any name.
+        return self.store.find_image_by_recipe(plan.key) if req.name is None else None
 
     # --- build ----------------------------------------------------------------------------
 
