@@ -40,9 +40,8 @@ _FROM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$")
 
 
 class RecipeError(InvalidArgument):
-    """A stoker.toml that cannot be used; the message names file, key and line."""
-
-    code = "recipe_error"
+    """A stoker.toml that cannot be used; the message names file, key and line (on the
+    wire it is an `invalid_argument`)."""
 
 
 @dataclass(frozen=True)
@@ -209,21 +208,23 @@ def parse_recipe(text: str, path: Path, repo: Path | None = None) -> Recipe:
     memory: int | None = None
     if "memory" in vm:
         raw = vm["memory"]
-        try:
-            mib = parse_size(raw, "memory", bare_unit=1024**2) // 1024**2
-        except InvalidArgument as e:
-            raise c.fail("vm", "memory", e.message) from None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            mib = raw  # a bare number is MiB, as `--memory` takes it
+        else:
+            try:
+                mib = parse_size(raw, "memory") // 1024**2
+            except InvalidArgument as e:
+                raise c.fail("vm", "memory", e.message) from None
         if not 128 <= mib <= 1024 * 1024:
             raise c.fail("vm", "memory", f"{mib} MiB is out of range (128 MiB - 1 TiB)")
         memory = mib
     disk: int | None = None
     if "disk_size" in vm:
         try:
-            disk = parse_size(vm["disk_size"], "disk_size", bare_unit=1024**2)
+            # The one size rule: a string carries its unit, an integer is bytes.
+            disk = parse_size(vm["disk_size"], "disk_size", min_bytes=256 * 1024**2)
         except InvalidArgument as e:
             raise c.fail("vm", "disk_size", e.message) from None
-        if disk < 64 * 1024**2:
-            raise c.fail("vm", "disk_size", "must be at least 64M")
     nat = vm.get("nat")
     if nat is not None and not isinstance(nat, bool):
         raise c.fail("vm", "nat", f"expected true or false, got {nat!r}")
