@@ -60,8 +60,24 @@ def register(sub: Any) -> None:
     p.add_argument("registry", help="host[:port] of the registry")
     p.set_defaults(func=image_logout)
 
-    p = isub.add_parser("build", help="build a golden image from Debian packages")
-    p.add_argument("name", nargs="?", default="debian-bookworm")
+    p = isub.add_parser(
+        "build",
+        help="build a golden image, or a derived one (--from/--packages/--setup/--recipe)",
+    )
+    p.add_argument("name", nargs="?", help="image name (default: debian-bookworm, or env-HASH)")
+    p.add_argument("--from", dest="from_image", metavar="IMAGE", help="parent image or OCI ref")
+    p.add_argument("--packages", metavar="A,B", help="Debian packages to install at build time")
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="FILE-or-CMD",
+        help="a setup step run in a builder VM (NAT on); repeatable",
+    )
+    p.add_argument("--recipe", metavar="PATH", help="a stoker.toml (or a repo dir holding one)")
+    p.add_argument("--repo", metavar="DIR", help="repo copied to /root/repo for setup steps")
+    p.add_argument("--setup-timeout", type=float, metavar="S", help="per step (default 3600)")
+    p.add_argument("--keep-failed", action="store_true", help="keep the builder VM on failure")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=image_build)
@@ -88,7 +104,7 @@ def image_list(args: argparse.Namespace) -> int:
         print("no images: build one with `stoker image build debian-bookworm`")
         return 0
     table(
-        ["NAME", "KERNEL", "SIZE", "MANAGED", "SOURCE", "AGE"],
+        ["NAME", "KERNEL", "SIZE", "MANAGED", "SOURCE", "PARENT", "RECIPE", "AGE"],
         [
             [
                 i["name"],
@@ -96,6 +112,8 @@ def image_list(args: argparse.Namespace) -> int:
                 size(i["size"]),
                 "yes" if i["managed"] else "no",
                 i["source"],
+                i.get("parent") or "-",
+                (i.get("recipe_hash") or "-")[:12],
                 age(i["created_at"]),
             ]
             for i in images
@@ -113,6 +131,15 @@ def _print_image(i: dict[str, Any]) -> None:
     print(f"source:     {i['source']}")
     if i.get("digest"):
         print(f"digest:     {i['digest']}")
+    if i.get("parent"):
+        print(f"parent:     {i['parent']}")
+    if i.get("recipe_hash"):
+        print(f"recipe:     {i['recipe_hash']}")
+    meta = i.get("meta") or {}
+    if meta.get("packages"):
+        print(f"packages:   {', '.join(meta['packages'])}")
+    if meta.get("setup"):
+        print(f"setup:      {len(meta['setup'])} step(s)")
     print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
     print(f"created:    {i['created_at']}")
 
@@ -318,4 +345,9 @@ def cache_prune(args: argparse.Namespace) -> int:
 
 
 def image_build(args: argparse.Namespace) -> int:
-    return _image_op(args, "image.build", {"name": args.name, "force": args.force})
+    from stoker.cli.envs import build_params
+
+    params = build_params(args)
+    if params is None:
+        return 1
+    return _image_op(args, "image.build", params)

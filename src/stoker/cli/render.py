@@ -61,7 +61,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "image": (
         "name", "managed", "rootfs", "work_seed", "kernel", "source", "size", "created_at",
-        "digest", "has_sshd", "init", "meta",
+        "digest", "has_sshd", "init", "meta", "parent", "recipe_hash",
     ),
     "kernel": (
         "name", "version", "arch", "dir", "vmlinux", "bzimage", "initrd", "modules_dir",

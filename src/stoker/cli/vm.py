@@ -18,6 +18,7 @@ SUBCOMMANDS = frozenset(
         "set", "run", "exec", "workspace", "health", "stats", "ports", "prune", "logs", "ssh",
         "port-forward",
         "cp",
+        "commit",
     }
 )  # fmt: skip
 
@@ -145,6 +146,15 @@ def register(sub: Any, only: str | None = None) -> None:
         p.add_argument("name")
         p.add_argument("-f", "--follow", action="store_true")
         p.set_defaults(func=vm_logs)
+
+    if want("commit"):
+        p = vsub.add_parser("commit", help="turn a stopped VM's root into a new image")
+        p.add_argument("name", help="a stopped VM")
+        p.add_argument("image", help="name of the new image")
+        p.add_argument("--with-work-disk", action="store_true", help="also keep its /root")
+        p.add_argument("--force", action="store_true", help="replace an existing image")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_commit)
 
     if want("ssh"):
         p = vsub.add_parser(
@@ -328,6 +338,24 @@ def vm_create(args: argparse.Namespace) -> int:
         print(f"{v['name']} {state} · {v['guest_ip']} · {v['dns_name']}")
         if not args.no_start:
             print(f"connect: stoker vm ssh {v['name']}")
+    return 0
+
+
+def vm_commit(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import call_with_progress
+
+    params = {
+        "ref": args.name,
+        "image": args.image,
+        "with_work_disk": args.with_work_disk,
+        "force": args.force,
+    }
+    with client(args) as c:
+        i = call_with_progress(c, "vm.commit", params, args.json)
+    if args.json:
+        print_json(i)
+    else:
+        print(f"{i['name']} committed from {args.name} ({size(i['size'])}, parent {i['parent']})")
     return 0
 
 
@@ -952,10 +980,16 @@ def vm_run(args: argparse.Namespace) -> int:
         elif args.dry_run:
             err("--dry-run needs a PATH: it shows which files would be copied")
             return 1
+        from stoker.cli.envs import recipe_for_run
+
         # A command without a workspace needs only the agent (no wait for sshd); a
         # workspace is copied over SSH, and a shell is SSH.
         ready = "agent" if cmd and path is None else "ssh"
-        v = call_with_progress(c, "vm.create", {**sizing_params(args), "ready": ready, **ttl})
+        v = call_with_progress(
+            c,
+            "vm.create",
+            {**sizing_params(args), "ready": ready, **ttl, **recipe_for_run(c, args, path)},
+        )
         name = v["name"]
         _publish_or_delete(args, c, name)
         rc = 0

@@ -81,8 +81,30 @@ class RegisterImage(Params):
     has_sshd: bool = True
 
 
+class SetupStepParam(Params):
+    label: str
+    script: str
+
+
 class BuildImage(Params):
-    name: str = "debian-bookworm"
+    """`image build`: a golden image by name, or a derived image (from/packages/setup)."""
+
+    name: str | None = None
+    force: bool = False
+    from_image: str | None = None
+    packages: list[str] = []
+    setup: list[SetupStepParam] = []
+    inputs: list[list[str]] = []
+    repo: str | None = None
+    recipe: str | None = None
+    keep_failed: bool = False
+    setup_timeout: float | int | None = None
+
+
+class CommitVM(Params):
+    ref: str
+    image: str
+    with_work_disk: bool = False
     force: bool = False
 
 

@@ -303,8 +303,17 @@ class Daemon:
         async def cache_prune(p: api.PruneCache, ctx: RequestContext) -> Any:
             return await images.prune_cache(p.dry_run)
 
+        from stoker.daemon.env_service import EnvService
+
+        envs = EnvService(images, vm, wsvc)
+
         async def image_build(p: api.BuildImage, ctx: RequestContext) -> Any:
-            return await images.build_golden(p.name, p.force, ctx.progress)
+            if p.from_image is None and not (p.packages or p.setup or p.inputs):
+                return await images.build_golden(p.name or "debian-bookworm", p.force, ctx.progress)
+            return await envs.build(_build_request(p), ctx.progress)
+
+        async def vm_commit(p: api.CommitVM, ctx: RequestContext) -> Any:
+            return await envs.commit(p.ref, p.image, p.with_work_disk, p.force, ctx.progress)
 
         async def kernel_import(p: api.ImportKernel, ctx: RequestContext) -> Any:
             return await images.import_kernel(p.name, p.source, ctx.progress)
@@ -348,6 +357,7 @@ class Daemon:
             "vm.exec": Method(api.ExecVM, vm_exec),
             "vm.exec.signal": Method(api.ExecSignal, vm_exec_signal),
             "vm.exec.input": Method(api.ExecInput, vm_exec_input),
+            "vm.commit": Method(api.CommitVM, vm_commit),
             "image.list": Method(api.ListParams, image_list),
             "image.show": Method(api.NameParam, image_show),
             "image.register": Method(api.RegisterImage, image_register),
@@ -450,3 +460,28 @@ class Daemon:
                 await loop()
 
         self._bg.append(asyncio.ensure_future(runner()))
+
+
+def _build_request(p: api.BuildImage) -> Any:
+    """RPC parameters -> an EnvService build request (derived images)."""
+    from stoker.daemon.env_service import DEFAULT_SETUP_TIMEOUT, BuildRequest
+    from stoker.daemon.imagemgr.derived import SetupStep
+    from stoker.errors import InvalidArgument
+
+    inputs: list[tuple[str, str]] = []
+    for i in p.inputs:
+        if len(i) != 2:
+            raise InvalidArgument("inputs: each entry is [repo path, sha256]")
+        inputs.append((i[0], i[1]))
+    return BuildRequest(
+        name=p.name,
+        from_image=p.from_image or "debian-bookworm",
+        packages=tuple(p.packages),
+        setup=tuple(SetupStep(s.label, s.script) for s in p.setup),
+        inputs=tuple(inputs),
+        repo=p.repo,
+        recipe=p.recipe,
+        force=p.force,
+        keep_failed=p.keep_failed,
+        setup_timeout=float(p.setup_timeout or DEFAULT_SETUP_TIMEOUT),
+    )

@@ -115,6 +115,8 @@ class Image:
     has_sshd: bool = True
     init: str = "systemd"
     meta: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None  # the image a derived/committed image was made from
+    recipe_hash: str | None = None  # content hash of what decided a derived image
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -293,12 +293,14 @@ class Store:
             with self.tx() as c:
                 c.execute(
                     "INSERT INTO images(name, managed, rootfs, work_seed, kernel, source, size, "
-                    "digest, has_sshd, init, meta, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "digest, has_sshd, init, meta, created_at, parent, recipe_hash) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT(name) DO UPDATE SET managed=excluded.managed, "
                     "rootfs=excluded.rootfs, work_seed=excluded.work_seed, kernel=excluded.kernel,"
                     " source=excluded.source, size=excluded.size, digest=excluded.digest, "
                     "has_sshd=excluded.has_sshd, init=excluded.init, meta=excluded.meta, "
-                    "created_at=excluded.created_at",
+                    "created_at=excluded.created_at, parent=excluded.parent, "
+                    "recipe_hash=excluded.recipe_hash",
                     (
                         im.name,
                         int(im.managed),
@@ -312,6 +314,8 @@ class Store:
                         im.init,
                         json.dumps(im.meta),
                         im.created_at,
+                        im.parent,
+                        im.recipe_hash,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -322,6 +326,12 @@ class Store:
 
     def get_image(self, name: str) -> Image | None:
         rows = self._query("SELECT * FROM images WHERE name=?", (name,))
+        return _image_from(rows[0]) if rows else None
+
+    def find_image_by_recipe(self, recipe_hash: str) -> Image | None:
+        rows = self._query(
+            "SELECT * FROM images WHERE recipe_hash=? ORDER BY created_at DESC", (recipe_hash,)
+        )
         return _image_from(rows[0]) if rows else None
 
     def list_images(self) -> list[Image]:

@@ -74,4 +74,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE vms ADD COLUMN expires_at TEXT;
     """,
+    # derived images: the image they were made from and the hash of their recipe
+    """
+    ALTER TABLE images ADD COLUMN parent TEXT;
+    ALTER TABLE images ADD COLUMN recipe_hash TEXT;
+    CREATE INDEX images_recipe_hash ON images(recipe_hash);
+    """,
 ]

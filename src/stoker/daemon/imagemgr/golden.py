@@ -306,12 +306,19 @@ def resolve_sources(
 
 
 def golden_spec(
-    suite: str = DEFAULT_SUITE, mirror: str | None = None, apt_dir: Path = Path("/etc/apt")
+    suite: str = DEFAULT_SUITE,
+    mirror: str | None = None,
+    apt_dir: Path = Path("/etc/apt"),
+    packages: Iterable[str] = (),
 ) -> GoldenSpec:
-    """The spec a build with these arguments would have."""
+    """The spec a build with these arguments would have. `packages` are installed on top
+    of stoker's own list (a derived image); they are part of the spec hash."""
     if not re.match(r"^[a-z][a-z0-9-]*$", suite):
         raise InvalidArgument(f"suite {suite!r} is not a Debian suite name such as bookworm")
-    return GoldenSpec(suite=suite, sources=resolve_sources(suite, mirror, apt_dir))
+    extra = tuple(p for p in dict.fromkeys(packages) if p not in PACKAGES)
+    return GoldenSpec(
+        suite=suite, sources=resolve_sources(suite, mirror, apt_dir), packages=PACKAGES + extra
+    )
 
 
 def spec_hash(spec: GoldenSpec) -> str:
@@ -712,6 +719,7 @@ async def build_golden(
     progress: Progress | None = None,
     force: bool = False,
     apt_dir: Path = Path("/etc/apt"),
+    extra_packages: Iterable[str] = (),
 ) -> GoldenResult:
     """Build the golden Debian image into `out_dir` (rootfs.ext4, work-seed.ext4, kernel/).
 
@@ -719,10 +727,11 @@ async def build_golden(
     build is returned at once (`reused=True`) unless `force`. `mirror` None means the
     host's apt sources, else the official mirror. `cache_dir` keeps downloaded .debs
     between builds. `progress(stage, detail)` is called from the event loop thread.
-    Needs root (mmdebstrap's root mode keeps file owners; unshare).
+    Needs root (mmdebstrap's root mode keeps file owners; unshare). `extra_packages` adds
+    Debian packages to stoker's list (derived images, `daemon/imagemgr/derived.py`).
     """
     report = progress or _no_progress
-    spec = golden_spec(suite, mirror, apt_dir)
+    spec = golden_spec(suite, mirror, apt_dir, extra_packages)
     digest = spec_hash(spec)
     existing = read_manifest(out_dir)
     if existing is not None and existing.spec_hash == digest and not force:

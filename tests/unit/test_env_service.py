@@ -1,0 +1,141 @@
+"""EnvService planning and cache lookups against a real store (no VMs, no builds)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stoker.daemon.env_service import BuildRequest, EnvService
+from stoker.daemon.imagemgr.derived import SetupStep
+from stoker.errors import InvalidArgument
+from stoker.model.records import Image, Kernel
+from stoker.store import Store
+from stoker.store.db import now
+
+pytestmark = pytest.mark.unit
+
+
+def _image(name: str, source: str, **kw: object) -> Image:
+    return Image(
+        name=name,
+        managed=True,
+        rootfs=f"/i/{name}/rootfs.ext4",
+        work_seed=None,
+        kernel="k1",
+        source=source,
+        size=1,
+        created_at=now(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> tuple[EnvService, Store]:
+    store = Store(tmp_path / "db.sqlite")
+    store.upsert_kernel(
+        Kernel("k1", "6.1", "x86_64", "/k", "/k/v", None, None, None, "test", now())
+    )
+    store.upsert_image(_image("debian-bookworm", "golden:bookworm", digest="g1"))
+    images = SimpleNamespace(store=store, layout=None, runner=None)
+    return EnvService(images, None, None), store  # type: ignore[arg-type]
+
+
+def test_store_keeps_parent_and_recipe_hash(svc: tuple[EnvService, Store]) -> None:
+    _, store = svc
+    store.upsert_image(
+        _image("d", "derived:debian-bookworm", parent="debian-bookworm", recipe_hash="ab" * 32)
+    )
+    got = store.get_image("d")
+    assert got is not None and got.parent == "debian-bookworm" and got.recipe_hash == "ab" * 32
+    assert store.find_image_by_recipe("ab" * 32) == got
+
+
+def test_plan_packages_only_is_one_stage(svc: tuple[EnvService, Store]) -> None:
+    env, store = svc
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    plan = env._plan(BuildRequest(packages=("make", "gcc")), parent)
+    assert plan.key1 == plan.key and plan.name == plan.name1 == f"env-{plan.key[:12]}"
+    same = env._plan(BuildRequest(packages=("gcc", "make")), parent)
+    assert same.key == plan.key
+
+
+def test_plan_setup_keeps_packages_stage_apart(svc: tuple[EnvService, Store]) -> None:
+    env, store = svc
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    a = env._plan(BuildRequest(packages=("make",), setup=(SetupStep("s", "echo 1"),)), parent)
+    b = env._plan(BuildRequest(packages=("make",), setup=(SetupStep("s", "echo 2"),)), parent)
+    assert a.key1 == b.key1 and a.name1 == b.name1 and a.name1 is not None
+    assert a.name1.startswith("pkgs-") and a.key != b.key
+
+
+def test_cached_finds_only_the_same_recipe(svc: tuple[EnvService, Store]) -> None:
+    env, store = svc
+    req = BuildRequest(packages=("make",))
+    assert env.cached(req) is None
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    plan = env._plan(req, parent)
+    store.upsert_image(_image(plan.name, "derived:debian-bookworm", recipe_hash=plan.key))
+    hit = env.cached(req)
+    assert hit is not None and hit.name == plan.name
+    assert env.cached(BuildRequest(packages=("make",), force=True)) is None
+    assert env.cached(BuildRequest(packages=("make", "gcc"))) is None
+    # A new golden build (new digest) changes the parent's identity: no stale hit.
+    store.upsert_image(_image("debian-bookworm", "golden:bookworm", digest="g2"))
+    assert env.cached(req) is None
+
+
+def test_packages_need_a_golden_parent(svc: tuple[EnvService, Store]) -> None:
+    env, store = svc
+    store.upsert_image(_image("oci-x", "oci:reg/x:1", digest="sha256:1"))
+    parent = store.get_image("oci-x")
+    assert parent is not None
+    with pytest.raises(InvalidArgument, match="need a golden parent"):
+        env._plan(BuildRequest(from_image="oci-x", packages=("make",)), parent)
+
+
+def test_build_refuses_nothing_to_do_and_bad_input(svc: tuple[EnvService, Store]) -> None:
+    env, _ = svc
+
+    def prog(*a: object, **kw: object) -> None:
+        pass
+
+    with pytest.raises(InvalidArgument, match="nothing to build"):
+        asyncio.run(env.build(BuildRequest(from_image="debian-bookworm"), prog))
+    with pytest.raises(InvalidArgument, match="Debian package name"):
+        asyncio.run(env.build(BuildRequest(packages=("Bad Name",)), prog))
+    with pytest.raises(InvalidArgument, match="setup-timeout"):
+        asyncio.run(env.build(BuildRequest(setup=(SetupStep("s", "x"),), setup_timeout=0), prog))
+
+
+def test_build_refuses_a_cycle_of_derived_images(svc: tuple[EnvService, Store]) -> None:
+    env, store = svc
+    store.upsert_image(
+        _image("d1", "derived:debian-bookworm", parent="debian-bookworm", recipe_hash="1" * 64)
+    )
+    store.upsert_image(_image("d2", "derived:d1", parent="d1", recipe_hash="2" * 64))
+
+    def prog(*a: object, **kw: object) -> None:
+        pass
+
+    req = BuildRequest(name="d1", from_image="d2", setup=(SetupStep("s", "true"),))
+    with pytest.raises(InvalidArgument, match=r"cycle of derived images \(d1 -> d2 -> d1\)"):
+        asyncio.run(env.build(req, prog))
+
+
+def test_unnamed_recipe_reuses_the_same_recipe_built_under_a_name(
+    svc: tuple[EnvService, Store],
+) -> None:
+    env, store = svc
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    plan = env._plan(BuildRequest(packages=("make",)), parent)
+    store.upsert_image(_image("cdev", "derived:debian-bookworm", recipe_hash=plan.key))
+    hit = env.cached(BuildRequest(packages=("make",)))
+    assert hit is not None and hit.name == "cdev"
+    assert env.cached(BuildRequest(name="other", packages=("make",))) is None
