@@ -256,3 +256,52 @@ def test_helper_killed_mid_request_is_retried_once(namespaces: Namespaces, resta
             (done,) = call_as(a, h, [["bridge.delete", {}]])
             assert done["ok"] == {"deleted": True}
         sh("ip", "-n", ns, "link", "del", BRIDGE, check=False)
+
+
+def test_hostnetwork_as_a_non_root_user_gets_bridge_tap_rules_and_dns_from_the_helper(
+    namespaces: Namespaces,
+) -> None:
+    ns = namespaces.new()
+    with make_user() as a, helper_for([caller(a, ns) | {"tap_prefix": "tap-stk-"}]) as h:
+        exe, env = nonroot_python()
+        p = subprocess.Popen(
+            [
+                "ip", "netns", "exec", ns, *a.setpriv(), exe,
+                str(HERE / "_nonroot_hostnet.py"), str(h.socket), BRIDGE, CIDR,
+            ],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env,
+        )  # fmt: skip
+        try:
+            assert p.stdout is not None and p.stdin is not None
+            line = p.stdout.readline()
+            assert line, p.stderr.read() if p.stderr else ""
+            r = json.loads(line)
+            assert r["euid"] == a.uid and r["tun_direct"] == "Permission denied"
+            assert r["helper_error"] is None
+            assert r["status_helper"] == {"socket": str(h.socket), "error": None}
+            tap = r["tap"]
+            assert tap.startswith("tap-stk-") and tap_owner(ns, tap) == a.name
+            link = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", tap).stdout)[0]
+            assert link.get("master") == BRIDGE
+            assert r["tap_fd_is_tun"] == "/dev/net/tun"
+            assert r["guest_dns"] == ["172.31.7.1", 53] and r["guest_dns_error"] is None
+            listening = sh("ip", "netns", "exec", ns, "ss", "-lunH").stdout
+            assert "172.31.7.1:53" in listening
+            assert r["policy_ids"] == ["vm1"]
+            rules = ns_nft(ns)
+            assert f"table inet {TABLE}" in rules and f"stoker-vm:vm1 tap={tap}" in rules
+            assert r["foreign_delete"] == "permission_denied"
+            p.stdin.write("\n")
+            p.stdin.flush()
+            done = json.loads(p.stdout.readline())
+            assert done == {"torn_down": True}
+            assert p.wait(30) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        assert BRIDGE not in ns_links(ns) and not [n for n in ns_links(ns) if "stk" in n]
+        assert "stoker-vm:vm1" not in ns_nft(ns)
+        sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", TABLE, check=False)
+        sh("ip", "netns", "exec", ns, "nft", "delete", "table", "bridge", TABLE, check=False)
