@@ -385,6 +385,10 @@ def system_install(args: argparse.Namespace) -> int:
             if not p.exists():
                 p.mkdir(parents=True, mode=mode)
                 undo.dirs.append(str(p))
+            else:
+                # A root daemon's state (images it built, VMs, its lock files): the
+                # daemon's user owns it now.
+                _chown_tree(p, pw.pw_uid, pw.pw_gid)
             os.chown(p, pw.pw_uid, g)
             os.chmod(p, mode)
         info = undo.manifest(user=user, group=group, root=str(root), python=python)
@@ -408,6 +412,13 @@ def system_install(args: argparse.Namespace) -> int:
             why = f"installed below {root}"
         print(f"not started ({why}): run what the units' ExecStart= lines say")
     return 0
+
+
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    """lchown everything below `top` (links are not followed)."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        for n in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, n), uid, gid)
 
 
 def _group_name(gid: int) -> str:
