@@ -246,6 +246,22 @@ def _vmm_user(key: str, v: Any, _host: Host) -> str:
     return name
 
 
+def _socket_group(key: str, v: Any, _host: Host) -> str:
+    if v == "":
+        return ""
+    name = _str(key, v)
+    if not _USER_NAME.fullmatch(name) or name == "root":
+        raise _bad(key, f"{name!r} is not a usable group name (not root)")
+    return name
+
+
+def _abs_path(key: str, v: Any, _host: Host) -> str:
+    p = _str(key, v)
+    if not os.path.isabs(p):
+        raise _bad(key, f"{p!r} is not an absolute path")
+    return p
+
+
 def _bridge_name(key: str, v: Any, _host: Host) -> str:
     name = _str(key, v)
     if not _IFNAME.fullmatch(name) or name in _IFNAME_RESERVED:
@@ -501,6 +517,17 @@ class Config:
         "stoker-vmm",
         parse=_vmm_user,
         doc="system user a root daemon runs QEMU as (made if missing)",
+    )
+    socket_group: str = setting(
+        "",
+        parse=_socket_group,
+        doc="group whose members may use stokerd's socket (`stoker system install` sets it)",
+        shown='`""` (only the daemon\'s user and root)',
+    )
+    helper_socket: str = setting(
+        "/run/stoker-helper.sock",
+        parse=_abs_path,
+        doc="stoker-helper's socket: a stokerd that is not root asks it for bridge, taps, rules",
     )
     bridge_name: str = setting(
         "br-stoker", parse=_bridge_name, doc="host bridge the guests live on"

@@ -20,6 +20,7 @@ ERROR_CLASSES: dict[str, type[StokerError]] = {}
 # time); `error_from_code` imports them only when a wire code is not registered yet.
 # A unit test checks that every class with a code in src/ is reachable this way.
 LEAF_ERROR_MODULES: tuple[str, ...] = (
+    "stoker.helper.client",
     "stoker.daemon.oci.errors",
     "stoker.daemon.catalog.errors",
     "stoker.daemon.guestssh.client",

@@ -138,13 +138,16 @@ class Layout:
         return cls(config_dir=config, state_dir=state, cache_dir=cache, runtime_dir=runtime)
 
     @classmethod
-    def for_system(cls) -> Layout:
-        """FHS layout for a systemd-managed install (`stokerd --system`)."""
+    def for_system(cls, root: str | os.PathLike[str] = "/") -> Layout:
+        """FHS layout for a systemd-managed install (`stokerd --system`). `root` (the
+        environment's STOKER_ROOT) prefixes every path: `stoker system install --root
+        DIR` makes an install inside DIR (tests, staging)."""
+        r = Path(root)
         return cls(
-            config_dir=Path("/etc/stoker"),
-            state_dir=Path("/var/lib/stoker"),
-            cache_dir=Path("/var/cache/stoker"),
-            runtime_dir=Path("/run/stoker"),
+            config_dir=r / "etc/stoker",
+            state_dir=r / "var/lib/stoker",
+            cache_dir=r / "var/cache/stoker",
+            runtime_dir=r / "run/stoker",
             system=True,
         )
 
@@ -152,5 +155,6 @@ class Layout:
     def resolve(cls, system: bool = False, env: dict[str, str] | None = None) -> Layout:
         e = os.environ if env is None else env
         if system or e.get("STOKER_SYSTEM") == "1":
-            return cls.for_system()
+            root = e.get("STOKER_ROOT") or "/"
+            return cls.for_system(root if os.path.isabs(root) else "/")
         return cls.for_user(dict(e))

@@ -122,6 +122,13 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "daemon stop": ("stoker daemon stop",),
     "daemon unit": ("stoker daemon unit | sudo tee /etc/systemd/system/stokerd.service",),
     "doctor": ("stoker doctor", "stoker doctor --json"),
+    "system": ("stoker system install  # as root", "stoker system uninstall  # as root"),
+    "system install": (
+        "stoker system install",
+        "stoker system install --group devs",
+        "stoker system install --owner alice",
+    ),
+    "system uninstall": ("stoker system uninstall", "stoker system uninstall --purge"),
     "completion": (
         "stoker completion bash > ~/.local/share/bash-completion/completions/stoker",
         "stoker completion zsh > ~/.zfunc/_stoker",

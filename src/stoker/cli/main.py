@@ -43,6 +43,7 @@ GROUPS = {
     "kernel": "kernel",
     "daemon": "daemon_cmd",
     "doctor": "doctor",
+    "system": "system",
     "completion": "completion",
     "__names": "completion",
     "__flags": "completion",

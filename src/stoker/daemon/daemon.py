@@ -25,7 +25,7 @@ from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import CreateRequest, VMService
 from stoker.daemon.wiring import wire_services
 from stoker.daemon.workspace_service import WorkspaceService
-from stoker.errors import MethodNotFound
+from stoker.errors import ConfigError, MethodNotFound
 from stoker.layout import Layout
 from stoker.rpc.jsonable import to_jsonable
 from stoker.rpc.protocol import PROTOCOL_VERSION
@@ -89,7 +89,14 @@ class Daemon:
         assert self.layout is not None and self.net is not None
         self._stop = asyncio.Event()
         await self.net.start()
-        self.listener = RPCServer(self.layout.socket_path, self.dispatch)
+        group = self.config.socket_group if self.config is not None else ""
+        if group and self.layout.runtime_dir == self.layout.state_dir:
+            raise ConfigError(
+                f"socket_group = {group!r} needs a runtime dir apart from the state dir "
+                f"({self.layout.state_dir} must stay private): set XDG_RUNTIME_DIR, or use "
+                "a system install (/run/stoker)"
+            )
+        self.listener = RPCServer(self.layout.socket_path, self.dispatch, group=group)
         await self.listener.start()
         self.start_background()
         if ready is not None:

@@ -31,9 +31,17 @@ from stoker.daemon.hostnet import (
     parse_policy,
 )
 from stoker.daemon.hostnet.policy import check_destination
+from stoker.daemon.hostnet.privileged import (
+    HelperFirewall,
+    HelperLinks,
+    check_grant,
+    hello,
+    helper_binder,
+)
 from stoker.daemon.netdns import DNSServer, ResolvedWiring
 from stoker.daemon.netdns.server import ClientView
 from stoker.errors import InvalidArgument, StokerError
+from stoker.helper.client import HelperClient
 from stoker.runner import Runner
 
 GUEST_DNS_PORT = 53
@@ -71,16 +79,28 @@ class HostNetwork:
         *,
         netns: str | None = None,
         resolver: NameResolver | None = None,
+        helper: HelperClient | None = None,
     ) -> None:
         self.config = config
         self.runner = runner
         self.log = logger
         self.netns = netns
-        self.links = Links(netns)
+        # A stokerd that is not root makes every host change through stoker-helper.
+        self.helper = helper
+        self.helper_error: str | None = None
+        self.links: Links
+        self.fw: Firewall
+        if helper is not None:
+            self.links = HelperLinks(helper, config.bridge_name, netns)
+            self.fw = HelperFirewall(
+                helper, runner, config.bridge_name, config.gateway_ip, logger.getChild("nft")
+            )
+        else:
+            self.links = Links(netns)
+            self.fw = Firewall(
+                runner, config.bridge_name, config.gateway_ip, logger.getChild("nft"), netns=netns
+            )
         self.pool = TapPool(self.links, config.tap_pool_size, logger.getChild("taps"))
-        self.fw = Firewall(
-            runner, config.bridge_name, config.gateway_ip, logger.getChild("nft"), netns=netns
-        )
         self.dns = DNSServer(logger.getChild("dns"))
         # The guests' nameserver, on the bridge address: same records plus per-guest views.
         self.guest_dns = DNSServer(
@@ -137,13 +157,17 @@ class HostNetwork:
             return
         try:
             await self.guest_dns.start(
-                self.config.gateway_ip, self.guest_dns_port, netns=self.netns
+                self.config.gateway_ip,
+                self.guest_dns_port,
+                netns=self.netns,
+                binder=helper_binder(self.helper) if self.helper is not None else None,
             )
             self.guest_dns_error = None
-        except OSError as e:
+        except (OSError, StokerError) as e:
+            why = e.message if isinstance(e, StokerError) else (e.strerror or str(e))
             self.guest_dns_error = (
                 f"cannot listen on {self.config.gateway_ip}:{self.guest_dns_port}: "
-                f"{e.strerror or e}: guests cannot resolve NAME.vm or allow= names"
+                f"{why}: guests cannot resolve NAME.vm or allow= names"
             )
             self.log.warning("guest DNS disabled: %s", self.guest_dns_error)
 
@@ -414,6 +438,8 @@ class HostNetwork:
         still work by IP. If the bridge already exists (VMs in use), the resolver wiring
         and the tap pool are brought up now.
         """
+        if self.helper is not None:
+            await self.check_helper()
         addr = self.config.dns_listen
         host, _, port = addr.rpartition(":")
         try:
@@ -435,6 +461,18 @@ class HostNetwork:
                 self.pool.start_refill()
         except StokerError as e:
             self.log.warning("could not inspect bridge %s: %s", self.bridge, e)
+
+    async def check_helper(self) -> None:
+        """Ask stoker-helper what it grants this daemon and check the config agrees. A
+        missing helper is logged and shown in `status`: VMs cannot start until it is up,
+        everything else works."""
+        assert self.helper is not None
+        try:
+            check_grant(await hello(self.helper), self.bridge, self.config.bridge_cidr)
+            self.helper_error = None
+        except StokerError as e:
+            self.helper_error = e.message
+            self.log.warning("stoker-helper: %s", e.message)
 
     async def close(self) -> None:
         """Stop DNS and the pool refill, delete pooled (unused) taps.
@@ -469,5 +507,10 @@ class HostNetwork:
             "guest_dns_error": self.guest_dns_error,
             "policies": {a.vm_id: str(a.policy) for a in self.applied.values()},
             "resolver": self.resolved.state,
+            "helper": (
+                None
+                if self.helper is None
+                else {"socket": str(self.helper.socket_path), "error": self.helper_error}
+            ),
             "tap_pool": {"size": self.pool.size, "ready": len(self.pool.pooled)},
         }

@@ -8,6 +8,8 @@ assigned) is kept.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stoker.daemon.capabilities import (
@@ -34,7 +36,16 @@ def wire_services(d: Daemon) -> None:
     d.logger = logger
 
     if d.net is None:
-        d.net = HostNetwork(d.config, d.runner, logger.getChild("net"))
+        helper = None
+        if os.geteuid() != 0:
+            # Not root: bridge, taps, tap descriptors, rules and port 53 via stoker-helper.
+            from stoker.daemon.hostnet.privileged import helper_tap_opener
+            from stoker.daemon.vmm import confine
+            from stoker.helper.client import HelperClient
+
+            helper = HelperClient(Path(d.config.helper_socket))
+            confine.TAP_OPENER = helper_tap_opener(helper)
+        d.net = HostNetwork(d.config, d.runner, logger.getChild("net"), helper=helper)
     if d.images is None:
         d.images = ImageService(d.store, d.layout, d.config, d.runner, logger.getChild("images"))
 

@@ -191,8 +191,9 @@ class Confinement:
 
     @property
     def fds(self) -> bool:
-        """Files are handed over as descriptors (needed when QEMU is not root)."""
-        return self.uid is not None
+        """Files are handed over as descriptors (needed when QEMU is not root: confined,
+        or started by a stokerd that is not root itself)."""
+        return self.uid is not None or os.geteuid() != 0
 
     def describe(self) -> str:
         on = []

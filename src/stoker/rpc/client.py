@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stoker.errors import StokerError, Unavailable, error_from_code
+from stoker.errors import PermissionDenied, StokerError, Unavailable, error_from_code
 from stoker.rpc.protocol import MAX_RESPONSE_LINE, encode
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -71,9 +72,7 @@ class Client:
                 why = "starting"
             except PermissionError:
                 sock.close()
-                raise StokerError(
-                    f"permission denied on {path}: run stoker as the daemon's user"
-                ) from None
+                raise PermissionDenied(_denied(path)) from None
             except OSError:
                 sock.close()
                 raise
@@ -190,3 +189,34 @@ class _Backoff:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, 0.2)
         return True
+
+
+def _denied(path: Path) -> str:
+    """Why a connect() was refused, and what to do: the socket (or its directory) is
+    group-owned when the daemon admits a group."""
+    import grp
+    import pwd
+
+    try:
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        me = str(os.getuid())
+    for p in (path, path.parent):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if st.st_mode & 0o070:
+            try:
+                g = grp.getgrgid(st.st_gid).gr_name
+            except KeyError:
+                g = str(st.st_gid)
+            return (
+                f"permission denied on {path}: user {me} is not in group {g}, whose members "
+                f"may use this stokerd: ask an admin to run `usermod -aG {g} {me}`, then log "
+                "in again (or run stoker as the daemon's user)"
+            )
+    return (
+        f"permission denied on {path}: user {me} may not use this stokerd: run stoker as "
+        "the daemon's user"
+    )

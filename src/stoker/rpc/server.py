@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from stoker.errors import (
     Cancelled,
+    ConfigError,
     InvalidRequest,
     PermissionDenied,
     RequestTooLarge,
@@ -74,6 +76,26 @@ class RequestContext:
 Dispatch = Callable[[str, dict[str, Any], RequestContext], Awaitable[Any]]
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(sock: socket.socket) -> set[int]:
+    """The peer's supplementary groups as of connect() (SO_PEERGROUPS, Linux 4.13+;
+    SO_PEERCRED carries only the primary one). Empty when the kernel cannot say."""
+    size = 64 * 4
+    for _ in range(4):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                size *= 8
+                continue
+            return set()
+        n = len(raw) // 4
+        return set(struct.unpack(f"{n}I", raw[: n * 4]))
+    return set()
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process on the other end (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -92,10 +114,14 @@ class RPCServer:
         max_request: int = MAX_REQUEST_BYTES,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        group: str = "",
     ) -> None:
         self.socket_path = socket_path
         self._dispatch = dispatch
         self.allowed_uids = allowed_uids if allowed_uids is not None else {os.getuid(), 0}
+        # `socket_group`: its members may connect too (socket 0660, group-owned).
+        self.group = group
+        self.allowed_gid: int | None = None
         self.max_request = max_request
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -116,6 +142,38 @@ class RPCServer:
         finally:
             os.umask(old)
         os.chmod(self.socket_path, 0o600)
+        if self.group:
+            self._open_to_group()
+
+    def _open_to_group(self) -> None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ConfigError(
+                f"socket_group {self.group!r} does not exist: create it (stoker system "
+                "install does) or unset socket_group"
+            ) from None
+        rt = self.socket_path.parent
+        # The directory must let the group reach the socket; it never is the state dir
+        # (the daemon refuses that layout with socket_group set).
+        os.chown(rt, -1, gid)
+        os.chmod(rt, 0o750)
+        os.chown(self.socket_path, -1, gid)
+        os.chmod(self.socket_path, 0o660)
+        self.allowed_gid = gid
+
+    def admits(self, sock: socket.socket, uid: int, gid: int) -> bool:
+        """The daemon's own uid and root, and members of `socket_group` (the peer's
+        primary group, or a supplementary group of the connecting process)."""
+        if uid in self.allowed_uids:
+            return True
+        if self.allowed_gid is None:
+            return False
+        if gid == self.allowed_gid:
+            return True
+        return self.allowed_gid in peer_groups(sock)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -171,17 +229,26 @@ class RPCServer:
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
-        pid, uid, _ = peer_credentials(sock)
-        if uid not in self.allowed_uids:
+        pid, uid, gid = peer_credentials(sock)
+        if not self.admits(sock, uid, gid):
             log.warning("refused connection from pid %d uid %d", pid, uid)
+            who = f"uids {sorted(self.allowed_uids)}" + (
+                f" and members of group {self.group}" if self.allowed_gid is not None else ""
+            )
             writer.write(
                 encode(
                     {
                         "id": None,
                         "error": {
                             "code": PermissionDenied.code,
-                            "message": f"uid {uid} may not use this stokerd (it serves uids "
-                            f"{sorted(self.allowed_uids)}): run stoker as the daemon's user",
+                            "message": f"uid {uid} may not use this stokerd (it serves {who}): "
+                            "run stoker as the daemon's user"
+                            + (
+                                f", or ask an admin to add you to group {self.group} "
+                                f"(usermod -aG {self.group} USER; then log in again)"
+                                if self.allowed_gid is not None
+                                else ""
+                            ),
                         },
                     }
                 )

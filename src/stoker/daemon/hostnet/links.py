@@ -100,6 +100,22 @@ class Links:
 
         return await self._wrap(f"inspecting {name}", go())
 
+    async def tun_owner(self, name: str) -> int | None:
+        """The uid that owns tun/tap `name` (-1: any user), None when absent or not a tap."""
+
+        async def go() -> int | None:
+            async with self._ipr() as ipr:
+                idx = await self._index(ipr, name)
+                if idx is None:
+                    return None
+                msgs = await _collect(await ipr.link("get", index=idx))
+                if not msgs or msgs[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "tun":
+                    return None
+                owner = msgs[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_TUN_OWNER")
+                return int(owner) if owner is not None else -1
+
+        return await self._wrap(f"inspecting {name}", go())
+
     async def list_links(self, prefix: str = "") -> list[str]:
         """Names of links starting with `prefix`, sorted."""
 

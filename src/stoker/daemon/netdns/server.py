@@ -21,8 +21,10 @@ import errno
 import ipaddress
 import logging
 import re
+import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -43,6 +45,8 @@ from stoker.daemon.netdns.netns import bind_udp_tcp
 from stoker.errors import InvalidArgument
 
 ZONE = "vm"
+# (host, port, netns) -> a bound UDP socket and a listening TCP socket on host:port
+Binder = Callable[[str, int, str | None], Awaitable[tuple[socket.socket, socket.socket]]]
 DEFAULT_TTL = 5
 MAX_QUERY = 4096  # bytes; a DNS query for one name is far smaller
 MAX_UDP_REPLY = 512  # classic DNS limit without EDNS
@@ -248,17 +252,20 @@ class DNSServer:
             self._tcp_clients.discard(writer)
             writer.close()
 
-    async def start(self, host: str, port: int, *, netns: str | None = None) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, *, netns: str | None = None, binder: Binder | None = None
+    ) -> tuple[str, int]:
         """Listen on host:port (UDP and TCP; port 0 picks a free one). Returns the address.
 
-        `netns` binds inside that named network namespace (tests). Raises OSError (e.g.
-        EADDRINUSE, EADDRNOTAVAIL) when the address cannot be bound.
+        `netns` binds inside that named network namespace (tests). `binder` makes the two
+        sockets instead (a non-root daemon gets port 53 bound by stoker-helper). Raises
+        OSError (e.g. EADDRINUSE, EADDRNOTAVAIL) when the address cannot be bound.
         """
         loop = asyncio.get_running_loop()
         attempts = 5 if port == 0 else 1
         for attempt in range(attempts):
             try:
-                usock, tsock = await bind_udp_tcp(host, port, netns)
+                usock, tsock = await (binder or bind_udp_tcp)(host, port, netns)
             except OSError as e:
                 # With an ephemeral UDP port the same TCP port may be taken: try another.
                 if e.errno == errno.EADDRINUSE and attempt + 1 < attempts:

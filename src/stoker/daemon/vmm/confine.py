@@ -127,8 +127,20 @@ class Handover:
         self._owned.clear()
 
 
+# Set once at wiring when stokerd is not root: stoker-helper opens the tap and passes the
+# descriptor (/dev/net/tun is root's). None: open it here.
+TAP_OPENER: Callable[[str, str | None], int] | None = None
+
+
 def open_tap(name: str, netns: str | None = None) -> int:
     """/dev/net/tun attached to the existing tap `name` (in `netns` when given)."""
+    if TAP_OPENER is not None:
+        return TAP_OPENER(name, netns)
+    return open_tap_direct(name, netns)
+
+
+def open_tap_direct(name: str, netns: str | None = None) -> int:
+    """open_tap in this process (root, or a user /dev/net/tun lets in)."""
     import fcntl
     import struct
 
