@@ -42,7 +42,6 @@ from stoker.daemon.vm_disks import (
 )
 from stoker.daemon.vmm import Disk, MachineConfig, VMMDriver, VMMHandle
 from stoker.daemon.vmm.base import pid_alive
-from stoker.daemon.vmm.qemu import pvh_bootable
 from stoker.errors import (
     AlreadyExists,
     Ambiguous,
@@ -531,19 +530,14 @@ class VMService:
     ) -> MachineConfig:
         vm_dir = Path(vm.vm_dir)
         driver = self._driver()
-        if driver.name == "firecracker":
-            kpath = kernel.vmlinux or kernel.bzimage
-        elif kernel.vmlinux and pvh_bootable(Path(kernel.vmlinux)):
-            kpath = kernel.vmlinux  # QEMU's PVH entry: no decompression (docs/guest-boot.md)
-        else:
-            kpath = kernel.bzimage or kernel.vmlinux
-        if not kpath:
+        kpath = driver.boot_kernel(kernel)
+        if kpath is None:
             raise Conflict(f"kernel {kernel.name} has no bootable file for {driver.name}")
         return MachineConfig(
             vm_id=vm.id,
             name=vm.name,
             vm_dir=vm_dir,
-            kernel=Path(kpath),
+            kernel=kpath,
             initrd=Path(kernel.initrd) if kernel.initrd else None,
             cmdline=BOOT_CMDLINE,
             vcpu=vm.spec.vcpu,
@@ -556,7 +550,7 @@ class VMService:
             tap=tap,
             mac=mac_for(vm.guest_ip),
             serial_log=vm_dir / SERIAL_LOG,
-            vsock_cid=vsock_cid_for(vm.guest_ip) if driver.name == "firecracker" else None,
+            vsock_cid=driver.vsock_cid(vm.guest_ip),
             agent_socket=vm_dir / vm_stats.AGENT_SOCKET,
         )
 
@@ -978,13 +972,6 @@ def parse_time(ts: str) -> float:
     from datetime import UTC, datetime
 
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-
-
-def vsock_cid_for(ip: str) -> int:
-    """A guest CID unique per VM on this host: 3 + the guest IPv4 as an integer's low bits."""
-    import ipaddress
-
-    return 3 + (int(ipaddress.IPv4Address(ip)) & 0xFFFFFF)
 
 
 T = TypeVar("T")
