@@ -213,11 +213,13 @@ async def test_create_start_stop_delete(rig: Rig) -> None:
     assert [d.id for d in cfg.disks] == ["rootfs", "overlay", "work"]
     assert cfg.disks[0].read_only and not cfg.disks[1].read_only
     assert "ip=" not in cfg.cmdline
-    # Durable teardown identity and handles.json.
+    # One durable identity (the store), plus the driver's own pidfile and handle file.
     got = vm.resolve("t1")
     assert got.teardown.tap and got.teardown.vmm_pid
-    h = json.loads((vm_dir / "handles.json").read_text())
-    assert h["tap"] == got.teardown.tap
+    assert (vm_dir / "vmm.pid").read_text().strip() == str(got.teardown.vmm_pid)
+    h = json.loads((vm_dir / "vmm.json").read_text())
+    assert h["pid"] == got.teardown.vmm_pid and h["kind"] == rig.fake.name
+    assert not (vm_dir / "handles.json").exists()
     # The work disk got the managed key and /root stayed 0755.
     from stoker.daemon.imagemgr import ext4
 
@@ -236,7 +238,7 @@ async def test_create_start_stop_delete(rig: Rig) -> None:
     assert not pid_alive(pid)
     assert stopped.teardown.tap is None
     assert "t1" not in rig.d.net.dns.records()
-    assert not (vm_dir / "handles.json").exists()
+    assert not (vm_dir / "vmm.json").exists() and not (vm_dir / "vmm.pid").exists()
     await vm.delete_vm("t1")
     assert not vm_dir.exists()
     with pytest.raises(NotFound):
@@ -315,7 +317,7 @@ async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
     dead = await vm.create_vm(req(name="dead"), _noop)
     corrupt = await vm.create_vm(req(name="corrupt"), _noop)
     os.kill(dead.teardown.vmm_pid or 0, signal.SIGKILL)
-    (Path(corrupt.vm_dir) / "handles.json").write_text("{not json")
+    (Path(corrupt.vm_dir) / "vmm.json").write_text("{not json")
     # A new daemon on the same state: a restart.
     d2 = build_daemon(rig.root, rig.ns, rig.fake, rig.ssh)
     try:
@@ -326,7 +328,7 @@ async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
         b = d2.vm.resolve("dead")
         assert b.state == VMState.STOPPED and "exited" in (b.last_error or "")
         c = d2.vm.resolve("corrupt")
-        # handles.json was unreadable; the VMM is found again from its pidfile.
+        # The driver's vmm.json was unreadable; the VMM is found again from its pidfile.
         assert c.state == VMState.RUNNING
         assert d2.net is not None
         assert d2.net.dns.records().get("alive") == alive.guest_ip

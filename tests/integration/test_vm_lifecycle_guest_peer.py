@@ -348,7 +348,7 @@ async def test_kill_never_talks_to_the_guest_and_cleans_up(live: Live) -> None:
     assert not pid_alive(pid)
     assert not await live.d.net.links.exists(tap)
     assert "kk" not in live.d.net.dns.records()
-    assert not (Path(rec.vm_dir) / "handles.json").exists()
+    assert not (Path(rec.vm_dir) / "vmm.pid").exists()
     assert live.vm.ssh._pool == {}
 
 
