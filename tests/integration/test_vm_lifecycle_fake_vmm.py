@@ -1,5 +1,5 @@
 """VMService lifecycle against real disks, a real bridge/taps/nft in a test namespace, and a
-stand-in VMM process (a sleeping python process): everything but the guest boot.
+stand-in VMM process (`vmm.standin`, a sleeping python process): everything but the guest boot.
 
 Guest boots are covered by tests/e2e; here the orchestration, teardown, reconcile and the
 bad inputs are exercised fast and for real.
@@ -15,7 +15,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.vm_service import CreateRequest
-from stoker.daemon.vmm.base import MachineConfig, VMMHandle, pid_alive, proc_argv
+from stoker.daemon.vmm.base import pid_alive
+from stoker.daemon.vmm.standin import StandInDriver
 from stoker.daemon.wiring import wire_services
 from stoker.errors import (
     AlreadyExists,
@@ -49,55 +49,6 @@ pytestmark = pytest.mark.integration
 
 def _noop(*a: Any, **k: Any) -> None:
     pass
-
-
-class SleepVMM:
-    """A VMM stand-in: a detached python process that sleeps, tagged with the VM dir."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.started: list[MachineConfig] = []
-
-    async def start(self, cfg: MachineConfig) -> VMMHandle:
-        self.started.append(cfg)
-        p = subprocess.Popen(  # noqa: ASYNC220 - a detached stand-in, never awaited
-            [
-                sys.executable,
-                "-c",
-                "import time; time.sleep(3600)",
-                "stoker-fake-vmm",
-                str(cfg.vm_dir),
-            ],
-            start_new_session=True,
-        )
-        (cfg.vm_dir / "vmm.pid").write_text(str(p.pid))
-        return VMMHandle(kind="fake", pid=p.pid, api_socket=None, vm_dir=str(cfg.vm_dir))
-
-    def is_running(self, h: VMMHandle) -> bool:
-        return pid_alive(h.pid) and h.vm_dir in proc_argv(h.pid)
-
-    async def kill(self, h: VMMHandle) -> None:
-        if self.is_running(h):
-            os.kill(h.pid, signal.SIGKILL)
-            for _ in range(100):
-                if not pid_alive(h.pid):
-                    break
-                await asyncio.sleep(0.02)
-
-    async def shutdown(self, h: VMMHandle, timeout: float) -> None:
-        await self.kill(h)
-
-    def adopt(self, vm_dir: Path) -> VMMHandle | None:
-        try:
-            pid = int((vm_dir / "vmm.pid").read_text())
-        except (OSError, ValueError):
-            return None
-        h = VMMHandle(kind="fake", pid=pid, api_socket=None, vm_dir=str(vm_dir))
-        return h if self.is_running(h) else None
-
-    async def describe(self, h: VMMHandle) -> dict[str, Any]:
-        return {"running": self.is_running(h)}
 
 
 @dataclass
@@ -141,7 +92,7 @@ def netns() -> Iterator[str]:
 @dataclass
 class Rig:
     d: Daemon
-    fake: SleepVMM
+    fake: StandInDriver
     ssh: FakeSSH
     ns: str
     root: Path
@@ -159,7 +110,7 @@ async def _make_ext4(path: Path, size_mb: int = 64) -> None:
         shutil.rmtree(tree)
 
 
-def build_daemon(root: Path, ns: str, fake: SleepVMM, ssh: FakeSSH) -> Daemon:
+def build_daemon(root: Path, ns: str, fake: StandInDriver, ssh: FakeSSH) -> Daemon:
     layout = Layout(root / "c", root / "s", root / "k", root / "s")
     layout.ensure()
     config = parse_config(
@@ -189,7 +140,7 @@ def build_daemon(root: Path, ns: str, fake: SleepVMM, ssh: FakeSSH) -> Daemon:
 @pytest.fixture
 async def rig(netns: str) -> AsyncIterator[Rig]:
     root = Path(tempfile.mkdtemp(prefix="stk-vm-"))
-    fake, ssh = SleepVMM(), FakeSSH()
+    fake, ssh = StandInDriver(), FakeSSH()
     d = build_daemon(root, netns, fake, ssh)
     assert d.store is not None and d.images is not None
     kdir = root / "kernel"
@@ -262,11 +213,13 @@ async def test_create_start_stop_delete(rig: Rig) -> None:
     assert [d.id for d in cfg.disks] == ["rootfs", "overlay", "work"]
     assert cfg.disks[0].read_only and not cfg.disks[1].read_only
     assert "ip=" not in cfg.cmdline
-    # Durable teardown identity and handles.json.
+    # One durable identity (the store), plus the driver's own pidfile and handle file.
     got = vm.resolve("t1")
     assert got.teardown.tap and got.teardown.vmm_pid
-    h = json.loads((vm_dir / "handles.json").read_text())
-    assert h["tap"] == got.teardown.tap
+    assert (vm_dir / "vmm.pid").read_text().strip() == str(got.teardown.vmm_pid)
+    h = json.loads((vm_dir / "vmm.json").read_text())
+    assert h["pid"] == got.teardown.vmm_pid and h["kind"] == rig.fake.name
+    assert not (vm_dir / "handles.json").exists()
     # The work disk got the managed key and /root stayed 0755.
     from stoker.daemon.imagemgr import ext4
 
@@ -285,7 +238,7 @@ async def test_create_start_stop_delete(rig: Rig) -> None:
     assert not pid_alive(pid)
     assert stopped.teardown.tap is None
     assert "t1" not in rig.d.net.dns.records()
-    assert not (vm_dir / "handles.json").exists()
+    assert not (vm_dir / "vmm.json").exists() and not (vm_dir / "vmm.pid").exists()
     await vm.delete_vm("t1")
     assert not vm_dir.exists()
     with pytest.raises(NotFound):
@@ -364,7 +317,7 @@ async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
     dead = await vm.create_vm(req(name="dead"), _noop)
     corrupt = await vm.create_vm(req(name="corrupt"), _noop)
     os.kill(dead.teardown.vmm_pid or 0, signal.SIGKILL)
-    (Path(corrupt.vm_dir) / "handles.json").write_text("{not json")
+    (Path(corrupt.vm_dir) / "vmm.json").write_text("{not json")
     # A new daemon on the same state: a restart.
     d2 = build_daemon(rig.root, rig.ns, rig.fake, rig.ssh)
     try:
@@ -375,7 +328,7 @@ async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
         b = d2.vm.resolve("dead")
         assert b.state == VMState.STOPPED and "exited" in (b.last_error or "")
         c = d2.vm.resolve("corrupt")
-        # handles.json was unreadable; the VMM is found again from its pidfile.
+        # The driver's vmm.json was unreadable; the VMM is found again from its pidfile.
         assert c.state == VMState.RUNNING
         assert d2.net is not None
         assert d2.net.dns.records().get("alive") == alive.guest_ip
@@ -404,7 +357,7 @@ async def test_ssh_timeout_marks_error_and_cleans_up(rig: Rig) -> None:
     got = vm.resolve("slow")
     assert got.state == VMState.ERROR and "vm logs" in (got.last_error or "")
     assert got.teardown.tap is None
-    assert not rig.fake.started or not SleepVMM().adopt(Path(got.vm_dir))
+    assert not rig.fake.started or not StandInDriver().adopt(Path(got.vm_dir))
     # The VM stays deletable.
     await vm.delete_vm("slow")
 

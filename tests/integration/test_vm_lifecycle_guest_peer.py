@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from guestpeer import GuestPeer, StandInAgent, in_netns
-from test_vm_lifecycle_fake_vmm import SleepVMM, _host_links, _make_ext4
+from test_vm_lifecycle_fake_vmm import _host_links, _make_ext4
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
@@ -35,6 +35,7 @@ from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.imagemgr import ext4
 from stoker.daemon.vm_service import CreateRequest
 from stoker.daemon.vmm.base import MachineConfig, VMMHandle, pid_alive
+from stoker.daemon.vmm.standin import StandInDriver
 from stoker.daemon.wiring import wire_services
 from stoker.errors import StokerError, Timeout, Unavailable
 from stoker.layout import Layout
@@ -51,7 +52,7 @@ def _noop(*a: Any, **k: Any) -> None:
     pass
 
 
-class PeerVMM(SleepVMM):
+class PeerVMM(StandInDriver):
     """The sleeping stand-in VMM whose 'guest' (the SSH peer) comes up as it starts and
     goes away when it is killed."""
 
@@ -71,11 +72,11 @@ class PeerVMM(SleepVMM):
         await self.peer.boot(cfg.name, vm.guest_ip, h.pid, cfg.vm_dir)
         return h
 
-    async def kill(self, h: VMMHandle) -> None:
+    async def shutdown(self, h: VMMHandle, timeout: float, *, hard: bool = False) -> None:
         name = self.names.get(h.vm_dir)
         if name is not None:
             await self.peer.halt(name)
-        await super().kill(h)
+        await super().shutdown(h, timeout, hard=hard)
 
 
 @dataclass
@@ -347,7 +348,7 @@ async def test_kill_never_talks_to_the_guest_and_cleans_up(live: Live) -> None:
     assert not pid_alive(pid)
     assert not await live.d.net.links.exists(tap)
     assert "kk" not in live.d.net.dns.records()
-    assert not (Path(rec.vm_dir) / "handles.json").exists()
+    assert not (Path(rec.vm_dir) / "vmm.pid").exists()
     assert live.vm.ssh._pool == {}
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from stoker.daemon.handles import HandleCache, Handles
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
@@ -148,51 +145,6 @@ def test_registry_is_thread_safe() -> None:
     for t in threads:
         t.join(10)
     assert reg.list() == []
-
-
-# --- handle cache ----------------------------------------------------------------------
-
-
-def test_handles_persist_before_memory_and_reload(tmp_path: Path) -> None:
-    cache = HandleCache()
-    h = Handles(pid=1234, vmm="qemu", tap="tap3", loops=["/dev/loop0"])
-    cache.put("vm1", tmp_path / "vm1", h)
-    on_disk = json.loads((tmp_path / "vm1" / "handles.json").read_text())
-    assert on_disk["pid"] == 1234 and on_disk["tap"] == "tap3"
-    assert cache.get("vm1") == h
-    # a fresh cache (daemon restart) rebuilds from the file
-    again = HandleCache()
-    assert again.get("vm1") is None
-    assert again.load("vm1", tmp_path / "vm1") == h
-    assert again.get("vm1") == h
-    again.drop("vm1", tmp_path / "vm1")
-    assert again.get("vm1") is None
-    assert not (tmp_path / "vm1" / "handles.json").exists()
-
-
-def test_handles_put_failure_leaves_memory_unchanged(tmp_path: Path) -> None:
-    cache = HandleCache()
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(OSError):
-        cache.put("vm1", blocker / "sub", Handles(pid=1))  # parent is a file
-    assert cache.get("vm1") is None
-
-
-@pytest.mark.parametrize(
-    "content", ["not json", "[1, 2]", '{"pid": "12"}', '{"bogus": 1, "pid": [1]}']
-)
-def test_handles_corrupt_file_yields_none(tmp_path: Path, content: str) -> None:
-    (tmp_path / "handles.json").write_text(content)
-    cache = HandleCache()
-    assert cache.load("vm1", tmp_path) is None
-    assert cache.get("vm1") is None
-
-
-def test_handles_ignore_unknown_fields(tmp_path: Path) -> None:
-    (tmp_path / "handles.json").write_text('{"pid": 7, "from_the_future": true}')
-    h = HandleCache().load("vm1", tmp_path)
-    assert h is not None and h.pid == 7
 
 
 # --- service-level locks ------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_too_new_schema_in_rollback_journal_file_is_untouched(tmp_path: Path) ->
 def test_vm_round_trip(populated: Store) -> None:
     v = vm()
     v.workspace = Workspace(guest_path="/root/repo", host_path="/src/repo", head="abc")
-    v.teardown = Teardown(tap="tap0", vmm="qemu", vmm_pid=42, loops=["/dev/loop1"])
+    v.teardown = Teardown(tap="tap0", vmm="qemu", vmm_pid=42, nat=True)
     v.last_error = "boom"
     populated.insert_vm(v)
     got = populated.get_vm(v.id)
@@ -384,3 +384,15 @@ def test_state_dir_and_db_files_are_private(tmp_path: Path) -> None:
         assert oct(state.stat().st_mode & 0o777) == "0o700"
     finally:
         os.umask(old)
+
+
+def test_teardown_of_an_older_version_loads_without_its_unfilled_fields(
+    populated: Store,
+) -> None:
+    v = vm()
+    populated.insert_vm(v)
+    old = '{"tap": "tap0", "vmm": "qemu", "vmm_pid": 42, "api_socket": "/s", "loops": [], "dm_names": [], "nat": false}'  # noqa: E501
+    populated._conn.execute("UPDATE vms SET teardown=? WHERE id=?", (old, v.id))
+    got = populated.get_vm(v.id)
+    assert got is not None
+    assert got.teardown == Teardown(tap="tap0", vmm="qemu", vmm_pid=42, api_socket="/s")

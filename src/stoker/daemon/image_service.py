@@ -22,6 +22,7 @@ from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
 from stoker.daemon.opstate.singleflight import SingleFlight
+from stoker.daemon.revert import Reverter
 from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
@@ -427,11 +428,10 @@ class ImageService:
                 digest="sha256:" + files.sha256,
                 meta={"version": entry.version},
             )
-            try:
+            async with Reverter(self.log) as revert:
+                revert.add(lambda: rmtree(dest, ignore_errors=True), "remove the bundle staging")
                 await self._publish(im, dest)
-            except BaseException:
-                rmtree(dest, ignore_errors=True)
-                raise
+                revert.success()
             progress("done", f"pulled {entry.name} {entry.version}")
             return im
 
@@ -464,12 +464,11 @@ class ImageService:
                     source=f"catalog:{name}",
                     created_at=now(),
                 )
-                try:
+                async with Reverter(self.log) as revert:
+                    revert.add(lambda: rmtree(files.dir, ignore_errors=True), "kernel files")
                     async with self.image_ops_lock:
                         self.store.upsert_kernel(k)
-                except BaseException:
-                    rmtree(files.dir, ignore_errors=True)
-                    raise
+                    revert.success()
                 return k
 
         return await self._kernel_inflight.run(f"kernel-pull:{name}", run)
@@ -551,6 +550,9 @@ class ImageService:
             staging = Path(
                 tempfile.mkdtemp(prefix=f"img-{image_name}-", dir=self.layout.staging_dir)
             )
+            revert = Reverter(self.log)
+            # Deleting a large unpacked tree takes seconds: not on the event loop.
+            revert.add(lambda: _in_thread(lambda: rmtree(staging, ignore_errors=True)), "staging")
             try:
                 progress("inject", "installing stoker's guest files")
                 init: Literal["systemd", "stoker-init"] = (
@@ -593,13 +595,10 @@ class ImageService:
                     },
                 )
                 await self._publish(im, staging)
-                staging = None  # type: ignore[assignment]
+                revert.success()
             finally:
-                # Deleting a large unpacked tree takes seconds: not on the event loop.
-                leftover = staging
                 await _in_thread(pulled.discard)
-                if leftover is not None:
-                    await _in_thread(lambda: rmtree(leftover, ignore_errors=True))
+                await revert.fail()
             if not im.has_sshd:
                 progress(
                     "warning",
@@ -756,12 +755,11 @@ class ImageService:
                 raise AlreadyExists(f"image {im.name!r} appeared while it was being made")
             if final.exists():
                 rmtree(final)  # leftovers of a crash, never registered
-            os.replace(staging, final)
-            try:
+            async with Reverter(self.log) as revert:
+                os.replace(staging, final)
+                revert.add(lambda: rmtree(final, ignore_errors=True), "unpublish the image")
                 self.store.upsert_image(im)
-            except BaseException:
-                rmtree(final, ignore_errors=True)
-                raise
+                revert.success()
 
     async def prune_cache(self, dry_run: bool) -> CachePruned:
         """Remove cached OCI blobs no in-flight pull uses; reports bytes freed."""

@@ -1,4 +1,4 @@
-"""VMService: VM lifecycle, stats, ports, handle cache, per-VM locks, create-op registry.
+"""VMService: VM lifecycle, stats, ports, VMM handles, per-VM locks, create-op registry.
 
 `vm_locks[id]` is held for the entire lifecycle op on a VM. `create_vm_lock` is the
 narrow reservation lock: name re-check + IP allocation + initial row only.
@@ -29,10 +29,10 @@ from stoker.daemon.guestssh import (
     generate_host_key,
     remove_known_host,
 )
-from stoker.daemon.handles import HandleCache, Handles
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
+from stoker.daemon.revert import Reverter
 from stoker.daemon.vm_disks import (
     GuestNet,
     grow_work_disk,
@@ -42,7 +42,6 @@ from stoker.daemon.vm_disks import (
 )
 from stoker.daemon.vmm import Disk, MachineConfig, VMMDriver, VMMHandle
 from stoker.daemon.vmm.base import pid_alive
-from stoker.daemon.vmm.qemu import pvh_bootable
 from stoker.errors import (
     AlreadyExists,
     Ambiguous,
@@ -128,7 +127,9 @@ class VMService:
         self.vm_locks = LockSet()
         self.create_vm_lock = asyncio.Lock()
         self.create_ops: Registry[OpState] = Registry()
-        self.handles = HandleCache()
+        # VMM handles of running VMs, in memory only: the store's teardown identity is the
+        # one durable record, the driver's pidfile + vmm.json find its process again.
+        self.vmm_handles: dict[str, VMMHandle] = {}
         # Test seams (per instance): how to make the VMM driver, how to reach guests.
         self.driver_factory: Callable[[], VMMDriver] = driver_factory or (
             lambda: default_driver(config, runner)
@@ -245,43 +246,40 @@ class VMService:
             )
         op = self.create_ops.add(OpState(kind="create", target=p.name or "?"))
         try:
-            async with self.create_vm_lock:
-                taken = {v.name for v in self.store.list_vms()}
-                name = p.name or generate_name(taken)
-                if name in taken:
-                    raise AlreadyExists(
-                        f"a VM named {name!r} already exists: pick another --name or "
-                        f"`stoker vm delete {name}`"
+            async with Reverter(self.log) as revert:
+                async with self.create_vm_lock:
+                    taken = {v.name for v in self.store.list_vms()}
+                    name = p.name or generate_name(taken)
+                    if name in taken:
+                        raise AlreadyExists(
+                            f"a VM named {name!r} already exists: pick another --name or "
+                            f"`stoker vm delete {name}`"
+                        )
+                    ip = self.net.allocate_ip(self.store.used_ips())
+                    vm_id = uuid.uuid4().hex
+                    ts = now()
+                    vm = VMRecord(
+                        id=vm_id,
+                        name=name,
+                        state=VMState.CREATED,
+                        image=image.name,
+                        spec=spec,
+                        guest_ip=ip,
+                        dns_name=f"{name}.vm",
+                        vm_dir=str(self.layout.vm_dir(vm_id)),
+                        created_at=ts,
+                        updated_at=ts,
                     )
-                ip = self.net.allocate_ip(self.store.used_ips())
-                vm_id = uuid.uuid4().hex
-                ts = now()
-                vm = VMRecord(
-                    id=vm_id,
-                    name=name,
-                    state=VMState.CREATED,
-                    image=image.name,
-                    spec=spec,
-                    guest_ip=ip,
-                    dns_name=f"{name}.vm",
-                    vm_dir=str(self.layout.vm_dir(vm_id)),
-                    created_at=ts,
-                    updated_at=ts,
-                )
-                self.store.insert_vm(vm)
-                if expires_at is not None:
-                    self.store.set_vm_expiry(vm.id, expires_at)
-                    vm.expires_at = expires_at
-            op.target = name
-            op.stage = "disks"
-            try:
-                await run_to_end(self._prepare_disks(vm, image, progress))
-            except BaseException:
-                # Nothing ran yet: roll the half-made VM back entirely (row, dir, host key).
-                remove_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name])
-                shutil.rmtree(vm.vm_dir, ignore_errors=True)
-                self.store.delete_vm(vm.id)
-                raise
+                    self.store.insert_vm(vm)
+                    revert.add(lambda: self.store.delete_vm(vm_id), "delete the VM record")
+                    if expires_at is not None:
+                        self.store.set_vm_expiry(vm.id, expires_at)
+                        vm.expires_at = expires_at
+                op.target = name
+                op.stage = "disks"
+                # Nothing ran yet: a failure rolls the half-made VM back entirely.
+                await run_to_end(self._prepare_disks(vm, image, progress, revert))
+                revert.success()
             if p.no_start:
                 op.finish()
                 progress("created", f"{name} created (not started)")
@@ -295,13 +293,18 @@ class VMService:
             op.finish(str(e))
             raise
 
-    async def _prepare_disks(self, vm: VMRecord, image: Image, progress: Progress) -> None:
+    async def _prepare_disks(
+        self, vm: VMRecord, image: Image, progress: Progress, revert: Reverter
+    ) -> None:
         vm_dir = Path(vm.vm_dir)
         vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        revert.add(lambda: shutil.rmtree(vm_dir, ignore_errors=True), "remove the VM directory")
         progress("disks", "preparing the copy-on-write root and the /root work disk")
         host_key = vm_dir / "ssh_host_ed25519_key"
         pub = await generate_host_key(self.runner, host_key, f"root@{vm.name}")
-        add_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name], pub)
+        hosts = [vm.guest_ip, vm.dns_name, vm.name]
+        add_known_host(self.layout.known_hosts, hosts, pub)
+        revert.add(lambda: remove_known_host(self.layout.known_hosts, hosts), "known_hosts")
         net = self._guest_net(vm)
         await make_overlay_disk(self.runner, vm_dir / OVERLAY, vm.spec.overlay_size, net, host_key)
         seed = Path(image.work_seed) if image.work_seed else None
@@ -352,79 +355,76 @@ class VMService:
         vm.state = VMState.STARTING
         vm.last_error = None
         self.store.update_vm(vm)
+        revert = Reverter(self.log)
         try:
-            progress("prepare", "syncing keys, git identity and files onto the work disk")
-            await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
-            for hook in self.hooks.prepare_host:
-                await hook(vm)
-            progress("network", f"bridge {self.config.bridge_name}, tap, {vm.guest_ip}")
-            await self.net.ensure_bridge()
-            tap = await self.net.acquire_tap()
-            # Durable teardown identity first, then the transient handle, then use it.
-            vm.teardown = Teardown(tap=tap, vmm=driver.name, nat=vm.spec.nat)
-            self.store.update_vm(vm)
-            self.handles.put(vm.id, vm_dir, Handles(tap=tap, vmm=driver.name))
-            await self.net.attach_tap(tap)
-            for hook in self.hooks.post_network:
-                await hook(vm)
-            cfg = self._machine_config(vm, kernel, image, tap)
-            pre_boot = time.monotonic() - t0
-            progress("boot", f"starting {driver.name}")
-            handle = await driver.start(cfg)
-            vm.teardown.vmm_pid = handle.pid
-            vm.teardown.api_socket = handle.api_socket
-            self.store.update_vm(vm)
-            self.handles.put(
-                vm.id,
-                vm_dir,
-                Handles(
-                    pid=handle.pid,
-                    vmm=driver.name,
-                    tap=tap,
-                    api_socket=handle.api_socket,
-                    extra={"handle": handle.to_dict()},
-                ),
-            )
-            t_vmm = time.monotonic()
-            deadline = t_vmm + self.boot_timeout
+            async with revert:
+                # What the start acquires (tap, NAT, VMM) is named by the VM's teardown
+                # identity before it is used: the undo is the one teardown stop uses too.
+                revert.add(lambda: self._teardown_or_raise(vm))
+                progress("prepare", "syncing keys, git identity and files onto the work disk")
+                await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
+                for hook in self.hooks.prepare_host:
+                    await hook(vm)
+                progress("network", f"bridge {self.config.bridge_name}, tap, {vm.guest_ip}")
+                await self.net.ensure_bridge()
+                tap = await self.net.acquire_tap()
+                # Durable teardown identity first, then use it.
+                vm.teardown = Teardown(tap=tap, vmm=driver.name, nat=vm.spec.nat)
+                self.store.update_vm(vm)
+                await self.net.attach_tap(tap)
+                for hook in self.hooks.post_network:
+                    await hook(vm)
+                cfg = self._machine_config(vm, kernel, image, tap)
+                pre_boot = time.monotonic() - t0
+                progress("boot", f"starting {driver.name}")
+                handle = await driver.start(cfg)
+                # The store keeps pid and socket (shown by `vm show`); the driver's own
+                # pidfile + vmm.json are what find the process again.
+                vm.teardown.vmm_pid = handle.pid
+                vm.teardown.api_socket = handle.api_socket
+                self.store.update_vm(vm)
+                self.vmm_handles[vm.id] = handle
+                t_vmm = time.monotonic()
+                deadline = t_vmm + self.boot_timeout
 
-            def alive() -> bool:
-                return driver.is_running(handle)
+                def alive() -> bool:
+                    return driver.is_running(handle)
 
-            # VMM up -> agent /healthz -> SSH. The agent is not required (images without
-            # python3 have none): SSH is the gate, the agent wait runs beside it. With
-            # ready="agent" (a non-interactive command comes next) an agent that can exec
-            # is enough, and SSH is the gate only when it answers first.
-            progress("agent", "waiting for the guest agent")
-            if ready == "agent":
-                agent_s = await self._wait_agent_or_ssh(vm, deadline, alive, progress)
-            else:
-                agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
-                try:
-                    await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
-                    self.ssh_seen.add(vm.id)
-                    progress("ssh", "SSH answers")
-                    agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
-                except TimeoutError:
-                    agent_s = None
-                finally:
-                    agent_wait.cancel()
-            boot = time.monotonic() - t_vmm
-            for hook in self.hooks.post_start:
-                await hook(vm)
-            vm.state = VMState.RUNNING
-            vm.started_at = now()
-            self.store.update_vm(vm)
-            self.last_timings[vm.id] = {
-                "pre_boot_s": round(pre_boot, 3),
-                "boot_s": round(boot, 3),
-                "agent_s": round(agent_s, 3) if agent_s is not None else -1.0,
-            }
-            progress("ready", f"{vm.name} is running at {vm.guest_ip} ({vm.dns_name})")
-            return vm
+                # VMM up -> agent /healthz -> SSH. The agent is not required (images without
+                # python3 have none): SSH is the gate, the agent wait runs beside it. With
+                # ready="agent" (a non-interactive command comes next) an agent that can exec
+                # is enough, and SSH is the gate only when it answers first.
+                progress("agent", "waiting for the guest agent")
+                if ready == "agent":
+                    agent_s = await self._wait_agent_or_ssh(vm, deadline, alive, progress)
+                else:
+                    agent_wait = asyncio.ensure_future(vm_stats.wait_agent(self, vm, deadline))
+                    try:
+                        await self.ssh.wait_ready(self.ssh_target(vm), self.boot_timeout, alive)
+                        self.ssh_seen.add(vm.id)
+                        progress("ssh", "SSH answers")
+                        agent_s = await asyncio.wait_for(asyncio.shield(agent_wait), 3.0)
+                    except TimeoutError:
+                        agent_s = None
+                    finally:
+                        agent_wait.cancel()
+                boot = time.monotonic() - t_vmm
+                for hook in self.hooks.post_start:
+                    await hook(vm)
+                vm.state = VMState.RUNNING
+                vm.started_at = now()
+                self.store.update_vm(vm)
+                self.last_timings[vm.id] = {
+                    "pre_boot_s": round(pre_boot, 3),
+                    "boot_s": round(boot, 3),
+                    "agent_s": round(agent_s, 3) if agent_s is not None else -1.0,
+                }
+                progress("ready", f"{vm.name} is running at {vm.guest_ip} ({vm.dns_name})")
+                revert.success()
+                return vm
         except BaseException as e:
             msg = e.message if isinstance(e, StokerError) else f"{type(e).__name__}: {e}"
-            errs = await self._cleanup(vm)
+            errs = revert.errors
             vm.state = VMState.ERROR
             vm.last_error = msg + (f" (cleanup: {'; '.join(errs)})" if errs else "")
             self.store.update_vm(vm)
@@ -531,19 +531,14 @@ class VMService:
     ) -> MachineConfig:
         vm_dir = Path(vm.vm_dir)
         driver = self._driver()
-        if driver.name == "firecracker":
-            kpath = kernel.vmlinux or kernel.bzimage
-        elif kernel.vmlinux and pvh_bootable(Path(kernel.vmlinux)):
-            kpath = kernel.vmlinux  # QEMU's PVH entry: no decompression (docs/guest-boot.md)
-        else:
-            kpath = kernel.bzimage or kernel.vmlinux
-        if not kpath:
+        kpath = driver.boot_kernel(kernel)
+        if kpath is None:
             raise Conflict(f"kernel {kernel.name} has no bootable file for {driver.name}")
         return MachineConfig(
             vm_id=vm.id,
             name=vm.name,
             vm_dir=vm_dir,
-            kernel=Path(kpath),
+            kernel=kpath,
             initrd=Path(kernel.initrd) if kernel.initrd else None,
             cmdline=BOOT_CMDLINE,
             vcpu=vm.spec.vcpu,
@@ -556,7 +551,7 @@ class VMService:
             tap=tap,
             mac=mac_for(vm.guest_ip),
             serial_log=vm_dir / SERIAL_LOG,
-            vsock_cid=vsock_cid_for(vm.guest_ip) if driver.name == "firecracker" else None,
+            vsock_cid=driver.vsock_cid(vm.guest_ip),
             agent_socket=vm_dir / vm_stats.AGENT_SOCKET,
         )
 
@@ -583,14 +578,14 @@ class VMService:
             return await self._start_locked(vm, progress)
 
     def _handle(self, vm: VMRecord) -> VMMHandle | None:
-        h = self.handles.get(vm.id) or self.handles.load(vm.id, Path(vm.vm_dir))
-        raw = h.extra.get("handle") if h else None
-        if isinstance(raw, dict):
-            try:
-                return VMMHandle.from_dict(raw)
-            except (TypeError, ValueError, KeyError):
-                pass
-        return self._driver().adopt(Path(vm.vm_dir))
+        """The VM's VMM handle: the one this daemon started, else what the driver finds
+        of its own process (pidfile + vmm.json, the pid checked to really be that VMM)."""
+        handle = self.vmm_handles.get(vm.id)
+        if handle is None:
+            handle = self._driver().adopt(Path(vm.vm_dir))
+            if handle is not None:
+                self.vmm_handles[vm.id] = handle
+        return handle
 
     async def _stop_locked(self, vm: VMRecord, force: bool) -> VMRecord:
         handle = self._handle(vm)
@@ -652,10 +647,16 @@ class VMService:
         if forget is not None:
             await forget(self.ssh_target(vm))
         self.last_samples.pop(vm.id, None)
-        self.handles.drop(vm.id, Path(vm.vm_dir))
+        self.vmm_handles.pop(vm.id, None)
         vm.teardown = Teardown()
         self.store.update_vm(vm)
         return errs
+
+    async def _teardown_or_raise(self, vm: VMRecord) -> None:
+        """`_cleanup` as an undo: its collected errors raised as one."""
+        errs = await self._cleanup(vm)
+        if errs:
+            raise StokerError("; ".join(errs))
 
     # --- delete / set ------------------------------------------------------------------
 
@@ -871,7 +872,7 @@ class VMService:
         return removed
 
     async def reconcile(self) -> None:
-        """At daemon start: keep VMs whose VMM is alive (handles rebuilt), mark dead ones
+        """At daemon start: keep VMs whose VMM is alive (handles adopted), mark dead ones
         stopped and tear down what they left (tap, NAT rules), reap orphan taps and NAT
         rules, and republish DNS for the running ones."""
         in_use_taps: set[str] = set()
@@ -884,7 +885,6 @@ class VMService:
                     if errs:
                         self.log.warning("reconcile %s: %s", vm.name, "; ".join(errs))
                 continue
-            h = self.handles.load(vm.id, Path(vm.vm_dir))
             handle = self._handle(vm)
             alive = handle is not None and self._driver().is_running(handle)
             if alive and vm.state == VMState.RUNNING:
@@ -893,18 +893,6 @@ class VMService:
                     vm.name,
                     handle.pid if handle else None,
                 )
-                if h is None and handle is not None:
-                    self.handles.put(
-                        vm.id,
-                        Path(vm.vm_dir),
-                        Handles(
-                            pid=handle.pid,
-                            vmm=handle.kind,
-                            tap=vm.teardown.tap,
-                            api_socket=handle.api_socket,
-                            extra={"handle": handle.to_dict()},
-                        ),
-                    )
                 if vm.teardown.tap:
                     in_use_taps.add(vm.teardown.tap)
                     try:  # rebuilt from the store: rules, DNS view, name refreshes
@@ -942,7 +930,7 @@ class VMService:
 
     async def is_alive(self, vm: VMRecord) -> bool:
         """True when the VM's VMM process is running (by cached handle, else teardown pid)."""
-        h = self.handles.get(vm.id)
+        h = self.vmm_handles.get(vm.id)
         pid = h.pid if h is not None else vm.teardown.vmm_pid
         if not pid:
             return False
@@ -978,13 +966,6 @@ def parse_time(ts: str) -> float:
     from datetime import UTC, datetime
 
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-
-
-def vsock_cid_for(ip: str) -> int:
-    """A guest CID unique per VM on this host: 3 + the guest IPv4 as an integer's low bits."""
-    import ipaddress
-
-    return 3 + (int(ipaddress.IPv4Address(ip)) & 0xFFFFFF)
 
 
 T = TypeVar("T")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stoker.daemon.agent import (
     AgentClient,
     AgentError,
+    AgentTransport,
     FirecrackerVsockTransport,
     GuestStats,
     SerialTransport,
@@ -32,14 +33,22 @@ PROBE_TIMEOUT = 1.0
 
 
 def agent_for(svc: VMService, vm: VMRecord) -> AgentClient:
-    """The VM's agent client (one per VM: QEMU's chardev takes one client at a time)."""
+    """The VM's agent client (one per VM: QEMU's chardev takes one client at a time), over
+    the channel its VMM driver gives it."""
     c = svc.agents.get(vm.id)
     if c is None:
-        sock = Path(vm.vm_dir) / AGENT_SOCKET
-        if vm.teardown.vmm == "firecracker":
-            c = AgentClient(FirecrackerVsockTransport(str(sock)), name=vm.name)
-        else:
-            c = AgentClient(SerialTransport(str(sock)), name=vm.name)
+        handle = svc._handle(vm)
+        channel = svc._driver().agent_transport(handle) if handle is not None else None
+        if channel is None:
+            # No VMM of this VM is found: a client (not kept) whose calls report the agent
+            # unreachable, as they would for a VMM that has just exited.
+            return AgentClient(SerialTransport(str(Path(vm.vm_dir) / AGENT_SOCKET)), name=vm.name)
+        transport: AgentTransport = (
+            FirecrackerVsockTransport(channel.socket)
+            if channel.hybrid_vsock
+            else SerialTransport(channel.socket)
+        )
+        c = AgentClient(transport, name=vm.name)
         svc.agents[vm.id] = c
     return c
 

@@ -31,7 +31,7 @@ from stoker.hostprobe.probes import (
     version_line,
     which,
 )
-from stoker.hostprobe.vmm import choose_accel, choose_vmm
+from stoker.hostprobe.vmm import FIRECRACKER, QEMU, backend, choose_accel, choose_vmm
 from stoker.layout import Layout
 from stoker.runner import Runner
 
@@ -281,7 +281,7 @@ async def check_firecracker(ctx: Context) -> Check:
         )
     return Check(
         "firecracker",
-        "FAIL" if ctx.config.vmm == "firecracker" else "WARN",
+        "FAIL" if backend(ctx.config.vmm) is FIRECRACKER else "WARN",
         f"{ctx.config.firecracker_bin!r} not found",
         "install Firecracker (static release binaries of firecracker and jailer) and "
         'set firecracker_bin, or use vmm = "qemu"',
@@ -317,7 +317,7 @@ async def check_qemu(ctx: Context) -> Check:
         )
     return Check(
         "qemu",
-        "FAIL" if ctx.config.vmm == "qemu" else "WARN",
+        "FAIL" if backend(ctx.config.vmm) is QEMU else "WARN",
         f"{ctx.config.qemu_bin!r} not found",
         "apt-get install qemu-system-x86",
     )
@@ -336,7 +336,8 @@ async def check_vmm(ctx: Context) -> Check:
         kvm_ok,
         untrusted,
     )
-    if vmm == "qemu":
+    chosen = backend(vmm)
+    if chosen is not None and chosen.has_accel:
         accel, accel_why = choose_accel(kvm_ok, untrusted)
         why += f"; accel {accel} ({accel_why})"
     return Check(

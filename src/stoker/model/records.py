@@ -49,9 +49,14 @@ class Teardown:
     vmm: str | None = None
     vmm_pid: int | None = None
     api_socket: str | None = None
-    loops: list[str] = field(default_factory=list)
-    dm_names: list[str] = field(default_factory=list)
     nat: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Teardown:
+        """From the store's JSON; keys of older versions (`loops`, `dm_names`: never
+        filled) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -493,7 +493,7 @@ def _vm_from(r: sqlite3.Row) -> VMRecord:
         vm_dir=r["vm_dir"],
         last_error=r["last_error"],
         workspace=Workspace(**ws) if ws else None,
-        teardown=Teardown(**json.loads(r["teardown"] or "{}")),
+        teardown=Teardown.from_dict(json.loads(r["teardown"] or "{}")),
         created_at=r["created_at"],
         updated_at=r["updated_at"],
         started_at=r["started_at"],

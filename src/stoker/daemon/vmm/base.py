@@ -1,26 +1,37 @@
-"""The one VMM interface, its records, and the process plumbing both backends share.
+"""The one VMM interface (`ProcessVMM`), its records, and the process plumbing.
 
 A driver turns a `MachineConfig` into a running VMM process and back: `start` spawns it
 fully detached (own session, pidfile and handle file in the VM directory) so it outlives
 the daemon; `adopt` finds it again after a daemon restart; `is_running` never trusts a bare
 pid (the pid must still be this VMM for this VM directory); `shutdown`/`kill` end it and
 remove what it leaves behind (sockets, pidfile, jail), keeping the logs.
+
+`ProcessVMM` is the abstract base in the spirit of QEMU's `python/qemu/machine`: the
+template methods (`start`, `shutdown`, `kill`, `adopt`, `is_running`) are written once
+here, each backend fills in hooks (`_prepare` builds the argv, `_configure` brings the
+spawned VMM to a running guest, `_request_poweroff`, `_leftover_paths`, `_matches_pid`,
+`_default_handle`) and answers the questions the daemon would otherwise ask by name
+(`boot_kernel`, `vsock_cid`, `agent_transport`).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
+import ipaddress
 import json
+import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from stoker.errors import InvalidArgument, Timeout
+from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
+from stoker.runner import Runner
 
 # Files a driver keeps in the VM directory (names shared by both backends).
 PIDFILE = "vmm.pid"
@@ -109,37 +120,42 @@ class VMMHandle:
         return cls(kind=kind, pid=pid, api_socket=api_socket, vm_dir=vm_dir, extra=dict(extra))
 
 
-class VMMDriver(Protocol):
-    """One VMM backend (Firecracker, QEMU microvm) behind one interface."""
+@dataclass(frozen=True)
+class AgentChannel:
+    """How the host reaches the guest agent of one VM (the driver's answer).
 
-    name: str
+    `socket` is a host unix socket. `hybrid_vsock` False: the socket is a byte stream
+    straight to the agent (QEMU's virtio-serial chardev); True: Firecracker's vsock
+    multiplexer, which wants `CONNECT <port>` before the stream starts.
+    """
 
-    async def start(self, cfg: MachineConfig) -> VMMHandle:
-        """Spawn the VMM detached, configure it and start the guest. On any failure the
-        process is killed and its leftovers removed before the error is raised."""
-        ...
+    socket: str
+    hybrid_vsock: bool = False
 
-    async def shutdown(self, handle: VMMHandle, timeout: float) -> None:
-        """Ask the guest to stop at VMM level (Ctrl-Alt-Del / ACPI power button), wait up
-        to `timeout` seconds, then kill. Cleans up like `kill`."""
-        ...
 
-    async def kill(self, handle: VMMHandle) -> None:
-        """SIGKILL the VMM (only if it is still this VMM), wait for it to exit, remove its
-        sockets/pidfile/jail. Safe to call when it has already exited."""
-        ...
+class KernelFiles(Protocol):
+    """The boot files of an imported kernel (satisfied by `stoker.model.records.Kernel`)."""
 
-    def is_running(self, handle: VMMHandle) -> bool:
-        """The pid is alive and really is this VMM for this VM directory."""
-        ...
+    @property
+    def vmlinux(self) -> str | None: ...
+    @property
+    def bzimage(self) -> str | None: ...
 
-    def adopt(self, vm_dir: Path) -> VMMHandle | None:
-        """Rebuild the handle of a VMM left running by an earlier daemon, or None."""
-        ...
 
-    async def describe(self, handle: VMMHandle) -> dict[str, Any]:
-        """State read back from the VMM's own API (always has a boolean `running`)."""
-        ...
+@dataclass
+class Launch:
+    """What a backend's `_prepare` hook hands the start template: the argv to spawn, where
+    its output goes, the control socket and the handle's `extra`."""
+
+    argv: list[str]
+    stdout: Path
+    stderr: Path | None
+    api_socket: Path | None
+    extra: dict[str, Any]
+    sockets: list[tuple[Path, str]] = field(default_factory=list)  # checked for length
+    context: object = None  # backend-private, for its `_configure`
+    pass_fds: Mapping[int, int] | None = None  # child fd -> our fd, handed over at spawn
+    release: Callable[[], None] | None = None  # once spawned (or failed): close our copies
 
 
 # --- process helpers shared by the backends ------------------------------------------
@@ -339,3 +355,201 @@ def validate_config(cfg: MachineConfig) -> None:
 def netns_prefix(netns: str | None) -> list[str]:
     """argv prefix that runs a command inside a named network namespace."""
     return ["ip", "netns", "exec", netns] if netns else []
+
+
+def vsock_cid_for(ip: str) -> int:
+    """A guest CID unique per VM on this host: 3 + the guest IPv4 as an integer's low bits."""
+    return 3 + (int(ipaddress.IPv4Address(ip)) & 0xFFFFFF)
+
+
+# --- the abstract process VMM -----------------------------------------------------------
+
+
+class ProcessVMM(abc.ABC):
+    """One VMM backend: a detached process per VM, found again by pidfile + handle file.
+
+    Template methods here; hooks (underscored, abstract) in each backend. `shutdown` is
+    soft (the backend's poweroff request, then wait), else hard (SIGKILL, only if the pid
+    is still this VMM), and always post-shutdown (`_post_shutdown` removes what the VMM
+    leaves behind) in a `finally`.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]  # how messages name the VMM ("QEMU", "Firecracker")
+
+    def __init__(self, runner: Runner, exe_hint: str, logger: logging.Logger) -> None:
+        self.runner = runner
+        self.exe_hint = exe_hint
+        self.log = logger
+
+    # --- backend answers -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def boot_kernel(self, kernel: KernelFiles) -> Path | None:
+        """The kernel file this VMM boots (None: the kernel has none it can boot)."""
+
+    def vsock_cid(self, guest_ip: str) -> int | None:
+        """The guest's vsock CID, or None when this VMM gives the guest no vsock."""
+        return None
+
+    def agent_transport(self, handle: VMMHandle) -> AgentChannel | None:
+        """How the host reaches this VM's guest agent (None: no agent channel)."""
+        sock = handle.extra.get("agent_socket")
+        return AgentChannel(str(sock)) if sock else None
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def _validate(self, cfg: MachineConfig) -> None:  # noqa: B027 - optional hook
+        """Backend-specific checks of `cfg` before anything is touched."""
+
+    @abc.abstractmethod
+    def _prepare(self, cfg: MachineConfig) -> Launch:
+        """Build the argv (with the netns prefix) and any files the VMM needs first."""
+
+    @abc.abstractmethod
+    async def _configure(self, handle: VMMHandle, cfg: MachineConfig, launch: Launch) -> None:
+        """Bring the spawned VMM to a running guest (wait for its API, configure it)."""
+
+    @abc.abstractmethod
+    async def _request_poweroff(self, handle: VMMHandle, timeout: float) -> None:
+        """Ask the guest to stop at VMM level; raises CommandFailed/Unavailable/Timeout."""
+
+    @abc.abstractmethod
+    def _leftover_paths(self, handle: VMMHandle) -> list[Path | str | None]:
+        """Files the VMM leaves behind once it has exited (never the logs)."""
+
+    @abc.abstractmethod
+    def _matches_pid(self, handle: VMMHandle, argv: list[str]) -> bool:
+        """The live process with this argv is this handle's VMM (guards against pid reuse)."""
+
+    @abc.abstractmethod
+    def _default_handle(self, vm_dir: Path, pid: int) -> VMMHandle:
+        """The handle of a VMM in `vm_dir` known only by its pidfile (no handle file)."""
+
+    def _post_shutdown(self, handle: VMMHandle) -> None:
+        """Remove what the VMM leaves behind; safe when it never ran or is long gone."""
+        unlink_quiet(*self._leftover_paths(handle))
+
+    # --- identity ----------------------------------------------------------------------
+
+    def is_running(self, handle: VMMHandle) -> bool:
+        """The pid is alive and really is this VMM for this VM directory."""
+        if handle.kind != self.name:
+            return False
+        return proc_is(handle.pid, self.exe_hint, lambda argv: self._matches_pid(handle, argv))
+
+    def adopt(self, vm_dir: Path) -> VMMHandle | None:
+        """Rebuild the handle of a VMM left running by an earlier daemon (pidfile + saved
+        handle), or None."""
+        handle = load_handle(vm_dir, self.name)
+        pid = read_pidfile(vm_dir / PIDFILE)
+        if handle is None:
+            if pid is None:
+                return None
+            handle = self._default_handle(vm_dir, pid)
+        elif pid is not None:
+            handle.pid = pid
+        return handle if self.is_running(handle) else None
+
+    # --- start -------------------------------------------------------------------------
+
+    async def start(self, cfg: MachineConfig) -> VMMHandle:
+        """Spawn the VMM detached, configure it and start the guest. On any failure the
+        process is killed and its leftovers removed before the error is raised."""
+        return await self._start(cfg, self._prepare)
+
+    async def _start(
+        self, cfg: MachineConfig, prepare: Callable[[MachineConfig], Launch]
+    ) -> VMMHandle:
+        """The start template (`prepare` is `_prepare`, or a backend's variant of it)."""
+        validate_config(cfg)
+        self._validate(cfg)
+        running = self.adopt(cfg.vm_dir)
+        if running is not None:
+            raise Conflict(
+                f"a {self.label} for VM {cfg.name} is already running (pid {running.pid}): "
+                "stop it first (stoker vm stop/kill)"
+            )
+        # What an earlier run that died without cleanup left (stale sockets make bind fail).
+        stale = load_handle(cfg.vm_dir, self.name) or self._default_handle(cfg.vm_dir, 1)
+        self._post_shutdown(stale)
+        unlink_quiet(cfg.agent_socket)
+        cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        launch = prepare(cfg)
+        handle = VMMHandle(
+            kind=self.name,
+            pid=1,  # not spawned yet
+            api_socket=str(launch.api_socket) if launch.api_socket else None,
+            vm_dir=str(cfg.vm_dir),
+            extra=launch.extra,
+        )
+        try:
+            for path, what in launch.sockets:
+                check_socket_path(path, what)
+            handle.pid = await self.runner.spawn(
+                launch.argv, stdout=launch.stdout, stderr=launch.stderr, pass_fds=launch.pass_fds
+            )
+        except BaseException:
+            self._post_shutdown(handle)  # what `_prepare` made is named in the handle
+            raise
+        finally:
+            if launch.release is not None:
+                launch.release()
+        pid = handle.pid
+        try:
+            save_handle(handle)
+            await self._configure(handle, cfg, launch)
+        except BaseException:
+            await self._abort(handle)
+            raise
+        self.log.info("%s for %s started (pid %d)", self.name, cfg.name, pid)
+        return handle
+
+    async def _abort(self, handle: VMMHandle) -> None:
+        """A start failed half-way: never leave the VMM or its files behind. The pid is
+        our unreaped child, so it is killed without the identity check (which would miss
+        an `ip netns exec` that has not exec'd the VMM yet)."""
+        try:
+            await asyncio.shield(sigkill_and_wait(handle.pid))
+        except Exception as e:  # the original error matters more
+            self.log.warning("cleanup after failed start of pid %d: %s", handle.pid, e)
+        self._post_shutdown(handle)
+
+    # --- stop --------------------------------------------------------------------------
+
+    async def shutdown(self, handle: VMMHandle, timeout: float, *, hard: bool = False) -> None:
+        """Soft (ask the guest to stop at VMM level, wait up to `timeout`), then hard
+        (SIGKILL if still this VMM), then post-shutdown cleanup, which always runs."""
+        try:
+            if not self.is_running(handle):
+                return
+            if not hard and await self._soft_shutdown(handle, timeout):
+                return
+            if self.is_running(handle):
+                await sigkill_and_wait(handle.pid)
+        finally:
+            self._post_shutdown(handle)
+
+    async def _soft_shutdown(self, handle: VMMHandle, timeout: float) -> bool:
+        """True when the VMM exited within `timeout` of the poweroff request."""
+        try:
+            await self._request_poweroff(handle, timeout)
+        except (CommandFailed, Unavailable, Timeout) as e:
+            self.log.info("poweroff request to pid %d failed (%s): killing", handle.pid, e)
+            return False
+        return await wait_exit(handle.pid, timeout)
+
+    async def kill(self, handle: VMMHandle) -> None:
+        """SIGKILL the VMM (only if it is still this VMM), wait for it to exit, remove its
+        leftovers. Safe to call when it has already exited."""
+        await self.shutdown(handle, 0.0, hard=True)
+
+    # --- introspection -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def describe(self, handle: VMMHandle) -> dict[str, Any]:
+        """State read back from the VMM's own API (always has a boolean `running`)."""
+
+
+# The name the daemon uses for "a VMM driver".
+VMMDriver = ProcessVMM

@@ -32,25 +32,21 @@ from stoker.daemon.vmm.base import (
     HANDLE_FILE,
     PIDFILE,
     VMM_LOG,
+    AgentChannel,
     Disk,
+    KernelFiles,
+    Launch,
     MachineConfig,
+    ProcessVMM,
     VMMHandle,
-    check_socket_path,
     has_option,
-    load_handle,
     netns_prefix,
     pid_alive,
-    proc_is,
-    read_pidfile,
-    save_handle,
-    sigkill_and_wait,
     tail,
-    unlink_quiet,
-    validate_config,
-    wait_exit,
+    vsock_cid_for,
     write_file_atomic,
 )
-from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
+from stoker.errors import CommandFailed, InvalidArgument, Timeout, Unavailable
 from stoker.runner import Runner
 
 API_SOCKET = "fc.sock"
@@ -254,10 +250,11 @@ class FirecrackerAPI:
         return data
 
 
-class FirecrackerDriver:
+class FirecrackerDriver(ProcessVMM):
     """The Firecracker VMM driver (see module docstring)."""
 
     name = "firecracker"
+    label = "Firecracker"
 
     def __init__(
         self,
@@ -269,57 +266,53 @@ class FirecrackerDriver:
         ready_timeout: float = 10.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.runner = runner
+        super().__init__(
+            runner,
+            os.path.basename(firecracker_bin) or "firecracker",
+            logger or logging.getLogger("stoker.vmm.firecracker"),
+        )
         self.firecracker_bin = firecracker_bin
         self.jailer = jailer
         self.api_timeout = api_timeout
         self.ready_timeout = ready_timeout
-        self.log = logger or logging.getLogger("stoker.vmm.firecracker")
-        self._exe_hint = os.path.basename(firecracker_bin) or "firecracker"
 
-    # --- identity --------------------------------------------------------------------
+    # --- backend answers ---------------------------------------------------------------
 
-    def _matches(self, handle: VMMHandle) -> bool:
-        vm_id = str(handle.extra.get("vm_id", ""))
+    def boot_kernel(self, kernel: KernelFiles) -> Path | None:
+        """Firecracker boots the ELF vmlinux (before 1.17 it cannot boot a bzImage; a
+        bzImage-only kernel is refused in `start` with that reason)."""
+        f = kernel.vmlinux or kernel.bzimage
+        return Path(f) if f else None
+
+    def vsock_cid(self, guest_ip: str) -> int | None:
+        """Every Firecracker guest gets a vsock (the agent channel), CID from its IP."""
+        return vsock_cid_for(guest_ip)
+
+    def agent_transport(self, handle: VMMHandle) -> AgentChannel | None:
+        """The vsock multiplexer's host socket (`CONNECT <port>` first)."""
+        sock = handle.extra.get("agent_socket") or handle.extra.get("vsock_uds")
+        return AgentChannel(str(sock), hybrid_vsock=True) if sock else None
+
+    # --- identity ----------------------------------------------------------------------
+
+    def _matches_pid(self, handle: VMMHandle, argv: list[str]) -> bool:
         if handle.extra.get("jailed"):
             # The jailer execs `/firecracker --id <id> ...` inside the chroot.
-            def match(argv: list[str]) -> bool:
-                return has_option(argv, "--id", vm_id)
-        else:
-            sock = handle.api_socket or ""
+            return has_option(argv, "--id", str(handle.extra.get("vm_id", "")))
+        return has_option(argv, "--api-sock", handle.api_socket or "")
 
-            def match(argv: list[str]) -> bool:
-                return has_option(argv, "--api-sock", sock)
+    def _default_handle(self, vm_dir: Path, pid: int) -> VMMHandle:
+        return VMMHandle(
+            kind=self.name,
+            pid=pid,
+            api_socket=str(vm_dir / API_SOCKET),
+            vm_dir=str(vm_dir),
+            extra={"vm_id": vm_dir.name, "jailed": False},
+        )
 
-        return proc_is(handle.pid, self._exe_hint, match)
+    # --- start -------------------------------------------------------------------------
 
-    def is_running(self, handle: VMMHandle) -> bool:
-        """The pid is alive and is Firecracker serving this VM's socket/id."""
-        return handle.kind == self.name and self._matches(handle)
-
-    def adopt(self, vm_dir: Path) -> VMMHandle | None:
-        """Find a Firecracker left running for `vm_dir` (pidfile + saved handle)."""
-        handle = load_handle(vm_dir, self.name)
-        pid = read_pidfile(vm_dir / PIDFILE)
-        if handle is None:
-            if pid is None:
-                return None
-            handle = VMMHandle(
-                kind=self.name,
-                pid=pid,
-                api_socket=str(vm_dir / API_SOCKET),
-                vm_dir=str(vm_dir),
-                extra={"vm_id": vm_dir.name, "jailed": False},
-            )
-        elif pid is not None:
-            handle.pid = pid
-        return handle if self.is_running(handle) else None
-
-    # --- start -----------------------------------------------------------------------
-
-    async def start(self, cfg: MachineConfig) -> VMMHandle:
-        """Spawn Firecracker, configure it fully and start the guest."""
-        validate_config(cfg)
+    def _validate(self, cfg: MachineConfig) -> None:
         if not _VM_ID.match(cfg.vm_id):
             raise InvalidArgument(
                 f"VM id {cfg.vm_id!r} cannot be a Firecracker id (1-64 of A-Z a-z 0-9 -)"
@@ -334,21 +327,9 @@ class FirecrackerDriver:
                 f"{cfg.kernel} is not an ELF vmlinux: Firecracker cannot boot a compressed "
                 "bzImage; import the kernel with its vmlinux (stoker kernel pull)"
             )
-        running = self.adopt(cfg.vm_dir)
-        if running is not None:
-            raise Conflict(
-                f"a Firecracker for VM {cfg.name} is already running (pid {running.pid}): "
-                "stop it first (stoker vm stop/kill)"
-            )
+
+    def _prepare(self, cfg: MachineConfig) -> Launch:
         vm_dir = cfg.vm_dir
-        # What an earlier run that died without cleanup left (stale sockets make bind fail).
-        stale = load_handle(vm_dir, self.name) or VMMHandle(
-            self.name, 1, str(vm_dir / API_SOCKET), str(vm_dir), {"vm_id": cfg.vm_id}
-        )
-        self._remove_leftovers(stale)
-        if cfg.agent_socket is not None:
-            unlink_quiet(cfg.agent_socket)
-        cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
         vmm_log = vm_dir / VMM_LOG
         extra: dict[str, Any] = {
             "vm_id": cfg.vm_id,
@@ -377,24 +358,30 @@ class FirecrackerDriver:
             ]
         else:
             api_sock, view, argv = self._prepare_jail(cfg, extra)
-        check_socket_path(api_sock, "Firecracker API socket")
         if extra.get("vsock_uds"):
-            check_socket_path(Path(extra["vsock_uds"]), "vsock socket")
+            # Where the agent client connects (a link into the jail when jailed).
+            extra["agent_socket"] = str(cfg.agent_socket)
+        sockets = [(api_sock, "Firecracker API socket")]
+        if extra.get("vsock_uds"):
+            sockets.append((Path(extra["vsock_uds"]), "vsock socket"))
+        return Launch(
+            argv=argv,
+            stdout=cfg.serial_log,
+            stderr=vmm_log,
+            api_socket=api_sock,
+            extra=extra,
+            sockets=sockets,
+            context=view,
+        )
 
-        pid = await self.runner.spawn(argv, stdout=cfg.serial_log, stderr=vmm_log)
-        handle = VMMHandle(self.name, pid, str(api_sock), str(vm_dir), extra)
-        try:
-            write_file_atomic(vm_dir / PIDFILE, f"{pid}\n")
-            save_handle(handle)
-            await self._wait_api(handle)
-            async with self._api(handle) as api:
-                for req in api_requests(cfg, view):
-                    await api.request(req.method, req.path, req.body, req.hint)
-        except BaseException:
-            await self._abort(handle)
-            raise
-        self.log.info("firecracker for %s started (pid %d)", cfg.name, pid)
-        return handle
+    async def _configure(self, handle: VMMHandle, cfg: MachineConfig, launch: Launch) -> None:
+        view = launch.context
+        assert isinstance(view, VMMView)
+        write_file_atomic(Path(handle.vm_dir) / PIDFILE, f"{handle.pid}\n")
+        await self._wait_api(handle)
+        async with self._api(handle) as api:
+            for req in api_requests(cfg, view):
+                await api.request(req.method, req.path, req.body, req.hint)
 
     def _prepare_plain(self, cfg: MachineConfig) -> VMMView:
         for name in (FC_LOG, FC_METRICS):
@@ -559,51 +546,32 @@ class FirecrackerDriver:
             log_hint=str(handle.extra.get("log", "")),
         )
 
-    async def _abort(self, handle: VMMHandle) -> None:
-        """A start failed half-way: never leave the VMM or its files behind. The pid is
-        our unreaped child, so it is killed without the identity check (which would miss
-        an `ip netns exec` that has not exec'd Firecracker yet)."""
-        try:
-            await asyncio.shield(sigkill_and_wait(handle.pid))
-        except Exception as e:  # the original error matters more
-            self.log.warning("cleanup after failed start of pid %d: %s", handle.pid, e)
-        self._remove_leftovers(handle)
-
     # --- stop ------------------------------------------------------------------------
 
-    async def shutdown(self, handle: VMMHandle, timeout: float) -> None:
-        """Send Ctrl-Alt-Del (with `reboot=k` the guest's reboot ends Firecracker), wait up
-        to `timeout`, then kill."""
-        if self.is_running(handle):
-            try:
-                async with self._api(handle, timeout=min(self.api_timeout, timeout)) as api:
-                    await api.request(
-                        "PUT",
-                        "/actions",
-                        {"action_type": "SendCtrlAltDel"},
-                        "the guest has no keyboard controller to receive it",
-                    )
-            except (CommandFailed, Unavailable, Timeout) as e:
-                self.log.info("SendCtrlAltDel to pid %d failed (%s): killing", handle.pid, e)
-            else:
-                await wait_exit(handle.pid, timeout)
-        await self.kill(handle)
+    async def _request_poweroff(self, handle: VMMHandle, timeout: float) -> None:
+        """Ctrl-Alt-Del (with `reboot=k` the guest's reboot ends Firecracker)."""
+        async with self._api(handle, timeout=min(self.api_timeout, timeout)) as api:
+            await api.request(
+                "PUT",
+                "/actions",
+                {"action_type": "SendCtrlAltDel"},
+                "the guest has no keyboard controller to receive it",
+            )
 
-    async def kill(self, handle: VMMHandle) -> None:
-        """SIGKILL (if still this Firecracker), wait for exit, remove its files."""
-        if self.is_running(handle):
-            await sigkill_and_wait(handle.pid)
-        self._remove_leftovers(handle)
-
-    def _remove_leftovers(self, handle: VMMHandle) -> None:
+    def _leftover_paths(self, handle: VMMHandle) -> list[Path | str | None]:
         vm_dir = Path(handle.vm_dir)
-        unlink_quiet(
+        return [
             handle.api_socket,
             handle.extra.get("vsock_uds"),
             handle.extra.get("agent_link"),
             vm_dir / PIDFILE,
             vm_dir / HANDLE_FILE,
-        )
+        ]
+
+    def _post_shutdown(self, handle: VMMHandle) -> None:
+        """Sockets, pidfile and handle file, then the jail and the cgroups it made."""
+        super()._post_shutdown(handle)
+        vm_dir = Path(handle.vm_dir)
         chroot = handle.extra.get("chroot")
         if chroot:
             # Keep the VMM's log for `vm logs`/post-mortems; the rest of the jail is only

@@ -32,21 +32,17 @@ from stoker.daemon.vmm.base import (
     HANDLE_FILE,
     PIDFILE,
     VMM_LOG,
+    KernelFiles,
+    Launch,
     MachineConfig,
+    ProcessVMM,
     VMMHandle,
     check_socket_path,
     has_option,
-    load_handle,
     netns_prefix,
     pid_alive,
-    proc_is,
-    read_pidfile,
-    save_handle,
-    sigkill_and_wait,
     tail,
     unlink_quiet,
-    validate_config,
-    wait_exit,
     write_file_atomic,
 )
 from stoker.daemon.vmm.confine import (
@@ -392,10 +388,11 @@ def _marked(argv: list[str], pidfile: str) -> bool:
     )
 
 
-class QemuDriver:
+class QemuDriver(ProcessVMM):
     """The QEMU `microvm` VMM driver (see module docstring)."""
 
     name = "qemu"
+    label = "QEMU"
 
     def __init__(
         self,
@@ -415,65 +412,61 @@ class QemuDriver:
         unprivileged user, under seccomp and in its own cgroup; `start_paused` adds -S."""
         if accel not in ("kvm", "tcg"):
             raise InvalidArgument(f"accel must be kvm or tcg, got {accel!r}")
-        self.runner = runner
+        super().__init__(
+            runner,
+            os.path.basename(qemu_bin) or "qemu",
+            logger or logging.getLogger("stoker.vmm.qemu"),
+        )
         self.qemu_bin = qemu_bin
         self.accel: Accel = accel
         self.qmp_timeout = qmp_timeout
         self.ready_timeout = ready_timeout
-        self.log = logger or logging.getLogger("stoker.vmm.qemu")
-        self._exe_hint = os.path.basename(qemu_bin) or "qemu"
         self.tsc_khz = host_tsc_khz() if tsc_khz is None and accel == "tcg" else tsc_khz
         self.confine = confine or Confinement()
         self.start_paused = start_paused
 
-    # --- identity --------------------------------------------------------------------
+    # --- backend answers ---------------------------------------------------------------
 
-    def is_running(self, handle: VMMHandle) -> bool:
-        """The pid is alive and is QEMU started with this VM directory's pidfile."""
-        if handle.kind != self.name:
-            return False
+    def boot_kernel(self, kernel: KernelFiles) -> Path | None:
+        """The ELF vmlinux when it has a PVH entry (no decompression, docs/guest-boot.md),
+        else the bzImage (an ELF vmlinux too, when that is all there is)."""
+        if kernel.vmlinux and pvh_bootable(Path(kernel.vmlinux)):
+            return Path(kernel.vmlinux)
+        f = kernel.bzimage or kernel.vmlinux
+        return Path(f) if f else None
+
+    # --- identity ----------------------------------------------------------------------
+
+    def _matches_pid(self, handle: VMMHandle, argv: list[str]) -> bool:
+        """QEMU started with this VM directory's pidfile (a confined one carries it as a
+        label, see `_marked`)."""
         pidfile = str(handle.extra.get("pidfile") or Path(handle.vm_dir) / PIDFILE)
-        return proc_is(
-            handle.pid,
-            self._exe_hint,
-            lambda a: has_option(a, "-pidfile", pidfile) or _marked(a, pidfile),
-        )
+        return has_option(argv, "-pidfile", pidfile) or _marked(argv, pidfile)
 
-    def adopt(self, vm_dir: Path) -> VMMHandle | None:
-        """Find a QEMU left running for `vm_dir` (its own pidfile + saved handle)."""
-        pid = read_pidfile(vm_dir / PIDFILE)
-        if pid is None:
-            return None
-        handle = load_handle(vm_dir, self.name) or VMMHandle(
+    def _default_handle(self, vm_dir: Path, pid: int) -> VMMHandle:
+        return VMMHandle(
             kind=self.name,
             pid=pid,
             api_socket=str(vm_dir / QMP_SOCKET),
             vm_dir=str(vm_dir),
             extra={"pidfile": str(vm_dir / PIDFILE)},
         )
-        handle.pid = pid
-        return handle if self.is_running(handle) else None
 
-    # --- start -----------------------------------------------------------------------
+    # --- start -------------------------------------------------------------------------
 
     async def start(self, cfg: MachineConfig, *, incoming: bool = False) -> VMMHandle:
         """Spawn QEMU detached and wait until QMP answers with the guest running; with
         `incoming`, paused and waiting for `load_state` instead (see `restore`)."""
-        validate_config(cfg)
-        running = self.adopt(cfg.vm_dir)
-        if running is not None:
-            raise Conflict(
-                f"a QEMU for VM {cfg.name} is already running (pid {running.pid}): "
-                "stop it first (stoker vm stop/kill)"
-            )
+        return await self._start(cfg, lambda c: self._prepare(c, incoming=incoming))
+
+    def _prepare(self, cfg: MachineConfig, *, incoming: bool = False) -> Launch:
         vm_dir = cfg.vm_dir
         qmp = vm_dir / QMP_SOCKET
         pidfile = vm_dir / PIDFILE
+        # Checked before the handover binds them.
         check_socket_path(qmp, "QMP socket")
         if cfg.agent_socket is not None:
             check_socket_path(cfg.agent_socket, "agent socket")
-        unlink_quiet(qmp, pidfile, vm_dir / HANDLE_FILE, cfg.agent_socket)
-        cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
         vmm_log = vm_dir / VMM_LOG
         if self.confine.pending_user is not None:
             self.confine = self.confine.with_pending_user()
@@ -504,24 +497,16 @@ class QemuDriver:
                     incoming=incoming,
                 ),
             ]
-            pid = await self.runner.spawn(
-                argv, stdout=vmm_log, pass_fds=handover.fds if handover else None
-            )
         except BaseException:
-            for d in cgroups:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
-            raise
-        finally:
+            _remove_cgroups(cgroups)
             if handover is not None:
                 handover.close()
-        if handover is not None:
-            write_file_atomic(pidfile, f"{pid}\n")
-        handle = VMMHandle(
-            kind=self.name,
-            pid=pid,
-            api_socket=str(qmp),
-            vm_dir=str(vm_dir),
+            raise
+        return Launch(
+            argv=argv,
+            stdout=vmm_log,
+            stderr=None,
+            api_socket=qmp,
             extra={
                 "vm_id": cfg.vm_id,
                 "netns": cfg.netns,
@@ -533,18 +518,16 @@ class QemuDriver:
                 "confinement": c.describe(),
                 "cgroups": cgroups,
             },
+            pass_fds=handover.fds if handover else None,
+            release=handover.close if handover else None,
+            # A QEMU that is not root cannot write its pidfile: the daemon does.
+            context=handover is not None,
         )
-        try:
-            save_handle(handle)
-            await self._wait_ready(handle)
-        except BaseException:
-            await self._abort(handle)
-            raise
-        self.log.info("qemu (%s) for %s started (pid %d)", self.accel, cfg.name, pid)
-        return handle
 
-    async def _wait_ready(self, handle: VMMHandle) -> None:
+    async def _configure(self, handle: VMMHandle, cfg: MachineConfig, launch: Launch) -> None:
         """QEMU is up when QMP answers; it runs the guest from the start (no -S)."""
+        if launch.context:
+            write_file_atomic(Path(handle.extra["pidfile"]), f"{handle.pid}\n")
         deadline = time.monotonic() + self.ready_timeout
         qmp = Path(handle.api_socket or "")
         last: Exception | None = None
@@ -568,50 +551,27 @@ class QemuDriver:
             + f": see {handle.extra.get('log')}"
         )
 
-    async def _abort(self, handle: VMMHandle) -> None:
-        """A start failed half-way: kill our still-unreaped child and remove its files."""
-        try:
-            await asyncio.shield(sigkill_and_wait(handle.pid))
-        except Exception as e:  # the original error matters more
-            self.log.warning("cleanup after failed start of pid %d: %s", handle.pid, e)
-        self._remove_leftovers(handle)
+    # --- stop --------------------------------------------------------------------------
 
-    # --- stop ------------------------------------------------------------------------
+    async def _request_poweroff(self, handle: VMMHandle, timeout: float) -> None:
+        """The ACPI power button (`system_powerdown`)."""
+        if not handle.api_socket:
+            raise Unavailable("this QEMU handle has no QMP socket")
+        async with QMPClient(handle.api_socket, timeout=min(self.qmp_timeout, timeout)) as c:
+            await c.execute("system_powerdown")
 
-    async def shutdown(self, handle: VMMHandle, timeout: float) -> None:
-        """ACPI power button (`system_powerdown`), wait up to `timeout`, then kill."""
-        if self.is_running(handle) and handle.api_socket:
-            try:
-                async with QMPClient(
-                    handle.api_socket, timeout=min(self.qmp_timeout, timeout)
-                ) as c:
-                    await c.execute("system_powerdown")
-            except (CommandFailed, Unavailable, Timeout) as e:
-                self.log.info("system_powerdown to pid %d failed (%s): killing", handle.pid, e)
-            else:
-                await wait_exit(handle.pid, timeout)
-        await self.kill(handle)
-
-    async def kill(self, handle: VMMHandle) -> None:
-        """SIGKILL (if still this QEMU), wait for exit, remove its sockets and pidfile."""
-        if self.is_running(handle):
-            await sigkill_and_wait(handle.pid)
-        self._remove_leftovers(handle)
-
-    def _remove_leftovers(self, handle: VMMHandle) -> None:
-        vm_dir = Path(handle.vm_dir)
-        unlink_quiet(
+    def _leftover_paths(self, handle: VMMHandle) -> list[Path | str | None]:
+        return [
             handle.api_socket,
             handle.extra.get("agent_socket"),
-            handle.extra.get("pidfile"),
-            vm_dir / HANDLE_FILE,
-        )
-        for d in handle.extra.get("cgroups") or []:
-            # Empty once QEMU is gone; a cgroup still holding a process stays (EBUSY), as
-            # does the `stoker-vms` parent while other VMs' cgroups are in it.
-            for x in (d, os.path.dirname(d)):
-                with contextlib.suppress(OSError):
-                    os.rmdir(x)
+            handle.extra.get("pidfile") or Path(handle.vm_dir) / PIDFILE,
+            Path(handle.vm_dir) / HANDLE_FILE,
+        ]
+
+    def _post_shutdown(self, handle: VMMHandle) -> None:
+        """Sockets, pidfile and handle file, then the VM's cgroups."""
+        super()._post_shutdown(handle)
+        _remove_cgroups(handle.extra.get("cgroups") or [])
 
     # --- snapshots (issue 13) ----------------------------------------------------------
 
@@ -723,3 +683,12 @@ class QemuDriver:
             "accel": handle.extra.get("accel"),
             "confinement": handle.extra.get("confinement"),
         }
+
+
+def _remove_cgroups(dirs: list[str]) -> None:
+    """Empty once QEMU is gone; a cgroup still holding a process stays (EBUSY), as does the
+    `stoker-vms` parent while other VMs' cgroups are in it."""
+    for d in dirs:
+        for x in (d, os.path.dirname(d)):
+            with contextlib.suppress(OSError):
+                os.rmdir(x)
