@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -116,12 +117,32 @@ def test_agent_health_ports_and_stats(env: StokerEnv) -> None:
         30,
     )
     assert back, "the agent did not come back"
-    # Stats move when the guest burns CPU.
-    idle = json.loads(env.run("vm", "stats", "t1", "--json").stdout)[0]
-    guest(env, "t1", "setsid nohup timeout 20 sh -c 'while :; do :; done' >/dev/null 2>&1 &")
-    time.sleep(4)
-    busy = json.loads(env.run("vm", "stats", "t1", "--json").stdout)[0]
-    assert busy["cpu_percent"] is not None and busy["cpu_percent"] > 30, (idle, busy)
+
+    # Stats move when the guest burns CPU. Each figure is measured since the previous
+    # sample, so take two samples a few seconds apart for the idle and the busy window
+    # (the busy one wholly inside the loop). The VMM's host CPU % depends on how much of
+    # the 2 shared cores QEMU gets (a spinning guest measured 29.9% at load ~8), so it
+    # must be clearly above idle, not above a fixed mark; the guest's own figure does
+    # not depend on host load.
+    def window() -> dict:  # type: ignore[type-arg]
+        env.run("vm", "stats", "t1", "--json")
+        time.sleep(3)
+        out = env.run("vm", "stats", "t1", "--json").stdout
+        return json.loads(out)[0]  # type: ignore[no-any-return]
+
+    idle = window()
+    guest(env, "t1", "setsid nohup timeout 30 sh -c 'while :; do :; done' >/dev/null 2>&1 &")
+    time.sleep(1)
+    busy = window()
+    print(
+        f"cpu % idle/busy: host {idle['cpu_percent']}/{busy['cpu_percent']}, guest "
+        f"{idle.get('guest_cpu_percent')}/{busy.get('guest_cpu_percent')}"
+    )
+    assert idle["cpu_percent"] is not None and busy["cpu_percent"] is not None, (idle, busy)
+    assert busy["cpu_percent"] >= max(15.0, idle["cpu_percent"] + 10), (idle, busy)
+    g_idle, g_busy = idle.get("guest_cpu_percent"), busy.get("guest_cpu_percent")
+    assert g_idle is not None and g_busy is not None, (idle, busy)
+    assert g_busy >= max(70.0, g_idle + 30), (idle, busy)
     assert busy["vmm_rss_bytes"] > 50 * 1024**2
     assert busy["guest_mem_used"] and busy["uptime_s"]
     assert busy["work_disk_bytes"] > 0 and busy["overlay_bytes"] > 0
@@ -194,9 +215,13 @@ def test_nat_only_with_flag(env: StokerEnv) -> None:
             time.sleep(0.5)
         got = vm_json(env, "nonat")
         assert got["state"] == "stopped" and "exited" in (got["last_error"] or "")
+        gone = {vm_json(env, n)["id"] for n in ("nat1", "nonat")}
         env.run("vm", "delete", "nat1", "nonat")
+        # Deleted VMs leave no rule behind; VMs of earlier tests (t1) keep theirs.
         rules = env.in_ns("nft", "list", "ruleset").stdout
-        assert "stoker-vm:" not in rules, rules
+        tagged = set(re.findall(r"stoker-vm:([0-9a-f]+)", rules))
+        listed = {v["id"] for v in json.loads(env.run("vm", "list", "--json").stdout)}
+        assert not tagged & gone and tagged <= listed, rules
     finally:
         if server is not None:
             server.kill()
