@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import os
-import shlex
+import socket
 import time
 from pathlib import Path
 from types import TracebackType
@@ -154,6 +154,48 @@ class QMPClient:
             desc = err.get("desc", err) if isinstance(err, dict) else err
             raise CommandFailed(f"QEMU refused {command}: {desc}")
         return reply.get("return")
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a descriptor under `name` (QMP `getfd`, the fd rides along as
+        SCM_RIGHTS on the command's bytes), for `migrate fd:NAME` and the like. Works for a
+        confined QEMU, which may neither open our paths nor spawn a process."""
+        if self._writer is None:
+            raise Unavailable("QMP client is not connected")
+        req = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        await self._writer.drain()
+        tsock = self._writer.get_extra_info("socket")
+        # The transport's socket cannot sendmsg; a dup of it can (same connection).
+        with socket.socket(fileno=os.dup(tsock.fileno())) as s:
+            s.setblocking(True)
+            s.settimeout(self.timeout)
+            try:
+                socket.send_fds(s, [req], [fd])
+            except OSError as e:
+                raise Unavailable(
+                    f"QMP connection to {self.socket_path} broke during getfd ({e}): "
+                    "QEMU may have exited"
+                ) from None
+
+        async def reply() -> dict[str, Any]:
+            while True:
+                msg = await self._read()
+                if "event" in msg:
+                    self.events.append(msg)
+                    continue
+                return msg
+
+        try:
+            msg = await asyncio.wait_for(reply(), self.timeout)
+        except TimeoutError:
+            raise Timeout(f"QMP getfd did not answer within {self.timeout:.0f}s") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(
+                f"QMP connection to {self.socket_path} broke during getfd ({e})"
+            ) from None
+        if "error" in msg:
+            err = msg["error"]
+            desc = err.get("desc", err) if isinstance(err, dict) else err
+            raise CommandFailed(f"QEMU refused getfd: {desc}")
 
     async def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -616,24 +658,37 @@ class QemuDriver:
     # --- snapshots (issue 13) ----------------------------------------------------------
 
     async def save_state(self, handle: VMMHandle, dest: Path, timeout: float = 120.0) -> int:
-        """Pause the guest and write its device state and RAM to `dest` (QEMU 7.2 has no
-        `file:` migration URI: `exec:cat > FILE`). The guest stays paused, so the caller
-        can copy the disks at that instant, then `resume`. Returns the file's size. On any
-        failure nothing is left at `dest` and the guest runs again. Not yet for a confined
-        QEMU: its seccomp filter (spawn=deny) refuses `exec:`, which needs an fd handed
-        over with QMP `getfd` instead."""
+        """Pause the guest and write its device state and RAM to `dest`. The daemon opens
+        the file and hands QEMU the descriptor (QMP `getfd`, `migrate fd:`): a confined
+        QEMU (another user, seccomp spawn=deny) can neither open our path nor run `exec:`.
+        The guest stays paused, so the caller can copy the disks at that instant, then
+        `resume`. Returns the file's size. On any failure (a full disk included) nothing
+        is left at `dest` and the guest runs again."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         unlink_quiet(tmp)
+        fdname = f"stoker-save-{os.getpid()}"
         async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
             await c.execute("stop")
             try:
-                await c.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    await c.send_fd(fdname, fd)
+                finally:
+                    os.close(fd)
+                await c.execute("migrate", {"uri": f"fd:{fdname}"})
                 status = await self._migration_done(c, "query-migrate", timeout)
                 if status != "completed":
                     raise CommandFailed(f"QEMU could not save the VM state: {status}")
                 os.replace(tmp, dest)
+            except OSError as e:
+                unlink_quiet(tmp)
+                with contextlib.suppress(Exception):
+                    await c.execute("cont")
+                raise CommandFailed(
+                    f"QEMU could not save the VM state to {dest}: {e.strerror or e}"
+                ) from None
             except BaseException:
                 unlink_quiet(tmp)
                 with contextlib.suppress(Exception):
@@ -642,17 +697,23 @@ class QemuDriver:
         return dest.stat().st_size
 
     async def load_state(self, handle: VMMHandle, src: Path, timeout: float = 120.0) -> None:
-        """Feed a QEMU started with `incoming=True` the state `save_state` wrote. The guest
+        """Feed a QEMU started with `incoming=True` the state `save_state` wrote, through a
+        descriptor the daemon opened (`migrate-incoming fd:`; works confined). The guest
         stays paused (`resume` runs it)."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         if not src.is_file():
             raise Conflict(f"snapshot state {src} is missing: the snapshot is incomplete")
         state: str | None = None
+        fdname = f"stoker-load-{os.getpid()}"
         try:
             async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
-                uri = f"exec:cat {shlex.quote(str(src))}"
-                await c.execute("migrate-incoming", {"uri": uri})
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    await c.send_fd(fdname, fd)
+                finally:
+                    os.close(fd)
+                await c.execute("migrate-incoming", {"uri": f"fd:{fdname}"})
                 deadline = time.monotonic() + timeout
                 while True:
                     st = await c.execute("query-status")
