@@ -716,9 +716,15 @@ class QemuDriver:
                 await c.execute("migrate-incoming", {"uri": f"fd:{fdname}"})
                 deadline = time.monotonic() + timeout
                 while True:
-                    st = await c.execute("query-status")
-                    state = st.get("status") if isinstance(st, dict) else None
-                    if state not in ("inmigrate", "prelaunch"):
+                    # The incoming side's own status: the run state after a load is the
+                    # one saved (a guest saved before it ever ran comes back `prelaunch`).
+                    mig = await c.execute("query-migrate")
+                    done = mig.get("status") if isinstance(mig, dict) else None
+                    if done in ("completed", "failed", "cancelled"):
+                        st = await c.execute("query-status")
+                        state = st.get("status") if isinstance(st, dict) else None
+                        if done != "completed":
+                            state = f"{done}, {state}"
                         break
                     if time.monotonic() > deadline:
                         raise Timeout(f"QEMU did not load {src} within {timeout:.0f}s")
@@ -726,7 +732,7 @@ class QemuDriver:
         except Unavailable:
             # A state QEMU cannot load (another machine shape, a damaged file) ends it.
             state = "exited"
-        if state != "paused":
+        if state not in ("paused", "prelaunch"):
             raise CommandFailed(
                 f"QEMU could not load the VM state from {src} ({state}): "
                 + (tail(handle.extra.get("log")) or "no output"),
