@@ -663,7 +663,10 @@ class QemuDriver:
         QEMU (another user, seccomp spawn=deny) can neither open our path nor run `exec:`.
         The guest stays paused, so the caller can copy the disks at that instant, then
         `resume`. Returns the file's size. On any failure (a full disk included) nothing
-        is left at `dest` and the guest runs again."""
+        is left at `dest` and the guest runs again. Known gap: a confined QEMU's `resume`
+        after a save is refused (`Failed to get "write" lock`: its disks come from fd sets
+        whose read-only descriptor keeps its image locks); a restore of the saved state
+        works."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
