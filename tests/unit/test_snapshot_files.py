@@ -1,0 +1,64 @@
+"""Sparse, all-or-nothing disk copies for snapshots."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from stoker.daemon import snapshot_files
+from stoker.daemon.snapshot_files import copy_sparse
+from stoker.errors import CommandFailed
+
+pytestmark = pytest.mark.unit
+
+MiB = 1024 * 1024
+
+
+def sparse_disk(path: Path) -> bytes:
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(1 * MiB)
+        f.write(b"A" * 4096)
+        f.seek(40 * MiB + 123)
+        f.write(b"B" * 10000)
+    return path.read_bytes()
+
+
+def test_the_copy_has_the_same_bytes_and_keeps_the_holes(tmp_path: Path) -> None:
+    src, dst = tmp_path / "work.ext4", tmp_path / "copy.ext4"
+    want = sparse_disk(src)
+    copied = copy_sparse(src, dst)
+    assert dst.read_bytes() == want
+    assert copied < 1 * MiB  # only the data extents, not 64 MiB
+    assert dst.stat().st_blocks * 512 <= src.stat().st_blocks * 512 + 64 * 1024
+    assert not list(tmp_path.glob(".copy.ext4.tmp-*"))
+
+
+def test_a_full_disk_leaves_no_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "work.ext4", tmp_path / "copy.ext4"
+    sparse_disk(src)
+    calls = []
+
+    def full(*args: int) -> int:
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    real = os.copy_file_range
+    monkeypatch.setattr(snapshot_files.os, "copy_file_range", full)
+    with pytest.raises(CommandFailed, match=r"No space left.*free space"):
+        copy_sparse(src, dst)
+    assert len(calls) == 2  # failed after a first extent was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work.ext4"]
+
+
+def test_an_existing_destination_is_never_overwritten_half_way(tmp_path: Path) -> None:
+    src, dst = tmp_path / "work.ext4", tmp_path / "copy.ext4"
+    sparse_disk(src)
+    dst.write_bytes(b"old")
+    copy_sparse(src, dst)  # replaced whole, by rename
+    assert dst.stat().st_size == 64 * MiB
