@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stoker.daemon import snapshot_files
-from stoker.daemon.snapshot_files import copy_sparse
+from stoker.daemon.snapshot_files import copy_sparse, snapshot_refusal
 from stoker.errors import CommandFailed
 
 pytestmark = pytest.mark.unit
@@ -62,3 +62,37 @@ def test_an_existing_destination_is_never_overwritten_half_way(tmp_path: Path) -
     dst.write_bytes(b"old")
     copy_sparse(src, dst)  # replaced whole, by rename
     assert dst.stat().st_size == 64 * MiB
+
+
+MACHINE: dict[str, object] = {
+    "vmm": "qemu",
+    "vmm_version": "7.2.19",
+    "accel": "tcg",
+    "kernel": "sha256:aa",
+    "image_id": "sha256:bb",
+    "vcpu": 1,
+    "memory_mib": 1024,
+    "devices": ["virtio-blk:rootfs", "virtio-blk:work", "virtio-net", "virtio-serial"],
+}
+
+
+def test_the_same_machine_may_load_its_snapshot() -> None:
+    assert snapshot_refusal(MACHINE, dict(MACHINE)) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("vmm_version", "8.2.0", "the VMM version was '7.2.19', is now '8.2.0'"),
+        ("image_id", "sha256:cc", "the image was 'sha256:bb', is now 'sha256:cc'"),
+        ("kernel", "sha256:dd", "the kernel was"),
+        ("accel", "kvm", "the accelerator"),
+        ("memory_mib", 2048, "the memory size was 1024, is now 2048"),
+        ("vcpu", 2, "the vCPU count"),
+        ("devices", ["virtio-blk:rootfs"], "the device set"),
+        ("vmm", "firecracker", "the VMM kind"),
+    ],
+)
+def test_any_difference_refuses_with_the_reason(key: str, value: object, reason: str) -> None:
+    msg = snapshot_refusal(MACHINE, {**MACHINE, key: value})
+    assert msg is not None and reason in msg and "without --from-snapshot" in msg

@@ -64,3 +64,35 @@ def copy_sparse(src: Path, dst: Path) -> int:
             + (" (free space on that filesystem and retry)" if e.errno == errno.ENOSPC else "")
         ) from None
     return copied
+
+
+# What a snapshot was taken on; a restore anywhere these differ is refused (QEMU would
+# load a state into a machine that does not match it, or a guest whose disks and kernel
+# changed under its RAM).
+SNAPSHOT_KEYS: dict[str, str] = {
+    "vmm": "the VMM kind",
+    "vmm_version": "the VMM version",
+    "accel": "the accelerator",
+    "kernel": "the kernel",
+    "image_id": "the image",
+    "vcpu": "the vCPU count",
+    "memory_mib": "the memory size",
+    "devices": "the device set",
+}
+
+
+def snapshot_refusal(recorded: dict[str, object], current: dict[str, object]) -> str | None:
+    """Why a snapshot taken as `recorded` cannot be loaded as `current` (None: it can).
+    Every difference is named, with both values and what to do."""
+    diffs = [
+        f"{what} was {recorded.get(k)!r}, is now {current.get(k)!r}"
+        for k, what in SNAPSHOT_KEYS.items()
+        if recorded.get(k) != current.get(k)
+    ]
+    if not diffs:
+        return None
+    return (
+        "this snapshot cannot be restored here: "
+        + "; ".join(diffs)
+        + ". Start the VM without --from-snapshot (a cold boot) or take a new snapshot"
+    )
