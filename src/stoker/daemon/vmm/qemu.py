@@ -761,6 +761,15 @@ class QemuDriver:
             raise
         return handle
 
+    async def vmm_version(self, handle: VMMHandle) -> str:
+        """The running QEMU's version (QMP query-version), as a snapshot records it."""
+        if not handle.api_socket:
+            raise Unavailable("this QEMU handle has no QMP socket")
+        async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
+            v = await c.execute("query-version")
+        q = v.get("qemu", {}) if isinstance(v, dict) else {}
+        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{v.get('package', '')}"
+
     async def _migration_done(self, c: QMPClient, query: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
