@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -158,7 +159,7 @@ async def world(tmp: Path) -> AsyncIterator[World]:
 
 async def test_a_stopped_vm_is_refused(world: World) -> None:
     world.vm.state = VMState.STOPPED
-    with pytest.raises(Conflict, match="not running.*stoker vm start snap"):
+    with pytest.raises(Conflict, match=r"not running.*stoker vm start snap"):
         await snapshot_service.snapshot_vm(world.svc(), "snap", "s1", world.progress)
     assert world.store.list_snapshots() == []
     assert not (Path(world.vm.vm_dir) / "snapshots").exists()
@@ -176,7 +177,7 @@ async def test_snapshot_list_delete_with_the_real_qemu(world: World) -> None:
     assert ov.read_bytes() == (Path(world.vm.vm_dir) / "overlay.ext4").read_bytes()
     assert ov.stat().st_blocks * 512 < 1 << 20  # sparse: 32 MiB file, a few KiB of data
     meta = out["meta"]
-    assert (meta["vmm"] == "qemu" and meta["vmm_version"].startswith("7.")) or meta["vmm_version"]
+    assert meta["vmm"] == "qemu" and re.fullmatch(r"\d+\.\d+\.\d+.*", meta["vmm_version"])
     assert meta["accel"] == "tcg" and meta["image_id"] == "sha256:feed"
     assert meta["vcpu"] == 1 and meta["memory_mib"] == 128
     assert world.ssh.ran == ["sync"] and world.ssh.forgot == 1
