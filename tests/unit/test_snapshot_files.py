@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,37 @@ def test_the_same_machine_may_load_its_snapshot() -> None:
 def test_any_difference_refuses_with_the_reason(key: str, value: object, reason: str) -> None:
     msg = snapshot_refusal(MACHINE, {**MACHINE, key: value})
     assert msg is not None and reason in msg and "without --from-snapshot" in msg
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["vm", "snapshot", "delete", "web"], "delete NAME SNAP"),
+        (["vm", "snapshot", "list", "a", "b"], "list [NAME]"),
+        (["vm", "snapshot", "web", "extra"], "snapshot NAME [--name SNAP]"),
+    ],
+)
+def test_cli_refuses_bad_snapshot_words_before_asking_any_daemon(
+    argv: list[str], usage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from stoker.cli import connect, vm
+    from stoker.cli.main import main
+
+    def no_daemon(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a daemon was asked for a malformed snapshot command")
+
+    monkeypatch.setattr(connect, "client", no_daemon)
+    monkeypatch.setattr(vm, "client", no_daemon)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert main(argv) != 0
+    assert usage in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "A", "-x", "a/b", "a" * 64])
+def test_a_bad_snapshot_name_is_refused(bad: str) -> None:
+    from stoker.daemon.snapshot_service import check_name
+    from stoker.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="snapshot name"):
+        check_name(bad)
