@@ -202,3 +202,82 @@ async def test_a_full_disk_while_copying_leaves_no_snapshot_and_the_vm_running(
     assert world.store.list_snapshots() == []
     assert list((Path(world.vm.vm_dir) / "snapshots").iterdir()) == []
     assert await status(world.handle) == "running"
+
+
+async def test_start_from_snapshot_restores_disks_and_memory_and_refuses_a_changed_vmm(
+    world: World,
+) -> None:
+    world.handle = await world.drv.start(world.cfg)
+    assert await world.drv.vmm_version(world.handle) == await world.drv.binary_version()
+    svc = world.svc()
+    started: list[VMMHandle] = []
+
+    async def start_locked(
+        vm: VMRecord, progress: Any, ready: str = "ssh", spawn: Any = None
+    ) -> VMRecord:
+        h = await spawn(world.drv, world.cfg)
+        started.append(h)
+        world.handle = h
+        return vm
+
+    svc._start_locked = start_locked
+    await snapshot_service.snapshot_vm(svc, "snap", "s1", world.progress)
+    with pytest.raises(Conflict, match="is running: stop it first"):
+        await snapshot_service.start_from_snapshot(svc, "snap", "s1", world.progress)
+    await world.drv.kill(world.handle)
+    world.handle = None
+    world.vm.state = VMState.STOPPED
+    overlay = Path(world.vm.vm_dir) / "overlay.ext4"
+    with open(overlay, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"CHANGED!")  # after the snapshot
+
+    # A snapshot recorded with another QEMU version (faked) is refused, disks untouched.
+    snap = world.store.get_snapshot(world.vm.id, "s1")
+    assert snap is not None
+    world.store.insert_snapshot(
+        world.vm.id, "old", Path(snap["dir"]), {**snap["meta"], "vmm_version": "6.0.0"}
+    )
+    os.symlink(Path(snap["dir"]), Path(world.vm.vm_dir) / "snapshots" / "old")
+    with pytest.raises(Conflict, match=r"the VMM version was '6\.0\.0', is now '7\."):
+        await snapshot_service.start_from_snapshot(svc, "snap", "old", world.progress)
+    assert started == []
+    assert b"CHANGED!" in overlay.read_bytes()
+
+    # The image changed since the snapshot: refused with the reason.
+    world.image.digest = "sha256:other"
+    with pytest.raises(Conflict, match="the image was 'sha256:feed', is now 'sha256:other'"):
+        await snapshot_service.start_from_snapshot(svc, "snap", "s1", world.progress)
+    world.image.digest = "sha256:feed"
+
+    await snapshot_service.start_from_snapshot(svc, "snap", "s1", world.progress)
+    assert len(started) == 1 and await status(started[0]) == "running"
+    data = overlay.read_bytes()
+    assert b"overlay data" in data and b"CHANGED!" not in data  # the snapshot's disk
+    assert not list(Path(world.vm.vm_dir).glob(".*.pre-restore"))
+
+
+async def test_a_failed_restore_puts_the_vms_own_disks_back(world: World) -> None:
+    world.handle = await world.drv.start(world.cfg)
+    svc = world.svc()
+    await snapshot_service.snapshot_vm(svc, "snap", "s1", world.progress)
+    await world.drv.kill(world.handle)
+    world.handle = None
+    world.vm.state = VMState.STOPPED
+    overlay = Path(world.vm.vm_dir) / "overlay.ext4"
+    with open(overlay, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"CHANGED!")
+    (Path(world.vm.vm_dir) / "snapshots" / "s1" / "state.bin").write_bytes(b"garbage")
+
+    async def start_locked(
+        vm: VMRecord, progress: Any, ready: str = "ssh", spawn: Any = None
+    ) -> VMRecord:
+        await spawn(world.drv, world.cfg)
+        return vm
+
+    svc._start_locked = start_locked
+    with pytest.raises(CommandFailed, match="could not load the VM state"):
+        await snapshot_service.start_from_snapshot(svc, "snap", "s1", world.progress)
+    assert b"CHANGED!" in overlay.read_bytes()  # its own disk again
+    assert not list(Path(world.vm.vm_dir).glob(".*.pre-restore"))

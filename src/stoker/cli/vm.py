@@ -89,6 +89,12 @@ def register(sub: Any, only: str | None = None) -> None:
         p = vsub.add_parser(verb, aliases=aliases, help=helptext)
         p.add_argument("names", nargs="+", metavar="NAME")
         p.add_argument("--json", action="store_true")
+        if verb == "start":
+            p.add_argument(
+                "--from-snapshot",
+                metavar="SNAP",
+                help="resume one stopped VM from its snapshot SNAP (disks and memory)",
+            )
         p.set_defaults(func=vm_multi, verb=verb)
 
     if want("set"):
@@ -367,6 +373,21 @@ def vm_multi(args: argparse.Namespace) -> int:
     from stoker.cli.progress import call_with_progress
 
     quiet = args.json or args.verb not in ("start", "restart")
+    snap = getattr(args, "from_snapshot", None)
+    if snap is not None:
+        if len(args.names) != 1:
+            from stoker.errors import InvalidArgument
+
+            raise InvalidArgument("--from-snapshot restores one VM: give exactly one NAME")
+        with client(args) as c:
+            v = call_with_progress(
+                c, "vm.start_from_snapshot", {"ref": args.names[0], "name": snap}, quiet
+            )
+        if args.json:
+            print_json(v)
+        else:
+            print(f"{v['name']}: started from snapshot {snap}")
+        return 0
     with client(args) as c:
         results = call_with_progress(c, f"vm.{args.verb}", {"refs": args.names}, quiet)
     if args.json:

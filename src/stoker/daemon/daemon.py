@@ -202,6 +202,12 @@ class Daemon:
 
             return await snapshot_service.snapshot_vm(vm, p.ref, p.name, ctx.progress)
 
+        async def vm_start_from_snapshot(p: api.SnapshotRef, ctx: RequestContext) -> Any:
+            from stoker.daemon import snapshot_service
+
+            rec = await snapshot_service.start_from_snapshot(vm, p.ref, p.name, ctx.progress)
+            return rec.to_dict()
+
         async def vm_snapshot_list(p: api.SnapshotList, ctx: RequestContext) -> Any:
             from stoker.daemon import snapshot_service
 
@@ -362,6 +368,7 @@ class Daemon:
             "vm.workspace.export": Method(api.WorkspaceExport, ws_export),
             "vm.snapshot": Method(api.SnapshotCreate, vm_snapshot),
             "vm.snapshot.list": Method(api.SnapshotList, vm_snapshot_list),
+            "vm.start_from_snapshot": Method(api.SnapshotRef, vm_start_from_snapshot),
             "vm.snapshot.delete": Method(api.SnapshotRef, vm_snapshot_delete),
             "vm.health": Method(api.VMRef, vm_health),
             "vm.ping": Method(api.VMRef, vm_health),

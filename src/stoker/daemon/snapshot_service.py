@@ -7,13 +7,14 @@ must match (`snapshot_files.SNAPSHOT_KEYS`)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stoker.daemon.snapshot_files import copy_sparse
+from stoker.daemon.snapshot_files import copy_sparse, snapshot_refusal
 from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, StokerError
 from stoker.model.records import VMState
 
@@ -36,6 +37,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def _file_id(p: Path) -> str:
+    """A file as a snapshot knows it: path, size, mtime (a re-imported kernel differs)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return f"{p} (missing)"
+    return f"{p} ({st.st_size} bytes, mtime {st.st_mtime_ns})"
+
+
 def machine_meta(
     driver_name: str, version: str, accel: object, image_id: str, cfg: MachineConfig
 ) -> dict[str, Any]:
@@ -44,7 +54,7 @@ def machine_meta(
         "vmm": driver_name,
         "vmm_version": version,
         "accel": accel,
-        "kernel": str(cfg.kernel),
+        "kernel": _file_id(cfg.kernel),
         "image_id": image_id,
         "vcpu": cfg.vcpu,
         "memory_mib": cfg.memory_mib,
@@ -151,3 +161,86 @@ async def delete_snapshot(svc: VMService, ref: str, name: str) -> dict[str, str]
         svc.store.delete_snapshot(vm.id, name)
         shutil.rmtree(Path(vm.vm_dir) / SNAPSHOTS_DIR / name, ignore_errors=True)
         return {"vm": vm.name, "name": name}
+
+
+async def start_from_snapshot(svc: VMService, ref: str, name: str, progress: Progress) -> VMRecord:
+    """`vm start NAME --from-snapshot SNAP`: a stopped VM gets the snapshot's disks back
+    and its guest resumes from the saved memory. Refused, with every difference named,
+    when the VMM (kind, version), accel, kernel, image or machine shape changed since; the
+    VM's own disks are put back if anything fails before the guest runs."""
+    async with svc.with_vm_lock_by_ref(ref) as vm:
+        if vm.state == VMState.RUNNING and await svc.is_alive(vm):
+            raise Conflict(
+                f"VM {vm.name} is running: stop it first (`stoker vm stop {vm.name}`), a "
+                "snapshot is restored into a stopped VM"
+            )
+        snap = svc.store.get_snapshot(vm.id, check_name(name))
+        if snap is None:
+            raise NotFound(
+                f"VM {vm.name} has no snapshot named {name!r} "
+                f"(see `stoker vm snapshot list {vm.name}`)"
+            )
+        d = Path(vm.vm_dir) / SNAPSHOTS_DIR / name
+        if not (d / STATE_FILE).is_file():
+            raise Conflict(f"snapshot {name} of {vm.name} is incomplete ({d}): delete it")
+        recorded: dict[str, Any] = snap["meta"]
+        driver: Any = svc._driver()
+        if not hasattr(driver, "binary_version"):
+            raise Conflict(f"the {driver.name} driver cannot restore snapshots yet")
+
+        async def boot(drv: Any, cfg: MachineConfig) -> VMMHandle:
+            image = await svc.images.get_image(vm.image)
+            current = machine_meta(
+                drv.name,
+                await drv.binary_version(),
+                getattr(drv, "accel", None),
+                image.digest or image.created_at,
+                cfg,
+            )
+            why = snapshot_refusal(recorded, current)
+            if why:
+                raise Conflict(why)
+            progress("restore", f"restoring disks and memory from snapshot {name}")
+            put_back = await asyncio.to_thread(_swap_in_disks, cfg, d)
+            try:
+                handle = await drv.restore(cfg, d / STATE_FILE)
+            except BaseException:
+                await asyncio.to_thread(_put_back, put_back)
+                raise
+            for old in put_back.values():
+                old.unlink(missing_ok=True)
+            return handle  # type: ignore[no-any-return]
+
+        await svc.ssh.forget(svc.ssh_target(vm))
+        out = await svc._start_locked(vm, progress, spawn=boot)
+        # The guest's clock stopped when it was saved: set it from the host's.
+        try:
+            await svc.ssh.run(svc.ssh_target(vm), f"date -u -s @{time.time():.3f}", timeout=15)
+        except StokerError as e:
+            progress("clock", f"could not set the guest clock ({e.message})")
+        return out
+
+
+def _swap_in_disks(cfg: MachineConfig, snap_dir: Path) -> dict[Path, Path]:
+    """Move each writable disk aside and copy the snapshot's in; {disk: moved-aside}."""
+    moved: dict[Path, Path] = {}
+    try:
+        for disk in cfg.disks:
+            if disk.read_only:
+                continue
+            src = snap_dir / disk.path.name
+            if not src.is_file():
+                raise Conflict(f"snapshot {snap_dir.name} has no copy of disk {disk.id} ({src})")
+            aside = disk.path.with_name(f".{disk.path.name}.pre-restore")
+            os.replace(disk.path, aside)
+            moved[disk.path] = aside
+            copy_sparse(src, disk.path)
+    except BaseException:
+        _put_back(moved)
+        raise
+    return moved
+
+
+def _put_back(moved: dict[Path, Path]) -> None:
+    for disk, aside in moved.items():
+        os.replace(aside, disk)

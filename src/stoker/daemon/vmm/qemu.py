@@ -768,7 +768,15 @@ class QemuDriver:
         async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
             v = await c.execute("query-version")
         q = v.get("qemu", {}) if isinstance(v, dict) else {}
-        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{v.get('package', '')}"
+        pkg = str(v.get("package", "")).strip() if isinstance(v, dict) else ""
+        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}" + (f" ({pkg})" if pkg else "")
+
+    async def binary_version(self) -> str:
+        """The version of the QEMU binary a start would run, in `vmm_version`'s form
+        (`7.2.19 (Debian 1:7.2+dfsg-7+deb12u7)`): checked before a restore."""
+        r = await self.runner.run([self.qemu_bin, "--version"], timeout=10)
+        first = r.stdout.decode(errors="replace").splitlines()[0] if r.stdout else ""
+        return first.removeprefix("QEMU emulator version ").strip()
 
     async def _migration_done(self, c: QMPClient, query: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
