@@ -217,6 +217,9 @@ async def test_a_confined_qemu_saves_and_restores_through_handed_over_fds(
         size = await drv.save_state(h, state)
         assert size == state.stat().st_size > 0
         assert state.stat().st_uid == 0  # written by QEMU through our descriptor
+        await drv.resume(h)  # the source goes on (a snapshot, not a move)
+        async with QMPClient(h.api_socket or "") as c:
+            assert (await c.execute("query-status"))["status"] in ("running", "prelaunch")
     finally:
         await drv.kill(h)
     assert not pid_alive(h.pid)

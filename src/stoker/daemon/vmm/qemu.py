@@ -356,7 +356,12 @@ def qemu_argv(
         argv += [
             "-drive",
             f"if=none,id={_esc(d.id)},file={_esc(ho.get('disk:' + d.id, d.path))},format=raw,"
-            f"readonly={'on' if d.read_only else 'off'}",
+            f"readonly={'on' if d.read_only else 'off'}"
+            # A writable disk from an fd set: its read-only member keeps the image locks
+            # QEMU took while a migration had it inactive (OFD locks live as long as the
+            # fd set's descriptor), so `cont` after a snapshot would fail to get the write
+            # lock. The daemon's per-VM lock already keeps two QEMUs off one disk.
+            + (",file.locking=off" if ("disk:" + d.id) in ho and not d.read_only else ""),
             "-device",
             f"virtio-blk-device,drive={_esc(d.id)}",
         ]
@@ -663,10 +668,7 @@ class QemuDriver:
         QEMU (another user, seccomp spawn=deny) can neither open our path nor run `exec:`.
         The guest stays paused, so the caller can copy the disks at that instant, then
         `resume`. Returns the file's size. On any failure (a full disk included) nothing
-        is left at `dest` and the guest runs again. Known gap: a confined QEMU's `resume`
-        after a save is refused (`Failed to get "write" lock`: its disks come from fd sets
-        whose read-only descriptor keeps its image locks); a restore of the saved state
-        works."""
+        is left at `dest` and the guest runs again."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
