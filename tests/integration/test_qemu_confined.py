@@ -203,3 +203,30 @@ async def test_a_forbidden_syscall_kills_qemu_not_the_host(
     await drv.kill(h)  # what VMService's cleanup does: files and cgroups go
     cg = drv.confine.cgroups
     assert cg is not None and not any(d.exists() for d in cg.dirs(cfg.vm_id).values())
+
+
+async def test_a_confined_qemu_saves_and_restores_through_handed_over_fds(
+    confined: tuple[QemuDriver, MachineConfig],
+) -> None:
+    """seccomp spawn=deny refuses `exec:` migration and QEMU's user cannot open the root-only
+    VM directory: the daemon opens the state file and hands the descriptor over (getfd)."""
+    drv, cfg = confined
+    h = await drv.start(cfg)
+    state = cfg.vm_dir / "state.bin"
+    try:
+        size = await drv.save_state(h, state)
+        assert size == state.stat().st_size > 0
+        assert state.stat().st_uid == 0  # written by QEMU through our descriptor
+        await drv.resume(h)  # the source goes on (a snapshot, not a move)
+        async with QMPClient(h.api_socket or "") as c:
+            assert (await c.execute("query-status"))["status"] in ("running", "prelaunch")
+    finally:
+        await drv.kill(h)
+    assert not pid_alive(h.pid)
+    r = await drv.restore(cfg, state)
+    try:
+        assert _status(r.pid)["Seccomp"] == "2"
+        async with QMPClient(r.api_socket or "") as c:
+            assert (await c.execute("query-status"))["status"] == "running"
+    finally:
+        await drv.kill(r)

@@ -9,8 +9,10 @@ the half-started QEMU is gone. No network: no tap.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +128,25 @@ async def test_failed_save_leaves_no_file_and_the_guest_running(tmp: Path) -> No
         assert await status(h.api_socket) == "running"
     finally:
         await drv.kill(h)
+
+
+async def test_a_full_disk_during_save_leaves_no_state_and_the_guest_running(tmp: Path) -> None:
+    """ENOSPC for real: the state goes to a tmpfs of the test's own, far too small."""
+    require(shutil.which(QEMU), f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts a small tmpfs of its own)")
+    full = tmp / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "stoker-test", full], check=True)
+    drv = QemuDriver(Runner(), accel="tcg", ready_timeout=30)
+    try:
+        h = await drv.start(machine(tmp / "a"))
+        try:
+            with pytest.raises(CommandFailed, match="could not save"):
+                await drv.save_state(h, full / "state.bin")
+            assert list(full.iterdir()) == []
+            assert await status(h.api_socket) == "running"
+        finally:
+            await drv.kill(h)
+    finally:
+        subprocess.run(["umount", full], check=True)

@@ -396,3 +396,23 @@ def test_teardown_of_an_older_version_loads_without_its_unfilled_fields(
     got = populated.get_vm(v.id)
     assert got is not None
     assert got.teardown == Teardown(tap="tap0", vmm="qemu", vmm_pid=42, api_socket="/s")
+
+
+def test_snapshots_round_trip_are_unique_per_vm_and_go_with_the_vm(populated: Store) -> None:
+    v = vm("web")
+    populated.insert_vm(v)
+    meta = {"vmm": "qemu", "vmm_version": "7.2.19", "vcpu": 1}
+    populated.insert_snapshot(v.id, "s1", Path("/v/web/snapshots/s1"), meta)
+    with pytest.raises(AlreadyExists, match="already has a snapshot named 's1'"):
+        populated.insert_snapshot(v.id, "s1", Path("/elsewhere"), {})
+    got = populated.get_snapshot(v.id, "s1")
+    assert got is not None and got["meta"] == meta and got["dir"] == "/v/web/snapshots/s1"
+    assert [s["name"] for s in populated.list_snapshots()] == ["s1"]
+    assert populated.list_snapshots("other") == []
+    with pytest.raises(NotFound, match="no snapshot named 'nope'"):
+        populated.delete_snapshot(v.id, "nope")
+    populated.insert_snapshot(v.id, "s2", Path("/v/web/snapshots/s2"), meta)
+    populated.delete_snapshot(v.id, "s2")
+    assert populated.get_snapshot(v.id, "s2") is None
+    populated.delete_vm(v.id)
+    assert populated.list_snapshots() == []  # ON DELETE CASCADE

@@ -69,6 +69,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "vm health": ("stoker vm health web", "stoker vm health web --json"),
     "vm stats": ("stoker vm stats", "stoker vm stats web --json"),
     "vm ports": ("stoker vm ports web",),
+    "vm snapshot": (
+        "stoker vm snapshot web --name before-upgrade",
+        "stoker vm snapshot list web",
+        "stoker vm snapshot delete web before-upgrade",
+    ),
     "vm prune": ("stoker vm prune", "stoker vm prune -f"),
     "vm logs": ("stoker vm logs web", "stoker vm logs -f web"),
     "vm ssh": (

@@ -19,6 +19,7 @@ SUBCOMMANDS = frozenset(
         "port-forward",
         "cp",
         "commit",
+        "snapshot",
     }
 )  # fmt: skip
 
@@ -88,6 +89,12 @@ def register(sub: Any, only: str | None = None) -> None:
         p = vsub.add_parser(verb, aliases=aliases, help=helptext)
         p.add_argument("names", nargs="+", metavar="NAME")
         p.add_argument("--json", action="store_true")
+        if verb == "start":
+            p.add_argument(
+                "--from-snapshot",
+                metavar="SNAP",
+                help="resume one stopped VM from its snapshot SNAP (disks and memory)",
+            )
         p.set_defaults(func=vm_multi, verb=verb)
 
     if want("set"):
@@ -117,6 +124,9 @@ def register(sub: Any, only: str | None = None) -> None:
         from stoker.cli import workspace
 
         workspace.register(vsub)
+
+    if want("snapshot"):
+        register_snapshot(vsub)
 
     if want("health"):
         p = vsub.add_parser("health", help="is the VM up? (guest agent, SSH fallback)")
@@ -363,6 +373,21 @@ def vm_multi(args: argparse.Namespace) -> int:
     from stoker.cli.progress import call_with_progress
 
     quiet = args.json or args.verb not in ("start", "restart")
+    snap = getattr(args, "from_snapshot", None)
+    if snap is not None:
+        if len(args.names) != 1:
+            from stoker.errors import InvalidArgument
+
+            raise InvalidArgument("--from-snapshot restores one VM: give exactly one NAME")
+        with client(args) as c:
+            v = call_with_progress(
+                c, "vm.start_from_snapshot", {"ref": args.names[0], "name": snap}, quiet
+            )
+        if args.json:
+            print_json(v)
+        else:
+            print(f"{v['name']}: started from snapshot {snap}")
+        return 0
     with client(args) as c:
         results = call_with_progress(c, f"vm.{args.verb}", {"refs": args.names}, quiet)
     if args.json:
@@ -1179,3 +1204,71 @@ def vm_health(args: argparse.Namespace) -> int:
         via = "SSH answers" if h.get("healthy") else "SSH does not answer either"
         print(f"{h['name']}: agent not responding ({h.get('agent_error')}); {via}")
     return 0 if h.get("healthy") else 1
+
+
+def register_snapshot(vsub: Any) -> None:
+    """`vm snapshot NAME [--name SNAP]`, `vm snapshot list [NAME]`, `vm snapshot delete
+    NAME SNAP` (argparse cannot mix a positional with subcommands: the first word picks)."""
+    p = vsub.add_parser(
+        "snapshot",
+        help="snapshot a running VM (memory + disks), or `snapshot list` / `snapshot delete`",
+        usage="stoker vm snapshot NAME [--name SNAP] | list [NAME] | delete NAME SNAP",
+    )
+    p.add_argument(
+        "words",
+        nargs="+",
+        metavar="NAME|list|delete",
+        help="the VM to snapshot, or `list [NAME]`, or `delete NAME SNAP`",
+    )
+    p.add_argument("--name", dest="snap", metavar="SNAP", help="snapshot name (default: a time)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=vm_snapshot)
+
+
+def vm_snapshot(args: argparse.Namespace) -> int:
+    from stoker.errors import InvalidArgument
+
+    words = list(args.words)
+    if words[0] == "list":
+        if len(words) > 2:
+            raise InvalidArgument("usage: stoker vm snapshot list [NAME]")
+        with client(args) as c:
+            snaps = c.call("vm.snapshot.list", {"ref": words[1] if len(words) > 1 else None})
+        if args.json:
+            print_json(snaps)
+        elif not snaps:
+            print("no snapshots")
+        else:
+            table(
+                ["VM", "SNAPSHOT", "CREATED", "VMM"],
+                [
+                    [
+                        s["vm"],
+                        s["name"],
+                        age(s["created_at"]),
+                        f"{s['meta'].get('vmm')} {s['meta'].get('vmm_version')}",
+                    ]
+                    for s in snaps
+                ],
+            )
+        return 0
+    if words[0] == "delete":
+        if len(words) != 3:
+            raise InvalidArgument("usage: stoker vm snapshot delete NAME SNAP")
+        with client(args) as c:
+            out = c.call("vm.snapshot.delete", {"ref": words[1], "name": words[2]})
+        print_json(out) if args.json else print(f"deleted snapshot {out['name']} of {out['vm']}")
+        return 0
+    if len(words) != 1:
+        raise InvalidArgument(
+            "usage: stoker vm snapshot NAME [--name SNAP] (or `list [NAME]`, `delete NAME SNAP`)"
+        )
+    from stoker.cli.progress import call_with_progress
+
+    with client(args) as c:
+        out = call_with_progress(c, "vm.snapshot", {"ref": words[0], "name": args.snap}, args.json)
+    if args.json:
+        print_json(out)
+    else:
+        print(f"snapshot {out['name']} of {out['vm']}: {size(out['bytes'])} in {out['dir']}")
+    return 0

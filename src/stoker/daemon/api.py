@@ -199,3 +199,17 @@ class ExecInput(Params):
 class SSHInfo(Params):
     ref: str
     wait: bool = False  # wait until SSH answers (a VM made ready by its agent may be early)
+
+
+class SnapshotCreate(Params):
+    ref: str
+    name: str | None = None
+
+
+class SnapshotRef(Params):
+    ref: str
+    name: str
+
+
+class SnapshotList(Params):
+    ref: str | None = None

@@ -204,6 +204,27 @@ class Daemon:
 
             return h
 
+        async def vm_snapshot(p: api.SnapshotCreate, ctx: RequestContext) -> Any:
+            from stoker.daemon import snapshot_service
+
+            return await snapshot_service.snapshot_vm(vm, p.ref, p.name, ctx.progress)
+
+        async def vm_start_from_snapshot(p: api.SnapshotRef, ctx: RequestContext) -> Any:
+            from stoker.daemon import snapshot_service
+
+            rec = await snapshot_service.start_from_snapshot(vm, p.ref, p.name, ctx.progress)
+            return rec.to_dict()
+
+        async def vm_snapshot_list(p: api.SnapshotList, ctx: RequestContext) -> Any:
+            from stoker.daemon import snapshot_service
+
+            return snapshot_service.list_snapshots(vm, p.ref)
+
+        async def vm_snapshot_delete(p: api.SnapshotRef, ctx: RequestContext) -> Any:
+            from stoker.daemon import snapshot_service
+
+            return await snapshot_service.delete_snapshot(vm, p.ref, p.name)
+
         async def vm_health(p: api.VMRef, ctx: RequestContext) -> Any:
             return await vm.health(p.ref)
 
@@ -352,6 +373,10 @@ class Daemon:
             "vm.workspace.inspect": Method(api.WorkspaceInspect, ws_inspect),
             "vm.workspace.prepare": Method(api.WorkspacePrepare, ws_prepare),
             "vm.workspace.export": Method(api.WorkspaceExport, ws_export),
+            "vm.snapshot": Method(api.SnapshotCreate, vm_snapshot),
+            "vm.snapshot.list": Method(api.SnapshotList, vm_snapshot_list),
+            "vm.start_from_snapshot": Method(api.SnapshotRef, vm_start_from_snapshot),
+            "vm.snapshot.delete": Method(api.SnapshotRef, vm_snapshot_delete),
             "vm.health": Method(api.VMRef, vm_health),
             "vm.ping": Method(api.VMRef, vm_health),
             "vm.stats": Method(api.OptionalRefs, vm_stats),

@@ -59,6 +59,7 @@ from stoker.store import Store
 from stoker.store.db import now
 
 Progress = Callable[..., None]
+Spawn = Callable[[VMMDriver, MachineConfig], Awaitable[VMMHandle]]
 
 OVERLAY = "overlay.ext4"
 WORKDISK = "work.ext4"
@@ -336,12 +337,25 @@ class VMService:
                 raise Conflict(f"VM {vm.name} is already running")
             return await self._start_locked(vm, progress)
 
-    async def _start_locked(self, vm: VMRecord, progress: Progress, ready: str = "ssh") -> VMRecord:
+    async def _start_locked(
+        self,
+        vm: VMRecord,
+        progress: Progress,
+        ready: str = "ssh",
+        spawn: Spawn | None = None,
+    ) -> VMRecord:
         """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
-        client never leaves a half-started VM or kills a VMM already spawned."""
-        return await run_to_end(self._start_flow(vm, progress, ready))
+        client never leaves a half-started VM or kills a VMM already spawned. `spawn`
+        replaces `driver.start(cfg)` (a restore from a snapshot)."""
+        return await run_to_end(self._start_flow(vm, progress, ready, spawn))
 
-    async def _start_flow(self, vm: VMRecord, progress: Progress, ready: str = "ssh") -> VMRecord:
+    async def _start_flow(
+        self,
+        vm: VMRecord,
+        progress: Progress,
+        ready: str = "ssh",
+        spawn: Spawn | None = None,
+    ) -> VMRecord:
         t0 = time.monotonic()
         image = await self.images.get_image(vm.image)
         kernel = await self.images.get_kernel(image.kernel or "")
@@ -377,7 +391,7 @@ class VMService:
                 cfg = self._machine_config(vm, kernel, image, tap)
                 pre_boot = time.monotonic() - t0
                 progress("boot", f"starting {driver.name}")
-                handle = await driver.start(cfg)
+                handle = await (spawn(driver, cfg) if spawn is not None else driver.start(cfg))
                 # The store keeps pid and socket (shown by `vm show`); the driver's own
                 # pidfile + vmm.json are what find the process again.
                 vm.teardown.vmm_pid = handle.pid

@@ -396,6 +396,53 @@ class Store:
         rows = self._query("SELECT sample FROM vm_stats WHERE vm_id=?", (vm_id,))
         return dict(json.loads(rows[0][0])) if rows else None
 
+    # --- snapshots ---------------------------------------------------------------------
+
+    def insert_snapshot(self, vm_id: str, name: str, dir: Path, meta: dict[str, Any]) -> None:
+        """Record a complete snapshot (its files are written first); a second one of the
+        same name for this VM is refused."""
+        with self.tx() as c:
+            try:
+                c.execute(
+                    "INSERT INTO snapshots(vm_id, name, dir, meta, created_at) VALUES (?,?,?,?,?)",
+                    (vm_id, name, str(dir), json.dumps(meta, sort_keys=True), now()),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    f"this VM already has a snapshot named {name!r}: pick another --name "
+                    "or delete it first"
+                ) from None
+
+    def list_snapshots(self, vm_id: str | None = None) -> list[dict[str, Any]]:
+        """Snapshots (of one VM, or all), oldest first: vm_id, name, dir, meta, created_at."""
+        sql = "SELECT vm_id, name, dir, meta, created_at FROM snapshots"
+        rows = (
+            self._query(sql + " WHERE vm_id=? ORDER BY created_at, name", (vm_id,))
+            if vm_id is not None
+            else self._query(sql + " ORDER BY created_at, name")
+        )
+        return [
+            {
+                "vm_id": r[0],
+                "name": r[1],
+                "dir": r[2],
+                "meta": json.loads(r[3]),
+                "created_at": r[4],
+            }
+            for r in rows
+        ]
+
+    def get_snapshot(self, vm_id: str, name: str) -> dict[str, Any] | None:
+        return next((s for s in self.list_snapshots(vm_id) if s["name"] == name), None)
+
+    def delete_snapshot(self, vm_id: str, name: str) -> None:
+        with self.tx() as c:
+            cur = c.execute("DELETE FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name))
+            if cur.rowcount == 0:
+                raise NotFound(
+                    f"this VM has no snapshot named {name!r} (see `stoker vm snapshot list`)"
+                )
+
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY / SQLITE_LOCKED, by code where Python exposes it, else by message."""

@@ -80,4 +80,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE images ADD COLUMN recipe_hash TEXT;
     CREATE INDEX images_recipe_hash ON images(recipe_hash);
     """,
+    # snapshots of a VM (issue 13): files under the VM's dir, `meta` is what a restore must
+    # match (VMM kind + version, accel, kernel, image id, machine shape); gone with the VM
+    """
+    CREATE TABLE snapshots (
+        vm_id      TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        dir        TEXT NOT NULL,
+        meta       TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (vm_id, name)
+    )
+    """,
 ]

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import os
-import shlex
+import socket
 import time
 from pathlib import Path
 from types import TracebackType
@@ -150,6 +150,48 @@ class QMPClient:
             desc = err.get("desc", err) if isinstance(err, dict) else err
             raise CommandFailed(f"QEMU refused {command}: {desc}")
         return reply.get("return")
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a descriptor under `name` (QMP `getfd`, the fd rides along as
+        SCM_RIGHTS on the command's bytes), for `migrate fd:NAME` and the like. Works for a
+        confined QEMU, which may neither open our paths nor spawn a process."""
+        if self._writer is None:
+            raise Unavailable("QMP client is not connected")
+        req = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        await self._writer.drain()
+        tsock = self._writer.get_extra_info("socket")
+        # The transport's socket cannot sendmsg; a dup of it can (same connection).
+        with socket.socket(fileno=os.dup(tsock.fileno())) as s:
+            s.setblocking(True)
+            s.settimeout(self.timeout)
+            try:
+                socket.send_fds(s, [req], [fd])
+            except OSError as e:
+                raise Unavailable(
+                    f"QMP connection to {self.socket_path} broke during getfd ({e}): "
+                    "QEMU may have exited"
+                ) from None
+
+        async def reply() -> dict[str, Any]:
+            while True:
+                msg = await self._read()
+                if "event" in msg:
+                    self.events.append(msg)
+                    continue
+                return msg
+
+        try:
+            msg = await asyncio.wait_for(reply(), self.timeout)
+        except TimeoutError:
+            raise Timeout(f"QMP getfd did not answer within {self.timeout:.0f}s") from None
+        except (OSError, ValueError) as e:
+            raise Unavailable(
+                f"QMP connection to {self.socket_path} broke during getfd ({e})"
+            ) from None
+        if "error" in msg:
+            err = msg["error"]
+            desc = err.get("desc", err) if isinstance(err, dict) else err
+            raise CommandFailed(f"QEMU refused getfd: {desc}")
 
     async def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -310,7 +352,12 @@ def qemu_argv(
         argv += [
             "-drive",
             f"if=none,id={_esc(d.id)},file={_esc(ho.get('disk:' + d.id, d.path))},format=raw,"
-            f"readonly={'on' if d.read_only else 'off'}",
+            f"readonly={'on' if d.read_only else 'off'}"
+            # A writable disk from an fd set: its read-only member keeps the image locks
+            # QEMU took while a migration had it inactive (OFD locks live as long as the
+            # fd set's descriptor), so `cont` after a snapshot would fail to get the write
+            # lock. The daemon's per-VM lock already keeps two QEMUs off one disk.
+            + (",file.locking=off" if ("disk:" + d.id) in ho and not d.read_only else ""),
             "-device",
             f"virtio-blk-device,drive={_esc(d.id)}",
         ]
@@ -576,24 +623,37 @@ class QemuDriver(ProcessVMM):
     # --- snapshots (issue 13) ----------------------------------------------------------
 
     async def save_state(self, handle: VMMHandle, dest: Path, timeout: float = 120.0) -> int:
-        """Pause the guest and write its device state and RAM to `dest` (QEMU 7.2 has no
-        `file:` migration URI: `exec:cat > FILE`). The guest stays paused, so the caller
-        can copy the disks at that instant, then `resume`. Returns the file's size. On any
-        failure nothing is left at `dest` and the guest runs again. Not yet for a confined
-        QEMU: its seccomp filter (spawn=deny) refuses `exec:`, which needs an fd handed
-        over with QMP `getfd` instead."""
+        """Pause the guest and write its device state and RAM to `dest`. The daemon opens
+        the file and hands QEMU the descriptor (QMP `getfd`, `migrate fd:`): a confined
+        QEMU (another user, seccomp spawn=deny) can neither open our path nor run `exec:`.
+        The guest stays paused, so the caller can copy the disks at that instant, then
+        `resume`. Returns the file's size. On any failure (a full disk included) nothing
+        is left at `dest` and the guest runs again."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         unlink_quiet(tmp)
+        fdname = f"stoker-save-{os.getpid()}"
         async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
             await c.execute("stop")
             try:
-                await c.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    await c.send_fd(fdname, fd)
+                finally:
+                    os.close(fd)
+                await c.execute("migrate", {"uri": f"fd:{fdname}"})
                 status = await self._migration_done(c, "query-migrate", timeout)
                 if status != "completed":
                     raise CommandFailed(f"QEMU could not save the VM state: {status}")
                 os.replace(tmp, dest)
+            except OSError as e:
+                unlink_quiet(tmp)
+                with contextlib.suppress(Exception):
+                    await c.execute("cont")
+                raise CommandFailed(
+                    f"QEMU could not save the VM state to {dest}: {e.strerror or e}"
+                ) from None
             except BaseException:
                 unlink_quiet(tmp)
                 with contextlib.suppress(Exception):
@@ -602,22 +662,34 @@ class QemuDriver(ProcessVMM):
         return dest.stat().st_size
 
     async def load_state(self, handle: VMMHandle, src: Path, timeout: float = 120.0) -> None:
-        """Feed a QEMU started with `incoming=True` the state `save_state` wrote. The guest
+        """Feed a QEMU started with `incoming=True` the state `save_state` wrote, through a
+        descriptor the daemon opened (`migrate-incoming fd:`; works confined). The guest
         stays paused (`resume` runs it)."""
         if not handle.api_socket:
             raise Unavailable("this QEMU handle has no QMP socket")
         if not src.is_file():
             raise Conflict(f"snapshot state {src} is missing: the snapshot is incomplete")
         state: str | None = None
+        fdname = f"stoker-load-{os.getpid()}"
         try:
             async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
-                uri = f"exec:cat {shlex.quote(str(src))}"
-                await c.execute("migrate-incoming", {"uri": uri})
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    await c.send_fd(fdname, fd)
+                finally:
+                    os.close(fd)
+                await c.execute("migrate-incoming", {"uri": f"fd:{fdname}"})
                 deadline = time.monotonic() + timeout
                 while True:
-                    st = await c.execute("query-status")
-                    state = st.get("status") if isinstance(st, dict) else None
-                    if state not in ("inmigrate", "prelaunch"):
+                    # The incoming side's own status: the run state after a load is the
+                    # one saved (a guest saved before it ever ran comes back `prelaunch`).
+                    mig = await c.execute("query-migrate")
+                    done = mig.get("status") if isinstance(mig, dict) else None
+                    if done in ("completed", "failed", "cancelled"):
+                        st = await c.execute("query-status")
+                        state = st.get("status") if isinstance(st, dict) else None
+                        if done != "completed":
+                            state = f"{done}, {state}"
                         break
                     if time.monotonic() > deadline:
                         raise Timeout(f"QEMU did not load {src} within {timeout:.0f}s")
@@ -625,7 +697,7 @@ class QemuDriver(ProcessVMM):
         except Unavailable:
             # A state QEMU cannot load (another machine shape, a damaged file) ends it.
             state = "exited"
-        if state != "paused":
+        if state not in ("paused", "prelaunch"):
             raise CommandFailed(
                 f"QEMU could not load the VM state from {src} ({state}): "
                 + (tail(handle.extra.get("log")) or "no output"),
@@ -650,6 +722,23 @@ class QemuDriver(ProcessVMM):
             await self._abort(handle)
             raise
         return handle
+
+    async def vmm_version(self, handle: VMMHandle) -> str:
+        """The running QEMU's version (QMP query-version), as a snapshot records it."""
+        if not handle.api_socket:
+            raise Unavailable("this QEMU handle has no QMP socket")
+        async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
+            v = await c.execute("query-version")
+        q = v.get("qemu", {}) if isinstance(v, dict) else {}
+        pkg = str(v.get("package", "")).strip() if isinstance(v, dict) else ""
+        return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}" + (f" ({pkg})" if pkg else "")
+
+    async def binary_version(self) -> str:
+        """The version of the QEMU binary a start would run, in `vmm_version`'s form
+        (`7.2.19 (Debian 1:7.2+dfsg-7+deb12u7)`): checked before a restore."""
+        r = await self.runner.run([self.qemu_bin, "--version"], timeout=10)
+        first = r.stdout.decode(errors="replace").splitlines()[0] if r.stdout else ""
+        return first.removeprefix("QEMU emulator version ").strip()
 
     async def _migration_done(self, c: QMPClient, query: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
