@@ -40,17 +40,31 @@ def stokerd_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "stoker.daemon.main"]
 
 
-def pid_state(pid: int) -> str | None:
-    """The /proc state letter of `pid`, or None when there is no such process."""
+def _state(stat_path: str) -> str | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(stat_path).read_text()
     except OSError:
         return None
     return stat.rsplit(")", 1)[-1].split()[0]
 
 
+def pid_state(pid: int) -> str | None:
+    """The /proc state letter of `pid`, or None when there is no such process."""
+    return _state(f"/proc/{pid}/stat")
+
+
 def alive(pid: int) -> bool:
-    return pid_state(pid) not in (None, "Z", "X")
+    """True while any thread of `pid` is not yet dead.
+
+    The leader's own state is not enough: after SIGKILL a multithreaded process (stokerd
+    keeps asyncio's worker threads) can show a zombie leader while a sibling thread is
+    still exiting, and the shared fd table (the listening socket, the lock) is only
+    closed when the last thread is done."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_state(f"/proc/{pid}/task/{t}/stat") not in (None, "Z", "X") for t in tasks)
 
 
 def is_stokerd(pid: int) -> bool:

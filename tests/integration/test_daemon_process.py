@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,34 @@ def test_kill_9_then_vm_list_starts_a_new_daemon(stk: Any) -> None:
     assert json.loads(r.stdout) == []
     new = stk.daemon_pid()
     assert new != pid and stk.is_stokerd(new)
+
+
+def test_wait_gone_waits_for_the_last_thread_not_the_leader(stk: Any) -> None:
+    """The kill -9 test above relies on this: a killed stokerd (asyncio worker threads) can
+    show a zombie leader while another thread still holds the listening socket."""
+    code = (
+        "import ctypes, sys, threading\n"
+        "threading.Thread(target=sys.stdin.read).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"  # the leader exits, the reader lives on
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        task_dir = Path(f"/proc/{proc.pid}/task")
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the leader thread did not exit"
+            time.sleep(0.02)
+        assert len(os.listdir(task_dir)) == 2  # a zombie leader and the live reader
+        assert stk.alive(proc.pid)
+        assert not stk.wait_gone(proc.pid, timeout=0.3)
+        assert proc.stdin is not None
+        proc.stdin.close()  # the reader sees EOF and the last thread exits
+        assert stk.wait_gone(proc.pid)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 def test_second_stokerd_on_the_same_layout_is_refused(stk: Any) -> None:
