@@ -26,3 +26,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (netlink, nftables, loop devices)")
+
+
+_VMM_USER_BEFORE: list[bool] = []
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _VMM_USER_BEFORE.append(_user_exists("stoker-vmm"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A root daemon creates its QEMU user at the first start; tests use names of their own,
+    # but if any path made the default one during this run, it goes too (nothing is left).
+    if _VMM_USER_BEFORE == [False] and os.geteuid() == 0 and _user_exists("stoker-vmm"):
+        import subprocess
+
+        subprocess.run(["userdel", "stoker-vmm"], capture_output=True, check=False)
+        subprocess.run(["groupdel", "stoker-vmm"], capture_output=True, check=False)

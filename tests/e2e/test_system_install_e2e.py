@@ -56,6 +56,7 @@ def test_lifecycle_as_group_member_against_system_install() -> None:
     }
     tok = secrets.token_hex(3)
     ns, group, user, member = f"stoker-sys-{tok}", f"stkg-{tok}", f"stkd-{tok}", f"stkm-{tok}"
+    vmm_user = f"stkvm-{tok}"  # a root daemon would create it: ours, removed below
     root = Path(tempfile.mkdtemp(prefix="stk-e2e-sys-"))
     os.chmod(root, 0o755)
     procs: list[subprocess.Popen[str]] = []
@@ -88,6 +89,7 @@ def test_lifecycle_as_group_member_against_system_install() -> None:
         (root / "etc/stoker").mkdir(parents=True)
         (root / "etc/stoker/config.toml").write_text(
             'vmm = "qemu"\ntap_pool_size = 1\ndns_listen = "127.0.0.1:5396"\n'
+            f'vmm_user = "{vmm_user}"\n'
             f'golden_cache_dir = "{CACHE / "apt"}"\n'
             '\n[vm_defaults]\nvcpu = 1\nmemory_mib = 1024\ndisk_size = "2G"\noverlay_size = "2G"\n'
         )
@@ -194,8 +196,9 @@ def test_lifecycle_as_group_member_against_system_install() -> None:
              "--purge", "--no-systemd"],
             env=renv, capture_output=True, timeout=120,
         )  # fmt: skip
-        for name in (member, user):
+        for name in (member, user, vmm_user):
             subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
+        for name in (group, vmm_user):
+            subprocess.run(["groupdel", name], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         subprocess.run(["rm", "-rf", str(root)], check=False)
