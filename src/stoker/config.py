@@ -232,6 +232,14 @@ def _vmm(key: str, v: Any, _host: Host) -> str:
     return vmm
 
 
+def _use_jailer(key: str, v: Any, _host: Host) -> bool | Literal["auto"]:
+    if v == "auto":
+        return "auto"
+    if not isinstance(v, bool):
+        raise _bad(key, f'expected "auto", true or false, got {_short(v)}')
+    return v
+
+
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
@@ -510,13 +518,22 @@ class Config:
     firecracker_bin: str = setting(
         "firecracker", parse=_plain(_str), doc="Firecracker binary (name on PATH or path)"
     )
-    jailer_bin: str = setting("jailer", parse=_plain(_str), doc="Firecracker's jailer binary")
+    jailer_bin: str = setting(
+        "jailer",
+        parse=_plain(_str),
+        doc="Firecracker's jailer (a bare name: next to firecracker_bin, else on PATH)",
+    )
     qemu_bin: str = setting("qemu-system-x86_64", parse=_plain(_str), doc="QEMU binary")
-    use_jailer: bool = setting(False, parse=_plain(_bool), doc="run Firecracker under the jailer")
+    use_jailer: bool | Literal["auto"] = setting(
+        "auto",
+        parse=_use_jailer,
+        doc='run Firecracker under the jailer: "auto" (when found and stokerd is root), '
+        "true or false",
+    )
     vmm_user: str = setting(
         "stoker-vmm",
         parse=_vmm_user,
-        doc="system user a root daemon runs QEMU as (made if missing)",
+        doc="system user a root daemon runs QEMU and jailed Firecracker as (made if missing)",
     )
     socket_group: str = setting(
         "",

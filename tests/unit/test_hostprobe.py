@@ -31,6 +31,7 @@ ORDER = [
     "qemu",
     "vmm",
     "confinement",
+    "fc-confinement",
     "host-tools",
     "optional-tools",
     "nftables",

@@ -20,7 +20,7 @@ from stoker.model.records import VMState
 
 if TYPE_CHECKING:
     from stoker.daemon.vm_service import Progress, VMService
-    from stoker.daemon.vmm.base import MachineConfig, VMMHandle
+    from stoker.daemon.vmm.base import MachineConfig, VMMDriver, VMMHandle
     from stoker.model.records import VMRecord
 
 SNAPSHOTS_DIR = "snapshots"
@@ -81,9 +81,12 @@ async def snapshot_vm(
                 f"VM {vm.name} already has a snapshot named {name!r}: pick another --name "
                 f"or `stoker vm snapshot delete {vm.name} {name}`"
             )
-        driver: Any = svc._driver()
-        if not hasattr(driver, "save_state"):
-            raise Conflict(f"the {driver.name} driver cannot take snapshots yet")
+        driver = svc._driver()
+        if not driver.supports_snapshots:
+            raise Conflict(
+                f"the {driver.label} driver cannot take snapshots: stop the VM and start it "
+                "again instead"
+            )
         handle = svc._handle(vm)
         if handle is None:
             raise Conflict(f"VM {vm.name}'s VMM is not reachable: restart the VM")
@@ -94,7 +97,7 @@ async def snapshot_vm(
         meta = machine_meta(
             driver.name,
             await driver.vmm_version(handle),
-            handle.extra.get("accel"),
+            driver.accelerator(handle),
             image.digest or image.created_at,
             cfg,
         )
@@ -108,7 +111,7 @@ async def snapshot_vm(
 async def _take(
     svc: VMService,
     vm: VMRecord,
-    driver: Any,
+    driver: VMMDriver,
     handle: VMMHandle,
     cfg: MachineConfig,
     final: Path,
@@ -184,16 +187,19 @@ async def start_from_snapshot(svc: VMService, ref: str, name: str, progress: Pro
         if not (d / STATE_FILE).is_file():
             raise Conflict(f"snapshot {name} of {vm.name} is incomplete ({d}): delete it")
         recorded: dict[str, Any] = snap["meta"]
-        driver: Any = svc._driver()
-        if not hasattr(driver, "binary_version"):
-            raise Conflict(f"the {driver.name} driver cannot restore snapshots yet")
+        driver = svc._driver()
+        if not driver.supports_snapshots:
+            raise Conflict(
+                f"the {driver.label} driver cannot restore snapshots: start {vm.name} "
+                "without --from-snapshot"
+            )
 
-        async def boot(drv: Any, cfg: MachineConfig) -> VMMHandle:
+        async def boot(drv: VMMDriver, cfg: MachineConfig) -> VMMHandle:
             image = await svc.images.get_image(vm.image)
             current = machine_meta(
                 drv.name,
                 await drv.binary_version(),
-                getattr(drv, "accel", None),
+                drv.accelerator(),
                 image.digest or image.created_at,
                 cfg,
             )
@@ -209,7 +215,7 @@ async def start_from_snapshot(svc: VMService, ref: str, name: str, progress: Pro
                 raise
             for old in put_back.values():
                 old.unlink(missing_ok=True)
-            return handle  # type: ignore[no-any-return]
+            return handle
 
         await svc.ssh.forget(svc.ssh_target(vm))
         out = await svc._start_locked(vm, progress, spawn=boot)

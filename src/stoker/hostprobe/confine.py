@@ -25,8 +25,10 @@ What a confined QEMU looks like (`QemuDriver(confine=plan(...))`):
   core for QEMU's own threads.
 
 Each part is on when this host allows it; `plan()` records why a part is off, and
-`stoker doctor` prints it. No own mount namespace: with every file passed as a descriptor,
-the user's (lack of) permissions already keeps QEMU away from host paths.
+`stoker doctor` prints it. Firecracker's confinement is the jailer (`plan_firecracker`,
+`JailPlan`, at the end): by default whenever the jailer is found and stokerd is root.
+No own mount namespace for QEMU: with every file passed as a descriptor, the user's (lack
+of) permissions already keeps QEMU away from host paths.
 """
 
 from __future__ import annotations
@@ -347,3 +349,118 @@ def drop_argv(c: Confinement) -> list[str]:
             "--",
         ]
     return out
+
+
+# --- Firecracker: the jailer ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JailPlan:
+    """How a Firecracker start is confined (`plan_firecracker`; `off` says why a part is
+    not applied). `jailer` None: Firecracker runs unjailed, as the daemon's user.
+
+    Under the jailer it runs chrooted in the VM's own jail directory, in new mount and PID
+    namespaces (and the VM's network namespace), as `user` (uid/gid; root when no usable
+    user), with the jailer's own seccomp filter (built into Firecracker, always on), and in
+    a cgroup with memory and CPU limits from the VM's size when `cgroup_version` is set."""
+
+    jailer: str | None = None
+    user: str | None = None
+    uid: int = 0
+    gid: int = 0
+    cgroup_version: int | None = None
+    off: dict[str, str] = field(default_factory=dict)
+    pending_user: str | None = None  # to create (root) at the first Firecracker start
+
+    def with_pending_user(self) -> JailPlan:
+        """Create the pending user now (the first jailed start); a copy that uses it, or
+        that says why it could not (then the jailed Firecracker stays root)."""
+        if self.pending_user is None:
+            return self
+        pw, why = ensure_user(self.pending_user)
+        off = {k: v for k, v in self.off.items() if k != "user"}
+        if pw is None or pw.pw_uid == 0:
+            off["user"] = why or f"user {self.pending_user} is root"
+            return replace(self, pending_user=None, off=off)
+        return replace(
+            self, user=self.pending_user, uid=pw.pw_uid, gid=pw.pw_gid, pending_user=None, off=off
+        )
+
+    def describe(self) -> str:
+        if self.jailer is None:
+            return "; ".join(f"{k} off: {v}" for k, v in self.off.items()) or "not jailed"
+        on = [f"jailer {self.jailer} (chroot, mount+pid namespaces, seccomp)"]
+        if self.user is not None:
+            on.append(f"runs as {self.user} (uid {self.uid})")
+        if self.cgroup_version is not None:
+            on.append(f"cgroup v{self.cgroup_version} memory+cpu limits")
+        off = [f"{k} off: {v}" for k, v in self.off.items()]
+        return "; ".join(on + off)
+
+
+def find_jailer(firecracker: str | None, jailer_bin: str) -> str | None:
+    """The jailer to use: `jailer_bin` as a path when it has a slash; a bare name next to
+    the Firecracker binary first (release tarballs ship them together), else on PATH."""
+    if "/" in jailer_bin:
+        return jailer_bin if os.access(jailer_bin, os.X_OK) else None
+    if firecracker:
+        beside = Path(firecracker).resolve().parent / jailer_bin
+        if os.access(beside, os.X_OK) and beside.is_file():
+            return str(beside)
+    extra = ":/usr/local/sbin:/usr/sbin:/sbin"
+    return shutil.which(jailer_bin, path=os.environ.get("PATH", "") + extra)
+
+
+def plan_firecracker(
+    firecracker: str | None,
+    jailer_bin: str,
+    use_jailer: bool | str,
+    *,
+    user: str = VMM_USER,
+    create_user: bool = True,
+    cgroup_root: Path = CGROUP_ROOT,
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> JailPlan:
+    """Which parts of the Firecracker confinement this host allows; never raises and
+    changes nothing (a missing user is left pending, as for QEMU). `use_jailer` is the
+    config value: "auto" jails when the jailer is found and stokerd is root; True always
+    (a start then fails with the reason when it cannot); False never."""
+    if use_jailer is False:
+        return JailPlan(off={"jailer": "use_jailer = false in the config"})
+    found = find_jailer(firecracker, jailer_bin)
+    if found is None:
+        why = f"{jailer_bin!r} not found next to firecracker or on PATH"
+        if use_jailer is True:
+            # Kept so that a start fails naming the missing jailer, not silently unjailed.
+            return JailPlan(jailer=jailer_bin, off={"jailer": why})
+        return JailPlan(off={"jailer": why})
+    if os.geteuid() != 0 and use_jailer == "auto":
+        return JailPlan(
+            off={"jailer": "stokerd is not root (the jailer needs root: chroot, mknod, setuid)"}
+        )
+    off: dict[str, str] = {}
+    uid = gid = 0
+    name: str | None = None
+    pending = None
+    pw = _lookup(user)
+    if pw is None and create_user and _USER.match(user):
+        pending = user
+        off["user"] = f"user {user} does not exist yet: created at the first VM start"
+    elif pw is None:
+        off["user"] = f"user {user} does not exist"
+    elif pw.pw_uid == 0:
+        off["user"] = f"user {user} is root"
+    else:
+        name, uid, gid = user, pw.pw_uid, pw.pw_gid
+    cg, why = find_cgroups(cgroup_root, proc_cgroup)
+    if cg is None:
+        off["cgroup"] = why
+    return JailPlan(
+        jailer=found,
+        user=name,
+        uid=uid,
+        gid=gid,
+        cgroup_version=cg.version if cg is not None else None,
+        off=off,
+        pending_user=pending,
+    )

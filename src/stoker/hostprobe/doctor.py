@@ -290,16 +290,22 @@ async def check_firecracker(ctx: Context) -> Check:
 
 @doctor_check
 async def check_jailer(ctx: Context) -> Check:
-    jl = which(ctx.config.jailer_bin)
-    if jl:
-        return Check("jailer", "PASS", f"{jl} found")
+    """Where the jailer is (next to firecracker, else on PATH) and whether it is used."""
+    from stoker.hostprobe.confine import find_jailer
+
+    fc = await ctx.firecracker()
+    jl = find_jailer(fc.path, ctx.config.jailer_bin)
     use = ctx.config.use_jailer
+    if jl:
+        how = "not used: use_jailer = false" if use is False else "used for Firecracker"
+        return Check("jailer", "PASS", f"{jl} found ({how})")
     return Check(
         "jailer",
-        "FAIL" if use else "WARN",
-        f"{ctx.config.jailer_bin!r} not found"
-        + (" but use_jailer = true" if use else " (optional)"),
-        "install the jailer next to firecracker, or set use_jailer = false",
+        "FAIL" if use is True else "WARN",
+        f"{ctx.config.jailer_bin!r} not found next to firecracker or on PATH"
+        + (" but use_jailer = true" if use is True else ": Firecracker would run unjailed"),
+        "install the jailer next to firecracker (the release tarball has both), "
+        "or set use_jailer = false",
     )
 
 
@@ -375,6 +381,45 @@ async def check_confinement(ctx: Context) -> Check:
         "confinement",
         "WARN" if off else "PASS",
         f"QEMU: {replace(c, off=off).describe()}{note}",
+        "; ".join(fixes[k] for k in off if k in fixes),
+    )
+
+
+@doctor_check
+async def check_fc_confinement(ctx: Context) -> Check:
+    """What confinement a Firecracker started by this host's stokerd gets (the jailer,
+    its user, cgroup limits), and why a part is off: the plan the daemon makes."""
+    from stoker.hostprobe.confine import plan_firecracker
+
+    fc = await ctx.firecracker()
+    if not fc.path:
+        return Check("fc-confinement", "WARN", "not checked: no Firecracker", "")
+    c = await asyncio.to_thread(
+        plan_firecracker,
+        fc.path,
+        ctx.config.jailer_bin,
+        ctx.config.use_jailer,
+        user=ctx.config.vmm_user,
+    )
+    off = dict(c.off)
+    note = ""
+    if os.geteuid() == 0 and c.pending_user is not None:
+        off.pop("user", None)
+        note = f"; user {ctx.config.vmm_user} is created at the first VM start"
+    if ctx.config.use_jailer is False:
+        # Asked for: not a problem to fix, but said.
+        return Check("fc-confinement", "WARN", f"Firecracker: {c.describe()}", "")
+    fixes = {
+        "jailer": "install the jailer next to firecracker and run stokerd as root",
+        "user": "run stokerd as root (it creates the VMM user)",
+        "cgroup": "run stokerd as root with cgroup memory and cpu controllers mounted",
+    }
+    from dataclasses import replace
+
+    return Check(
+        "fc-confinement",
+        "WARN" if off else "PASS",
+        f"Firecracker: {replace(c, off=off).describe()}{note}",
         "; ".join(fixes[k] for k in off if k in fixes),
     )
 

@@ -11,7 +11,9 @@ template methods (`start`, `shutdown`, `kill`, `adopt`, `is_running`) are writte
 here, each backend fills in hooks (`_prepare` builds the argv, `_configure` brings the
 spawned VMM to a running guest, `_request_poweroff`, `_leftover_paths`, `_matches_pid`,
 `_default_handle`) and answers the questions the daemon would otherwise ask by name
-(`boot_kernel`, `vsock_cid`, `agent_transport`).
+(`boot_kernel`, `vsock_cid`, `agent_transport`, `accelerator`). Snapshots are the same
+interface for every backend (`supports_snapshots`, `save_state`, `resume`, `restore`,
+`vmm_version`, `binary_version`); a backend without them refuses each with a `Conflict`.
 """
 
 from __future__ import annotations
@@ -376,6 +378,7 @@ class ProcessVMM(abc.ABC):
 
     name: ClassVar[str]
     label: ClassVar[str]  # how messages name the VMM ("QEMU", "Firecracker")
+    supports_snapshots: ClassVar[bool] = False  # save_state/resume/restore are real
 
     def __init__(self, runner: Runner, exe_hint: str, logger: logging.Logger) -> None:
         self.runner = runner
@@ -396,6 +399,43 @@ class ProcessVMM(abc.ABC):
         """How the host reaches this VM's guest agent (None: no agent channel)."""
         sock = handle.extra.get("agent_socket")
         return AgentChannel(str(sock)) if sock else None
+
+    def accelerator(self, handle: VMMHandle | None = None) -> str | None:
+        """The accelerator the VMM runs (`handle`'s), or a start would use (None: n/a)."""
+        return None
+
+    # --- snapshots (issue 13) ------------------------------------------------------------
+
+    def _no_snapshots(self) -> Conflict:
+        return Conflict(
+            f"the {self.label} driver cannot take or restore snapshots: start the VM "
+            "without --from-snapshot"
+        )
+
+    async def save_state(self, handle: VMMHandle, dest: Path) -> int:
+        """Pause the guest and write its device state and RAM: `dest` is the snapshot's
+        state file; a backend that keeps guest memory apart writes it beside `dest` in the
+        same directory. The guest stays paused (the caller copies the disks, then
+        `resume`); on failure nothing is left and the guest runs again. Returns bytes."""
+        raise self._no_snapshots()
+
+    async def resume(self, handle: VMMHandle) -> None:
+        """Run a guest paused by `save_state`."""
+        raise self._no_snapshots()
+
+    async def restore(self, cfg: MachineConfig, state: Path) -> VMMHandle:
+        """A fresh VMM for `cfg` running the guest saved at `state` (its writable disks
+        must be the copies taken with it). Nothing is left behind on failure."""
+        raise self._no_snapshots()
+
+    async def vmm_version(self, handle: VMMHandle) -> str:
+        """The running VMM's version, as a snapshot records it."""
+        raise self._no_snapshots()
+
+    async def binary_version(self) -> str:
+        """The version a start would run, in `vmm_version`'s form (checked before a
+        restore)."""
+        raise self._no_snapshots()
 
     # --- hooks -------------------------------------------------------------------------
 

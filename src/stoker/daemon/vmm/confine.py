@@ -51,6 +51,7 @@ __all__ = [
     "open_tap",
     "plan",
     "qemu_has_sandbox",
+    "set_tap_owner",
 ]
 
 # --- descriptors handed to a QEMU that is not root --------------------------------------
@@ -195,3 +196,18 @@ def _in_netns(netns: str, fn: Callable[[], int]) -> int:
     fd = box["fd"]
     assert isinstance(fd, int)
     return fd
+
+
+TUNSETOWNER = 0x400454CC
+
+
+def set_tap_owner(name: str, netns: str | None, uid: int) -> None:
+    """Make the persistent tap `name` (in `netns`) owned by `uid`, so a VMM running as
+    that user may attach it by name (Firecracker under the jailer). Root only."""
+    import fcntl
+
+    fd = open_tap_direct(name, netns)
+    try:
+        fcntl.ioctl(fd, TUNSETOWNER, uid)
+    finally:
+        os.close(fd)

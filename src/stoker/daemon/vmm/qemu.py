@@ -440,6 +440,7 @@ class QemuDriver(ProcessVMM):
 
     name = "qemu"
     label = "QEMU"
+    supports_snapshots = True
 
     def __init__(
         self,
@@ -481,6 +482,13 @@ class QemuDriver(ProcessVMM):
             return Path(kernel.vmlinux)
         f = kernel.bzimage or kernel.vmlinux
         return Path(f) if f else None
+
+    def accelerator(self, handle: VMMHandle | None = None) -> str | None:
+        """`kvm` or `tcg`: the running QEMU's (from its handle), else this driver's."""
+        if handle is not None:
+            accel = handle.extra.get("accel")
+            return str(accel) if accel is not None else None
+        return self.accel
 
     # --- identity ----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ nested host. `doctor` shows the same choice and reason: both take it from `stoke
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from stoker.daemon.vmm.base import VMMDriver
 from stoker.errors import InvalidArgument, Unavailable
@@ -27,6 +27,9 @@ from stoker.hostprobe.probes import (
 )
 from stoker.hostprobe.vmm import choose_accel, choose_vmm
 from stoker.runner import Runner
+
+if TYPE_CHECKING:
+    from stoker.hostprobe.confine import JailPlan
 
 __all__ = [
     "KVM_BOOTS_ENV",
@@ -55,7 +58,7 @@ class VMMConfig(Protocol):
     @property
     def qemu_bin(self) -> str: ...
     @property
-    def use_jailer(self) -> bool: ...
+    def use_jailer(self) -> bool | Literal["auto"]: ...
     @property
     def vmm_user(self) -> str: ...
 
@@ -71,15 +74,30 @@ def make_driver(
     logger: logging.Logger | None = None,
     confine: bool = False,
     vmm_user: str | None = None,
+    jail: JailPlan | None = None,
 ) -> VMMDriver:
-    """The driver for `name` (`firecracker` or `qemu`). `jailer_bin` runs Firecracker
-    under the jailer with default `JailerOptions`; `confine` confines QEMU as far as this
-    host allows (vmm.confine)."""
+    """The driver for `name` (`firecracker` or `qemu`). Firecracker runs under the jailer
+    as `jail` plans it (user, size cgroups), or with `jailer_bin` and default
+    `JailerOptions`; `confine` confines QEMU as far as this host allows (vmm.confine)."""
     # Backends are imported here so that `choose_vmm` (doctor, CLI) does not pay for aiohttp.
     if name == "firecracker":
         from stoker.daemon.vmm.firecracker import FirecrackerDriver, JailerOptions
 
         jailer = JailerOptions(jailer_bin=jailer_bin) if jailer_bin else None
+        if jail is not None:
+            (logger or logging.getLogger("stoker.vmm")).info(
+                "Firecracker confinement: %s", jail.describe()
+            )
+            jailer = None
+            if jail.jailer is not None:
+                jailer = JailerOptions(
+                    jailer_bin=jail.jailer,
+                    uid=jail.uid,
+                    gid=jail.gid,
+                    cgroup_version=jail.cgroup_version or 1,
+                    size_limits=jail.cgroup_version is not None,
+                    pending_user=jail.pending_user,
+                )
         return FirecrackerDriver(runner, firecracker_bin, jailer=jailer, logger=logger)
     if name == "qemu":
         from stoker.daemon.vmm.qemu import QemuDriver
@@ -118,12 +136,18 @@ def driver_for_config(
     (logger or logging.getLogger("stoker.vmm")).info(
         "VMM: %s (%s)%s", name, why, f"; accel {accel}: {accel_why}" if name == "qemu" else ""
     )
-    jailer = (which(config.jailer_bin) or config.jailer_bin) if config.use_jailer else None
+    jail = None
+    if name == "firecracker":
+        from stoker.hostprobe.confine import VMM_USER, plan_firecracker
+
+        jail = plan_firecracker(
+            fc, config.jailer_bin, config.use_jailer, user=config.vmm_user or VMM_USER
+        )
     return make_driver(
         name,
         runner,
         firecracker_bin=fc or config.firecracker_bin,
-        jailer_bin=jailer,
+        jail=jail,
         qemu_bin=qemu or config.qemu_bin,
         accel=accel,
         logger=logger,
