@@ -207,3 +207,45 @@ async def test_guest_boots_under_firecracker(
     finally:
         await drv.shutdown(h, timeout=5)
     assert not pid_alive(h.pid)
+
+
+@pytest.mark.skipif(
+    os.environ.get("STOKER_KVM_BOOTS") != "1",
+    reason="restore of a booted guest needs KVM guests that boot; this machine has none "
+    "(set STOKER_KVM_BOOTS=1 where they do). The snapshot API calls themselves run for real "
+    "in tests/integration/test_vmm_fc_snapshot.py",
+)
+async def test_snapshot_restore_of_a_booted_guest(
+    firecracker_dir: Path,
+    guest_kernel: GuestKernel,
+    test_initrd: Path,
+    netns_tap: NetNS,
+    short_dir: Path,
+) -> None:
+    """A booted guest is saved, its VMM killed, and a fresh Firecracker resumes it: the
+    guest does not boot again (no second "ready" line) and keeps running."""
+    drv = FirecrackerDriver(Runner(), str(firecracker_dir / "firecracker"))
+    cfg = machine(short_dir / "vm", guest_kernel.vmlinux, netns_tap, initrd=test_initrd)
+    cfg.vcpu = 1
+    snap = short_dir / "vm" / "snap"
+    snap.mkdir()
+    h = await drv.start(cfg)
+    try:
+        deadline = time.monotonic() + 60
+        while "STOKER-TEST ready" not in cfg.serial_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, cfg.serial_log.read_text(errors="replace")
+            await asyncio.sleep(0.2)
+        await drv.save_state(h, snap / "state.bin")
+        await drv.resume(h)
+    finally:
+        await drv.kill(h)
+    before = cfg.serial_log.read_text(errors="replace").count("STOKER-TEST ready")
+    r = await drv.restore(cfg, snap / "state.bin")
+    try:
+        await asyncio.sleep(2)
+        assert drv.is_running(r) and (await drv.describe(r))["state"] == "Running"
+        log = cfg.serial_log.read_text(errors="replace")
+        assert log.count("STOKER-TEST ready") == before, "the restored guest booted again"
+    finally:
+        await drv.shutdown(r, timeout=5)
+    assert not pid_alive(r.pid)
