@@ -140,7 +140,15 @@ def _print_image(i: dict[str, Any]) -> None:
         print(f"packages:   {', '.join(meta['packages'])}")
     if meta.get("setup"):
         print(f"setup:      {len(meta['setup'])} step(s)")
-    print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
+    if i.get("role") == "workload":
+        wl = meta.get("workload") or {}
+        print("role:       workload root (runs on a system image; no SSH server of its own)")
+        print(f"workdir:    {wl.get('working_dir') or '/'}")
+        print(f"user:       {wl.get('user') or 'root'} ({wl.get('uid', 0)}:{wl.get('gid', 0)})")
+        for e in wl.get("env") or []:
+            print(f"env:        {e}")
+    else:
+        print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
     print(f"created:    {i['created_at']}")
 
 

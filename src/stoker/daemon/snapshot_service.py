@@ -88,7 +88,7 @@ async def snapshot_vm(
         if handle is None:
             raise Conflict(f"VM {vm.name}'s VMM is not reachable: restart the VM")
         image = await svc.images.get_image(vm.image)
-        kernel = await svc.images.get_kernel(image.kernel or "")
+        kernel = await svc.boot_kernel(vm, image)
         tap = vm.teardown.tap or ""
         cfg = svc._machine_config(vm, kernel, image, tap)
         meta = machine_meta(
