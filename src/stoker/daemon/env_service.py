@@ -518,6 +518,11 @@ class EnvService:
                 )
             if await self.vm.is_alive(rec):
                 raise Conflict(f"VM {rec.name} still has a running VMM: stop it first")
+            if rec.system_image is not None:
+                raise Conflict(
+                    f"VM {rec.name} runs on a workload root ({rec.image}): `vm commit` of "
+                    "a workload root is not supported yet; commit a VM of a system image"
+                )
             base = await self.images.get_image(rec.image)
             derived.check_no_cycle(self._all_images(), image, base.name)
             async with self.images.name_locks.hold(f"image:{image}"):
@@ -528,7 +533,9 @@ class EnvService:
                             f"image {image!r} already exists: pass --force to replace it, or "
                             "pick another name"
                         )
-                    users = [v.name for v in self.store.list_vms() if v.image == image]
+                    users = [
+                        v.name for v in self.store.list_vms() if image in (v.image, v.system_image)
+                    ]
                     if users:
                         raise Conflict(
                             f"image {image!r} is used by VM(s) {', '.join(users)}: it cannot "

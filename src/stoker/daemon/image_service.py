@@ -165,6 +165,8 @@ class ImageService:
                 size=rp.stat().st_size,
                 created_at=now(),
                 has_sshd=has_sshd,
+                # Without an SSH server it cannot boot as a guest: a workload root.
+                role="system" if has_sshd else "workload",
             )
             self.store.upsert_image(im)
         return im

@@ -48,8 +48,6 @@ MAX_ENV = 1024
 class BadWorkloadConfig(InvalidArgument):
     """The image's config asks for something a workload root cannot do."""
 
-    code = "workload_config"
-
 
 def role_for(has_sshd: bool) -> str:
     """Images with an SSH server boot directly (as before); the rest are workload roots."""
