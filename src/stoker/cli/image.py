@@ -74,6 +74,14 @@ def register(sub: Any) -> None:
         metavar="FILE-or-CMD",
         help="a setup step run in a builder VM (NAT on); repeatable",
     )
+    p.add_argument(
+        "--copy",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="copy a host file into the image at GUEST (builder VM; hashed into the image "
+        "key); repeatable",
+    )
     p.add_argument("--recipe", metavar="PATH", help="a stoker.toml (or a repo dir holding one)")
     p.add_argument("--repo", metavar="DIR", help="repo copied to /root/repo for setup steps")
     p.add_argument("--setup-timeout", type=float, metavar="S", help="per step (default 3600)")
