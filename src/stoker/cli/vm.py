@@ -1019,7 +1019,10 @@ def vm_run(args: argparse.Namespace) -> int:
         _publish_or_delete(args, c, name)
         rc = 0
         try:
-            workdir = "/root"
+            # A workload root (docs/guest-boot.md) has its own default directory (its
+            # WORKDIR) and perhaps no bash: only a workspace sets the directory there.
+            workload = bool(v.get("system_image"))
+            workdir: str | None = None if workload else "/root"
             if path is not None:
                 ws = call_with_progress(
                     c,
@@ -1045,7 +1048,11 @@ def vm_run(args: argparse.Namespace) -> int:
                 )
             else:
                 info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
-                argv = [*ssh_argv(info, tty=sys.stdin.isatty()), f"cd {workdir} && exec bash -l"]
+                argv = ssh_argv(info, tty=sys.stdin.isatty())
+                if not workload:
+                    argv.append(f"cd {workdir} && exec bash -l")
+                elif workdir is not None:
+                    argv.append(f"cd {workdir} && exec /bin/sh -l")
                 rc = subprocess.call(argv)
             if not cmd and not args.rm:
                 remind_running(args, name)
