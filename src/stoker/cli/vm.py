@@ -712,7 +712,8 @@ def register_run(vsub: Any) -> None:
         "exec",
         help="run a command in a VM (guest agent; SSH fallback)",
         description="stoker vm exec NAME [options] -- CMD...: run CMD in the VM's workspace\n"
-        "(/root/repo when prepared, else /root) through the guest agent, stdout and stderr\n"
+        "(/root/repo when prepared, else /root; an OCI workload root: else its WORKDIR)\n"
+        "through the guest agent, stdout and stderr\n"
         "streamed separately; stdin is forwarded when it is not a terminal; Ctrl-C and\n"
         "SIGTERM are forwarded to the command.\n\n" + COMMAND_LINE_HELP + "\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
