@@ -21,7 +21,7 @@ import pytest
 from stokerenv import StokerEnv, destroy_env, make_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "oci"))
-from ocitestlib import Entry, Pusher, RegistryProcess, make_layer
+from ocitestlib import Entry, Layer, Pusher, RegistryProcess, make_layer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
@@ -30,7 +30,7 @@ OS_RELEASE = 'PRETTY_NAME="stoker tiny busybox"\nID=tinybox\n'
 HELLO = '#!/bin/sh\necho "hello from $FOO in $(pwd)"\n'
 
 
-def tiny_layer() -> object:
+def tiny_layer() -> Layer:
     """A busybox-static root: no sshd, no systemd, no python3."""
     applets = subprocess.run(
         [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
@@ -56,14 +56,24 @@ def tiny_layer() -> object:
     return make_layer(entries)
 
 
+def tiny_config(layer: Layer) -> bytes:
+    doc = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/bin:/bin", "FOO=from-image"],
+            "WorkingDir": "/work",
+            "Cmd": ["/bin/sh"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+    }
+    return json.dumps(doc).encode()
+
+
 async def push_tiny(host: str) -> None:
+    layer = tiny_layer()
     async with aiohttp.ClientSession() as session:
-        await Pusher(session, host).image(
-            "tiny/busybox",
-            "1",
-            [tiny_layer()],  # type: ignore[list-item]
-            env=["PATH=/usr/local/bin:/bin", "FOO=from-image"],
-        )
+        await Pusher(session, host).image("tiny/busybox", "1", [layer], config=tiny_config(layer))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +122,7 @@ def test_image_is_a_workload_root(env: StokerEnv) -> None:
     im = json.loads(env.run("image", "show", "tiny", "--json").stdout)
     assert im["role"] == "workload" and not im["has_sshd"]
     assert im["meta"]["workload"]["env"] == ["PATH=/usr/local/bin:/bin", "FOO=from-image"]
+    assert im["meta"]["workload"]["working_dir"] == "/work"
 
 
 def test_vm_exec_and_ssh_see_the_image_config(env: StokerEnv) -> None:
