@@ -224,3 +224,28 @@ def test_copy_host_file_must_be_a_regular_file(tmp_path: Path) -> None:
     ):
         with pytest.raises(InvalidArgument):
             check_copy(bad)
+
+
+def test_commit_of_a_vm_on_a_workload_root_is_refused(svc: tuple[EnvService, Store]) -> None:
+    import contextlib
+
+    from stoker.errors import Conflict
+    from stoker.model.records import VMRecord, VMSpec, VMState
+
+    env, _ = svc
+    rec = VMRecord(
+        id="v1", name="w1", state=VMState.STOPPED, image="busy", spec=VMSpec(1, 512, 1, 1),
+        guest_ip="172.30.0.9", dns_name="w1.vm", vm_dir="/nonexistent", created_at=now(),
+        updated_at=now(), system_image="debian-bookworm",
+    )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def locked(ref: str):  # type: ignore[no-untyped-def]
+        yield rec
+
+    async def alive(vm: VMRecord) -> bool:
+        return False
+
+    env.vm = SimpleNamespace(with_vm_lock_by_ref=locked, is_alive=alive)  # type: ignore[assignment]
+    with pytest.raises(Conflict, match=r"workload root .* not supported yet"):
+        asyncio.run(env.commit("w1", "img", False, False, lambda *a, **k: None))
