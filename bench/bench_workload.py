@@ -103,6 +103,10 @@ def main() -> int:
         e.run("vm", "create", "--name", "sys1", timeout=900)
         e.run("vm", "create", "--name", "wl1", "--image", "tiny", timeout=900)
         print("1. CLI `stoker vm exec VM -- CMD` (sys1: golden image, wl1: workload root)")
+        print(
+            "   (not the same work: a command line runs under `bash -lc`, a login shell, in a\n"
+            "   system root, and under the image's `/bin/sh -c` in a workload root)"
+        )
         for label, cmd in (("true", ["true"]), ("sleep 0.5", ["sleep", "0.5"])):
             base: list[float] = []
             wl: list[float] = []
