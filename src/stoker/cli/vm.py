@@ -560,7 +560,10 @@ def vm_show(args: argparse.Namespace) -> int:
     print(f"name:       {v['name']}")
     print(f"id:         {v['id']}")
     print(f"state:      {v['state']}")
-    print(f"image:      {v['image']}")
+    if v.get("system_image"):
+        print(f"image:      {v['image']} (workload root, on system image {v['system_image']})")
+    else:
+        print(f"image:      {v['image']}")
     print(
         f"spec:       {spec['vcpu']} vcpu · {spec['memory_mib']} MiB · "
         f"{size(spec['disk_size'])} disk"
