@@ -5,12 +5,14 @@
     packages = ["make", "gcc"]        # Debian packages, installed at build time
     setup = ["pip install -r requirements.txt"]   # run in a builder VM, repo at /root/repo
     inputs = ["requirements.txt"]     # repo files whose content is part of the image key
+    copy = ["tools/lint.sh:/usr/local/bin/lint"]  # REPO-FILE:GUEST, copied in the builder VM
 
     [vm]
     vcpu = 2
     memory = 2048                     # MiB (or "2G")
     disk_size = "8G"
     nat = true
+    net = "allow=pypi.org,files.pythonhosted.org"   # the --net policy (instead of nat)
 
 Every key is optional. Errors name the file, the key and its line. TOML parsing is
 `tomllib`, which reports no positions for keys: the line of a key is found by scanning
@@ -33,8 +35,8 @@ DEFAULT_FROM = "debian-bookworm"
 MAX_RECIPE_BYTES = 1024 * 1024
 
 _KEYS: dict[str, tuple[str, ...]] = {
-    "image": ("from", "packages", "setup", "inputs"),
-    "vm": ("vcpu", "memory", "disk_size", "nat"),
+    "image": ("from", "packages", "setup", "inputs", "copy"),
+    "vm": ("vcpu", "memory", "disk_size", "nat", "net"),
 }
 _FROM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$")
 
@@ -50,6 +52,7 @@ class VMSettings:
     memory_mib: int | None = None
     disk_size: int | None = None  # bytes
     nat: bool | None = None
+    net: str | None = None  # the --net policy: none | host-only | nat | allow=NAME,...
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,14 @@ class Recipe:
     packages: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
     inputs: tuple[tuple[str, str], ...] = ()  # (repo-relative path, sha256)
+    # (absolute host path inside the repo, guest path, sha256, mode)
+    copies: tuple[tuple[str, str, str, int], ...] = ()
     vm: VMSettings = field(default_factory=VMSettings)
 
     @property
     def has_image(self) -> bool:
         """True when the recipe asks for anything beyond the default image."""
-        return bool(self.packages or self.setup) or self.image_from != DEFAULT_FROM
+        return bool(self.packages or self.setup or self.copies) or self.image_from != DEFAULT_FROM
 
     def build_params(self) -> dict[str, Any]:
         """`image.build` RPC parameters for this recipe's image."""
@@ -79,6 +84,9 @@ class Recipe:
                 for i, s in enumerate(self.setup)
             ],
             "inputs": [list(i) for i in self.inputs],
+            "copies": [
+                {"host": h, "guest": g, "sha256": d, "mode": m} for h, g, d, m in self.copies
+            ],
             "repo": str(self.repo),
             "recipe": str(self.path),
         }
@@ -148,6 +156,31 @@ def _input_file(c: _Checker, repo: Path, rel: str) -> tuple[str, str]:
     return (p.relative_to(root).as_posix(), _sha256(p))
 
 
+def _copy_file(c: _Checker, repo: Path, spec: str) -> tuple[str, str, str, int]:
+    """A `copy` entry REPO-FILE:GUEST: the file resolved inside the repo (a link out of
+    it is refused: the recipe comes with the repo), the guest path checked."""
+    from stoker.daemon.imagemgr.derived import check_guest_path, read_host_file
+
+    rel, sep, guest = spec.rpartition(":")
+    if not sep or not rel or not guest:
+        raise c.fail("image", "copy", f"{spec!r} is not REPO-FILE:GUEST-PATH")
+    try:
+        check_guest_path(guest, "copy")
+    except InvalidArgument as e:
+        raise c.fail("image", "copy", e.message.removeprefix("copy: ")) from None
+    if rel.startswith("/") or "\x00" in rel:
+        raise c.fail("image", "copy", f"{rel!r} must be a path relative to the repo")
+    root = repo.resolve()
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root):
+        raise c.fail("image", "copy", f"{rel!r} points outside the repo")
+    try:
+        data, mode = read_host_file(str(p), "copy")
+    except InvalidArgument as e:
+        raise c.fail("image", "copy", e.message.removeprefix("copy: ")) from None
+    return (str(p), guest, hashlib.sha256(data).hexdigest(), mode)
+
+
 def parse_recipe(text: str, path: Path, repo: Path | None = None) -> Recipe:
     """Validate a recipe's text (`path` is only used in messages and for `repo`)."""
     from stoker.daemon.imagemgr.derived import validate_packages
@@ -193,6 +226,7 @@ def parse_recipe(text: str, path: Path, repo: Path | None = None) -> Recipe:
         if not s.strip():
             raise c.fail("image", "setup", f"step {i} is empty")
     inputs = tuple(_input_file(c, repo, rel) for rel in str_list("inputs"))
+    copies = tuple(_copy_file(c, repo, spec) for spec in str_list("copy"))
 
     def int_in(key: str, lo: int, hi: int) -> int | None:
         v = vm.get(key)
@@ -228,6 +262,18 @@ def parse_recipe(text: str, path: Path, repo: Path | None = None) -> Recipe:
     nat = vm.get("nat")
     if nat is not None and not isinstance(nat, bool):
         raise c.fail("vm", "nat", f"expected true or false, got {nat!r}")
+    net = vm.get("net")
+    if net is not None:
+        from stoker.daemon.hostnet.policy import parse_policy
+
+        if not isinstance(net, str):
+            raise c.fail("vm", "net", f"expected a string, got {type(net).__name__}")
+        if nat:
+            raise c.fail("vm", "net", 'give net or nat = true, not both (net = "nat")')
+        try:
+            net = str(parse_policy(net))
+        except InvalidArgument as e:
+            raise c.fail("vm", "net", e.message) from None
     return Recipe(
         path=path,
         repo=repo,
@@ -235,7 +281,8 @@ def parse_recipe(text: str, path: Path, repo: Path | None = None) -> Recipe:
         packages=packages,
         setup=tuple(setup),
         inputs=inputs,
-        vm=VMSettings(vcpu=vcpu, memory_mib=memory, disk_size=disk, nat=nat),
+        copies=copies,
+        vm=VMSettings(vcpu=vcpu, memory_mib=memory, disk_size=disk, nat=nat, net=net),
     )
 
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from stoker.daemon.env_service import BuildRequest, EnvService
-from stoker.daemon.imagemgr.derived import SetupStep
+from stoker.daemon.imagemgr.derived import (
+    CopyItem,
+    SetupStep,
+    check_copy,
+    host_copy,
+    split_copy,
+)
 from stoker.errors import InvalidArgument
 from stoker.model.records import Image, Kernel
 from stoker.store import Store
@@ -139,3 +146,106 @@ def test_unnamed_recipe_reuses_the_same_recipe_built_under_a_name(
     hit = env.cached(BuildRequest(packages=("make",)))
     assert hit is not None and hit.name == "cdev"
     assert env.cached(BuildRequest(name="other", packages=("make",))) is None
+
+
+def test_copies_are_part_of_the_key_and_need_the_builder(
+    svc: tuple[EnvService, Store], tmp_path: Path
+) -> None:
+    """`--copy`: the copied file's hash, guest path and mode decide the image; a copy
+    alone is a build (setup stage); a workload root is no parent."""
+    env, store = svc
+    parent = store.get_image("debian-bookworm")
+    assert parent is not None
+    f = tmp_path / "tool.sh"
+    f.write_text("#!/bin/sh\necho one\n")
+    f.chmod(0o755)
+    a = host_copy(str(f), "/usr/local/bin/tool")
+    assert a.mode == 0o755 and a.host == str(f)
+    plan = env._plan(BuildRequest(copies=(a,)), parent)
+    assert plan.key1 is None and plan.name == f"env-{plan.key[:12]}"
+    f.write_text("#!/bin/sh\necho two\n")
+    b = host_copy(str(f), "/usr/local/bin/tool")
+    assert env._plan(BuildRequest(copies=(b,)), parent).key != plan.key
+    moved = host_copy(str(f), "/usr/local/bin/tool2")
+    assert (
+        env._plan(BuildRequest(copies=(moved,)), parent).key
+        != env._plan(BuildRequest(copies=(b,)), parent).key
+    )
+    f.chmod(0o644)
+    plain = host_copy(str(f), "/usr/local/bin/tool")
+    assert plain.mode == 0o644 and plain.sha256 == b.sha256
+    assert (
+        env._plan(BuildRequest(copies=(plain,)), parent).key
+        != env._plan(BuildRequest(copies=(b,)), parent).key
+    )
+    store.upsert_image(_image("busy", "oci:reg/busy:1", digest="sha256:2", role="workload"))
+    wl = store.get_image("busy")
+    assert wl is not None
+    with pytest.raises(InvalidArgument, match="is a workload root"):
+        env._plan(BuildRequest(from_image="busy", copies=(a,)), wl)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("nocolon", "is not HOST:GUEST"),
+        ("f:relative/x", "must be an absolute file path"),
+        ("f:/etc/../shadow", "must be an absolute file path"),
+        ("f:/a//b", "must be an absolute file path"),
+        ("f:/", "must be an absolute file path"),
+        ("f:/etc/x\n", "must be an absolute file path"),
+        ("f:/etc/it's", "must be an absolute file path"),
+        ("f:/proc/sys/kernel/x", "under /proc"),
+        ("f:/dev/sda", "under /dev"),
+        ("f:/run/x", "under /run"),
+    ],
+)
+def test_hostile_copy_guest_paths_are_refused(spec: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        split_copy(spec)
+
+
+def test_copy_host_file_must_be_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        host_copy(str(tmp_path / "missing"), "/x")
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        host_copy(str(tmp_path), "/x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        host_copy(str(fifo), "/x")  # refused at once, never read (no hang)
+    ok = CopyItem("/h", "/etc/x", "0" * 64)
+    assert check_copy(ok) is ok
+    for bad in (
+        CopyItem("rel", "/etc/x", "0" * 64),
+        CopyItem("/h", "/etc/x", "xyz"),
+        CopyItem("/h", "/etc/x", "0" * 64, 0o4755),
+        CopyItem("/h", "/sys/x", "0" * 64),
+    ):
+        with pytest.raises(InvalidArgument):
+            check_copy(bad)
+
+
+def test_commit_of_a_vm_on_a_workload_root_is_refused(svc: tuple[EnvService, Store]) -> None:
+    import contextlib
+
+    from stoker.errors import Conflict
+    from stoker.model.records import VMRecord, VMSpec, VMState
+
+    env, _ = svc
+    rec = VMRecord(
+        id="v1", name="w1", state=VMState.STOPPED, image="busy", spec=VMSpec(1, 512, 1, 1),
+        guest_ip="172.30.0.9", dns_name="w1.vm", vm_dir="/nonexistent", created_at=now(),
+        updated_at=now(), system_image="debian-bookworm",
+    )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def locked(ref: str):  # type: ignore[no-untyped-def]
+        yield rec
+
+    async def alive(vm: VMRecord) -> bool:
+        return False
+
+    env.vm = SimpleNamespace(with_vm_lock_by_ref=locked, is_alive=alive)  # type: ignore[assignment]
+    with pytest.raises(Conflict, match=r"workload root .* not supported yet"):
+        asyncio.run(env.commit("w1", "img", False, False, lambda *a, **k: None))

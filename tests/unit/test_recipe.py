@@ -68,6 +68,12 @@ def test_every_key_optional() -> None:
         ('[images]\nfrom = "x"\n', "images", 1, "unknown table"),
         ("[image]\nfrom = 3\n", "image.from", 2, "string"),
         ('[image]\nfrom = "bad name with spaces"\n', "image.from", 2, "not an image"),
+        ("[vm]\nnet = 3\n", "vm.net", 2, "expected a string"),
+        ('[vm]\nnet = "internet"\n', "vm.net", 2, "internet"),
+        ('[vm]\nnat = true\nnet = "nat"\n', "vm.net", 3, "not both"),
+        ('[image]\ncopy = "x:/y"\n', "image.copy", 2, "list of strings"),
+        ('[image]\ncopy = ["x"]\n', "image.copy", 2, "REPO-FILE:GUEST-PATH"),
+        ('[image]\ncopy = ["x:/proc/y"]\n', "image.copy", 2, "under /proc"),
     ],
 )
 def test_errors_name_file_key_and_line(text: str, where: str, line: int, words: str) -> None:
@@ -259,3 +265,56 @@ def test_vm_run_recipe_overrides(tmp_path: Path) -> None:
     assert "image" not in recipe_for_run(FakeClient(), args, str(tmp_path))
     assert calls == []  # --image overrides: nothing is built
     assert recipe_for_run(FakeClient(), args, None) == {}
+
+
+def test_vm_net_key_is_the_net_policy(tmp_path: Path) -> None:
+    from stoker.cli.envs import recipe_for_run
+    from stoker.cli.main import build_parser
+
+    r = parse_recipe('[vm]\nnet = "allow=pypi.org, 10.0.0.0/8"\n', Path("/r/stoker.toml"))
+    assert r.vm.net == "allow=pypi.org,10.0.0.0/8"
+    assert parse_recipe('[vm]\nnet = "none"\n', Path("/r/stoker.toml")).vm.net == "none"
+    (tmp_path / "stoker.toml").write_text('[vm]\nnet = "host-only"\n')
+    args = build_parser("vm", "run").parse_args(["vm", "run", str(tmp_path)])
+    assert recipe_for_run(None, args, str(tmp_path))["net"] == "host-only"
+    args = build_parser("vm", "run").parse_args(["vm", "run", str(tmp_path), "--net", "none"])
+    assert "net" not in recipe_for_run(None, args, str(tmp_path))  # the flag wins
+
+
+def test_copy_key_is_hashed_and_confined_to_the_repo(tmp_path: Path) -> None:
+    tool = tmp_path / "tools" / "lint.sh"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    text = '[image]\ncopy = ["tools/lint.sh:/usr/local/bin/lint"]\n'
+    r = parse_recipe(text, tmp_path / "stoker.toml")
+    ((host, guest, digest, mode),) = r.copies
+    assert (host, guest, mode) == (str(tool), "/usr/local/bin/lint", 0o755) and len(digest) == 64
+    assert r.has_image
+    assert r.build_params()["copies"] == [
+        {"host": str(tool), "guest": "/usr/local/bin/lint", "sha256": digest, "mode": 0o755}
+    ]
+    (tmp_path / "out").symlink_to("/etc/hostname")
+    for bad, words in (
+        ("../x:/y", "outside the repo"),
+        ("/etc/passwd:/y", "relative to the repo"),
+        ("out:/y", "outside the repo"),
+        ("missing:/y", "cannot read"),
+        ("tools:/y", "not a regular file"),
+    ):
+        with pytest.raises(RecipeError, match=r"image\.copy \(line 2\)") as ei:
+            parse_recipe(f'[image]\ncopy = ["{bad}"]\n', tmp_path / "stoker.toml")
+        assert words in ei.value.message
+
+
+def test_cli_build_params_with_copy(tmp_path: Path) -> None:
+    from stoker.cli.envs import build_params
+
+    f = tmp_path / "conf.ini"
+    f.write_text("a=1\n")
+    p = build_params(_build_args("--copy", f"{f}:/etc/app/conf.ini"))  # type: ignore[arg-type]
+    assert p is not None and p["from_image"] == "debian-bookworm"
+    ((c),) = p["copies"]
+    assert (c["host"], c["guest"], c["mode"]) == (str(f), "/etc/app/conf.ini", 0o644)
+    with pytest.raises(InvalidArgument, match="under /sys"):
+        build_params(_build_args("--copy", f"{f}:/sys/x"))  # type: ignore[arg-type]

@@ -416,3 +416,39 @@ def test_snapshots_round_trip_are_unique_per_vm_and_go_with_the_vm(populated: St
     assert populated.get_snapshot(v.id, "s2") is None
     populated.delete_vm(v.id)
     assert populated.list_snapshots() == []  # ON DELETE CASCADE
+
+
+def test_workload_migration_marks_old_images_without_sshd(tmp_path: Path) -> None:
+    """The workload-roots migration (appended last): images pulled without sshd become
+    workload roots, the rest stay system images; VMs gain system_image."""
+    import sqlite3
+
+    from stoker.store.db import _split
+    from stoker.store.migrations import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    c = sqlite3.connect(path)
+    c.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    # Everything before this migration (others may be appended after it).
+    idx = next(i for i, m in enumerate(MIGRATIONS) if "ADD COLUMN role" in m)
+    for v, script in enumerate(MIGRATIONS[:idx], 1):
+        for stmt in _split(script):
+            c.execute(stmt)
+        c.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (v,))
+    for name, sshd in (("busy", 0), ("deb", 1)):
+        c.execute(
+            "INSERT INTO images(name, managed, rootfs, source, size, has_sshd, created_at) "
+            "VALUES (?, 1, '/r', 'oci:x', 1, ?, 'then')",
+            (name, sshd),
+        )
+    c.commit()
+    c.close()
+    s = Store(path)
+    try:
+        roles = {i.name: i.role for i in s.list_images()}
+        assert roles == {"busy": "workload", "deb": "system"}
+        assert "system_image" in [r[1] for r in s._query("PRAGMA table_info(vms)")]
+    finally:
+        s.close()

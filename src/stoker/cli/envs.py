@@ -33,14 +33,15 @@ def build_params(args: argparse.Namespace) -> dict[str, Any] | None:
     from stoker.recipe import load_recipe
 
     common: dict[str, Any] = {"force": args.force}
-    flags = args.from_image or args.packages or args.setup
+    copies = getattr(args, "copy", None) or []
+    flags = args.from_image or args.packages or args.setup or copies
     if args.recipe:
         if flags:
-            err("give either --recipe or --from/--packages/--setup, not both")
+            err("give either --recipe or --from/--packages/--setup/--copy, not both")
             return None
         recipe = load_recipe(Path(args.recipe).resolve(), required=True)
         assert recipe is not None
-        if not (recipe.packages or recipe.setup or recipe.inputs):
+        if not (recipe.packages or recipe.setup or recipe.inputs or recipe.copies):
             if _GOLDEN.match(recipe.image_from):
                 return {"name": recipe.image_from, **common}
             err(f"{recipe.path} asks for no packages or setup: use image {recipe.image_from}")
@@ -55,11 +56,17 @@ def build_params(args: argparse.Namespace) -> dict[str, Any] | None:
     if not flags:
         return {"name": args.name or "debian-bookworm", **common}
     packages = [p.strip() for p in (args.packages or "").split(",") if p.strip()]
+    from stoker.daemon.imagemgr.derived import host_copy, split_copy
+
+    items = [host_copy(*split_copy(spec)) for spec in copies]
     return {
         "name": args.name,
         "from_image": args.from_image or "debian-bookworm",
         "packages": packages,
         "setup": setup_steps(args.setup),
+        "copies": [
+            {"host": c.host, "guest": c.guest, "sha256": c.sha256, "mode": c.mode} for c in items
+        ],
         "repo": os.path.abspath(args.repo) if args.repo else None,
         "keep_failed": args.keep_failed,
         "setup_timeout": args.setup_timeout,
@@ -88,8 +95,10 @@ def recipe_for_run(c: Any, args: argparse.Namespace, path: str | None) -> dict[s
         out["disk_size"] = vm.disk_size
     if not args.nat and vm.nat:
         out["nat"] = True
+    if getattr(args, "net", None) is None and not args.nat and vm.net is not None:
+        out["net"] = vm.net
     if args.image is None:
-        if recipe.packages or recipe.setup or recipe.inputs:
+        if recipe.packages or recipe.setup or recipe.inputs or recipe.copies:
             from stoker.cli.progress import call_with_progress
 
             im = call_with_progress(c, "image.build", recipe.build_params())

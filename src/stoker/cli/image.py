@@ -74,6 +74,14 @@ def register(sub: Any) -> None:
         metavar="FILE-or-CMD",
         help="a setup step run in a builder VM (NAT on); repeatable",
     )
+    p.add_argument(
+        "--copy",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="copy a host file into the image at GUEST (builder VM; hashed into the image "
+        "key); repeatable",
+    )
     p.add_argument("--recipe", metavar="PATH", help="a stoker.toml (or a repo dir holding one)")
     p.add_argument("--repo", metavar="DIR", help="repo copied to /root/repo for setup steps")
     p.add_argument("--setup-timeout", type=float, metavar="S", help="per step (default 3600)")
@@ -140,7 +148,15 @@ def _print_image(i: dict[str, Any]) -> None:
         print(f"packages:   {', '.join(meta['packages'])}")
     if meta.get("setup"):
         print(f"setup:      {len(meta['setup'])} step(s)")
-    print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
+    if i.get("role") == "workload":
+        wl = meta.get("workload") or {}
+        print("role:       workload root (runs on a system image; no SSH server of its own)")
+        print(f"workdir:    {wl.get('working_dir') or '/'}")
+        print(f"user:       {wl.get('user') or 'root'} ({wl.get('uid', 0)}:{wl.get('gid', 0)})")
+        for e in wl.get("env") or []:
+            print(f"env:        {e}")
+    else:
+        print(f"init:       {i['init']}{'' if i['has_sshd'] else ' (no SSH server)'}")
     print(f"created:    {i['created_at']}")
 
 

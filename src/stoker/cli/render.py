@@ -57,11 +57,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "vm": (
         "id", "name", "state", "image", "spec", "guest_ip", "dns_name", "vm_dir",
         "created_at", "updated_at", "started_at", "last_error", "workspace", "teardown",
-        "expires_at",
+        "expires_at", "system_image",
     ),
     "image": (
         "name", "managed", "rootfs", "work_seed", "kernel", "source", "size", "created_at",
-        "digest", "has_sshd", "init", "meta", "parent", "recipe_hash",
+        "digest", "has_sshd", "init", "meta", "parent", "recipe_hash", "role",
     ),
     "kernel": (
         "name", "version", "arch", "dir", "vmlinux", "bzimage", "initrd", "modules_dir",

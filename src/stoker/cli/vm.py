@@ -560,7 +560,10 @@ def vm_show(args: argparse.Namespace) -> int:
     print(f"name:       {v['name']}")
     print(f"id:         {v['id']}")
     print(f"state:      {v['state']}")
-    print(f"image:      {v['image']}")
+    if v.get("system_image"):
+        print(f"image:      {v['image']} (workload root, on system image {v['system_image']})")
+    else:
+        print(f"image:      {v['image']}")
     print(
         f"spec:       {spec['vcpu']} vcpu · {spec['memory_mib']} MiB · "
         f"{size(spec['disk_size'])} disk"
@@ -712,7 +715,8 @@ def register_run(vsub: Any) -> None:
         "exec",
         help="run a command in a VM (guest agent; SSH fallback)",
         description="stoker vm exec NAME [options] -- CMD...: run CMD in the VM's workspace\n"
-        "(/root/repo when prepared, else /root) through the guest agent, stdout and stderr\n"
+        "(/root/repo when prepared, else /root; an OCI workload root: else its WORKDIR)\n"
+        "through the guest agent, stdout and stderr\n"
         "streamed separately; stdin is forwarded when it is not a terminal; Ctrl-C and\n"
         "SIGTERM are forwarded to the command.\n\n" + COMMAND_LINE_HELP + "\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1019,7 +1023,10 @@ def vm_run(args: argparse.Namespace) -> int:
         _publish_or_delete(args, c, name)
         rc = 0
         try:
-            workdir = "/root"
+            # A workload root (docs/guest-boot.md) has its own default directory (its
+            # WORKDIR) and perhaps no bash: only a workspace sets the directory there.
+            workload = bool(v.get("system_image"))
+            workdir: str | None = None if workload else "/root"
             if path is not None:
                 ws = call_with_progress(
                     c,
@@ -1045,7 +1052,11 @@ def vm_run(args: argparse.Namespace) -> int:
                 )
             else:
                 info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
-                argv = [*ssh_argv(info, tty=sys.stdin.isatty()), f"cd {workdir} && exec bash -l"]
+                argv = ssh_argv(info, tty=sys.stdin.isatty())
+                if not workload:
+                    argv.append(f"cd {workdir} && exec bash -l")
+                elif workdir is not None:
+                    argv.append(f"cd {workdir} && exec /bin/sh -l")
                 rc = subprocess.call(argv)
             if not cmd and not args.rm:
                 remind_running(args, name)

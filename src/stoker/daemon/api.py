@@ -86,6 +86,13 @@ class SetupStepParam(Params):
     script: str
 
 
+class CopyParam(Params):
+    host: str
+    guest: str
+    sha256: str
+    mode: int = 0o644
+
+
 class BuildImage(Params):
     """`image build`: a golden image by name, or a derived image (from/packages/setup)."""
 
@@ -95,6 +102,7 @@ class BuildImage(Params):
     packages: list[str] = []
     setup: list[SetupStepParam] = []
     inputs: list[list[str]] = []
+    copies: list[CopyParam] = []
     repo: str | None = None
     recipe: str | None = None
     keep_failed: bool = False

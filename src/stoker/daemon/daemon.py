@@ -336,7 +336,7 @@ class Daemon:
         envs = EnvService(images, vm, wsvc)
 
         async def image_build(p: api.BuildImage, ctx: RequestContext) -> Any:
-            if p.from_image is None and not (p.packages or p.setup or p.inputs):
+            if p.from_image is None and not (p.packages or p.setup or p.inputs or p.copies):
                 return await images.build_golden(p.name or "debian-bookworm", p.force, ctx.progress)
             return await envs.build(_build_request(p), ctx.progress)
 
@@ -497,7 +497,7 @@ class Daemon:
 def _build_request(p: api.BuildImage) -> Any:
     """RPC parameters -> an EnvService build request (derived images)."""
     from stoker.daemon.env_service import DEFAULT_SETUP_TIMEOUT, BuildRequest
-    from stoker.daemon.imagemgr.derived import SetupStep
+    from stoker.daemon.imagemgr.derived import CopyItem, SetupStep, check_copy
     from stoker.errors import InvalidArgument
 
     inputs: list[tuple[str, str]] = []
@@ -511,6 +511,7 @@ def _build_request(p: api.BuildImage) -> Any:
         packages=tuple(p.packages),
         setup=tuple(SetupStep(s.label, s.script) for s in p.setup),
         inputs=tuple(inputs),
+        copies=tuple(check_copy(CopyItem(c.host, c.guest, c.sha256, c.mode)) for c in p.copies),
         repo=p.repo,
         recipe=p.recipe,
         force=p.force,

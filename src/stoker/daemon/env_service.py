@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import posixpath
 import secrets
 import shlex
 import shutil
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from stoker.daemon.imagemgr import commit as commitmod
 from stoker.daemon.imagemgr import derived
-from stoker.daemon.imagemgr.derived import SetupStep
+from stoker.daemon.imagemgr.derived import CopyItem, SetupStep
 from stoker.errors import (
     AlreadyExists,
     CommandFailed,
@@ -63,6 +65,7 @@ class BuildRequest:
     packages: tuple[str, ...] = ()
     setup: tuple[SetupStep, ...] = ()
     inputs: tuple[tuple[str, str], ...] = ()
+    copies: tuple[CopyItem, ...] = ()
     repo: str | None = None
     recipe: str | None = None
     force: bool = False
@@ -144,6 +147,12 @@ class EnvService:
         )
 
     def _plan(self, req: BuildRequest, parent: Image) -> _Plan:
+        if parent.role != "system":
+            raise InvalidArgument(
+                f"{parent.name!r} is a workload root (an OCI image without sshd): derived "
+                "images are built from system images; install what you need in the OCI "
+                "image itself, or build from debian-SUITE"
+            )
         pid = derived.image_identity(parent)
         key1 = name1 = None
         stage_id = pid
@@ -156,8 +165,10 @@ class EnvService:
                 )
             key1 = derived.recipe_key(pid, req.packages)
             stage_id = f"recipe:{key1}"
-        if req.setup or req.inputs:
-            key = derived.recipe_key(stage_id, setup=req.setup, inputs=req.inputs)
+        if req.setup or req.inputs or req.copies:
+            key = derived.recipe_key(
+                stage_id, setup=req.setup, inputs=req.inputs, copies=req.copies
+            )
             if key1 is not None:
                 name1 = derived.auto_name(key1, "pkgs")
         else:
@@ -190,10 +201,10 @@ class EnvService:
     async def build(self, req: BuildRequest, progress: Progress) -> Image:
         """Build (or reuse) the derived image `req` describes."""
         self._check_request(req)
-        if not req.packages and not req.setup and not req.inputs:
+        if not req.packages and not req.setup and not req.inputs and not req.copies:
             raise InvalidArgument(
-                "nothing to build: give --packages and/or --setup (or a recipe with "
-                "[image] packages/setup); `--from` alone is the parent image itself"
+                "nothing to build: give --packages, --setup and/or --copy (or a recipe with "
+                "[image] packages/setup/copy); `--from` alone is the parent image itself"
             )
         hit = self.cached(req)
         if hit is not None:
@@ -218,7 +229,7 @@ class EnvService:
         if plan.key1 is not None:
             assert plan.name1 is not None
             stage = await self._packages_stage(req, plan, progress)
-        if not (req.setup or req.inputs):
+        if not (req.setup or req.inputs or req.copies):
             return stage
         return await self._setup_stage(req, plan, stage, progress)
 
@@ -343,6 +354,8 @@ class EnvService:
                         cwd = REPO_GUEST_PATH
                     else:
                         progress("builder", f"{req.repo} is not a git work tree: no /root/repo")
+                for c in req.copies:
+                    await self._copy_in(rec, c, progress)
                 for i, step in enumerate(req.setup):
                     await self._run_step(rec, i, len(req.setup), step, cwd, req, progress)
                 progress("builder", "stopping the builder VM")
@@ -359,6 +372,7 @@ class EnvService:
                     meta={
                         "packages": list(req.packages),
                         "setup": [s.label for s in req.setup],
+                        "copy": [f"{c.guest} (sha256 {c.sha256[:12]})" for c in req.copies],
                         "stage": stage.name,
                         **({"recipe": req.recipe} if req.recipe else {}),
                     },
@@ -389,6 +403,29 @@ class EnvService:
             await run_to_end(self.vm.delete_vm(vm_id))
         except StokerError as e:
             progress("warning", f"could not delete builder VM {vm_name}: {e}")
+
+    async def _copy_in(self, rec: VMRecord, c: CopyItem, progress: Progress) -> None:
+        """Copy one host file into the builder VM (its content checked against the hash
+        the request was keyed by: a file changed since then is refused, not copied)."""
+        data, _ = await asyncio.to_thread(derived.read_host_file, c.host)
+        if hashlib.sha256(data).hexdigest() != c.sha256:
+            raise Conflict(
+                f"--copy {c.host}: the file changed after the build was asked for (its hash "
+                "no longer matches): run the build again"
+            )
+        progress("copy", f"{c.host} -> {c.guest} ({len(data)} bytes)")
+        g = shlex.quote(c.guest)
+        tmp = shlex.quote(f"{c.guest}.stoker-copy")
+        d = shlex.quote(posixpath.dirname(c.guest) or "/")
+        r = await self.vm.ssh.run(
+            self.vm.ssh_target(rec),
+            f"mkdir -p {d} && cat > {tmp} && chmod {c.mode:o} {tmp} && mv -f {tmp} {g}",
+            input=data,
+            timeout=600,
+        )
+        if r.exit_status != 0:
+            err = r.stderr.decode(errors="replace").strip()[-300:]
+            raise CommandFailed(f"could not copy {c.host} to {c.guest} in the builder VM: {err}")
 
     async def _run_step(
         self,
@@ -518,6 +555,11 @@ class EnvService:
                 )
             if await self.vm.is_alive(rec):
                 raise Conflict(f"VM {rec.name} still has a running VMM: stop it first")
+            if rec.system_image is not None:
+                raise Conflict(
+                    f"VM {rec.name} runs on a workload root ({rec.image}): `vm commit` of "
+                    "a workload root is not supported yet; commit a VM of a system image"
+                )
             base = await self.images.get_image(rec.image)
             derived.check_no_cycle(self._all_images(), image, base.name)
             async with self.images.name_locks.hold(f"image:{image}"):
@@ -528,7 +570,9 @@ class EnvService:
                             f"image {image!r} already exists: pass --force to replace it, or "
                             "pick another name"
                         )
-                    users = [v.name for v in self.store.list_vms() if v.image == image]
+                    users = [
+                        v.name for v in self.store.list_vms() if image in (v.image, v.system_image)
+                    ]
                     if users:
                         raise Conflict(
                             f"image {image!r} is used by VM(s) {', '.join(users)}: it cannot "

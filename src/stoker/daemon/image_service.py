@@ -165,6 +165,8 @@ class ImageService:
                 size=rp.stat().st_size,
                 created_at=now(),
                 has_sshd=has_sshd,
+                # Without an SSH server it cannot boot as a guest: a workload root.
+                role="system" if has_sshd else "workload",
             )
             self.store.upsert_image(im)
         return im
@@ -503,7 +505,7 @@ class ImageService:
         self, ref: str, name: str | None, progress: Progress, credential: Any = None
     ) -> Image:
         from stoker.daemon import oci
-        from stoker.daemon.imagemgr import ext4, inject
+        from stoker.daemon.imagemgr import ext4, inject, workload
 
         image_name = name or oci_image_name(ref)
         validate_artifact_name(image_name, "image")
@@ -554,12 +556,31 @@ class ImageService:
             # Deleting a large unpacked tree takes seconds: not on the event loop.
             revert.add(lambda: _in_thread(lambda: rmtree(staging, ignore_errors=True)), "staging")
             try:
-                progress("inject", "installing stoker's guest files")
                 init: Literal["systemd", "stoker-init"] = (
                     "systemd" if pulled.has_systemd else "stoker-init"
                 )
-                # Blocking file work on an untrusted tree: off the event loop.
-                await _in_thread(lambda: inject.inject_guest_files(pulled.rootfs, init=init))
+                role = workload.role_for(pulled.has_sshd)
+                extra_meta: dict[str, Any] = {}
+                if role == workload.ROLE_SYSTEM:
+                    progress("inject", "installing stoker's guest files")
+                    # Blocking file work on an untrusted tree: off the event loop.
+                    await _in_thread(lambda: inject.inject_guest_files(pulled.rootfs, init=init))
+                else:
+                    # A workload root: nothing of stoker's goes into it; it runs on the
+                    # system image (docs/guest-boot.md "Workload roots").
+                    c = pulled.config
+                    wl, notes = await _in_thread(
+                        lambda: workload.from_oci(c.env, c.working_dir, c.user, pulled.rootfs, ref)
+                    )
+                    for note in notes:
+                        progress("note", note)
+                    progress(
+                        "workload",
+                        f"{ref} has no SSH server: it becomes a workload root, run on the "
+                        f"system image {self.config.default_image}",
+                    )
+                    await _in_thread(lambda: inject.real_root_dir(pulled.rootfs))
+                    extra_meta["workload"] = wl.to_meta()
                 progress("ext4", "building the work seed and the root filesystem")
                 # /root is a real directory now (a symlinked one was replaced), and the
                 # builder refuses a source that is or passes through a symlink.
@@ -592,19 +613,15 @@ class ImageService:
                         "entrypoint": pulled.config.entrypoint,
                         "cmd": pulled.config.cmd,
                         "content_size": pulled.content_size,
+                        **extra_meta,
                     },
+                    role=role,
                 )
                 await self._publish(im, staging)
                 revert.success()
             finally:
                 await _in_thread(pulled.discard)
                 await revert.fail()
-            if not im.has_sshd:
-                progress(
-                    "warning",
-                    f"{ref} has no SSH server: `vm create --image {image_name}` will refuse "
-                    "it; install openssh-server in the image",
-                )
             progress("done", f"pulled {ref} as {image_name}")
             return im
 
@@ -684,6 +701,7 @@ class ImageService:
                 has_sshd=bool(img.get("has_sshd", True)),
                 init=str(init),
                 meta={**meta, "artifact": True, "pushed_name": str(img.get("name") or "")},
+                role="workload" if img.get("role") == "workload" else "system",
             )
             await self._publish(im, staging)
             staging = None  # type: ignore[assignment]
@@ -720,6 +738,7 @@ class ImageService:
                 "name": im.name,
                 "has_sshd": im.has_sshd,
                 "init": im.init,
+                "role": im.role,
                 "source": im.source,
                 "meta": im.meta,
             },

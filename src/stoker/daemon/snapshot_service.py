@@ -91,7 +91,9 @@ async def snapshot_vm(
         if handle is None:
             raise Conflict(f"VM {vm.name}'s VMM is not reachable: restart the VM")
         image = await svc.images.get_image(vm.image)
-        kernel = await svc.images.get_kernel(image.kernel or "")
+        # A VM on a workload root boots its system image's kernel (VMService.boot_kernel).
+        boot = await svc.images.get_image(vm.system_image) if vm.system_image else image
+        kernel = await svc.images.get_kernel(boot.kernel or "")
         tap = vm.teardown.tap or ""
         cfg = svc._machine_config(vm, kernel, image, tap)
         meta = machine_meta(

@@ -35,8 +35,12 @@ def mac_for(ip: str) -> str:
     return "06:53:" + ":".join(f"{x:02x}" for x in b)
 
 
-def overlay_tree(staging: Path, net: GuestNet, host_key: Path) -> None:
-    """Lay out the overlay disk's content: upper/ with per-VM files, and work/."""
+def overlay_tree(
+    staging: Path, net: GuestNet, host_key: Path, extra: dict[str, bytes] | None = None
+) -> None:
+    """Lay out the overlay disk's content: upper/ with per-VM files, and work/. `extra`:
+    more per-VM files (guest path relative to / -> content, mode 0644), e.g. a workload
+    root's enter settings."""
     upper = staging / "upper"
     (staging / "work").mkdir(parents=True, exist_ok=True)
     etc = upper / "etc"
@@ -60,16 +64,27 @@ def overlay_tree(staging: Path, net: GuestNet, host_key: Path) -> None:
     os.chmod(key.with_name(key.name + ".pub"), 0o644)
     for d in (upper, etc, etc / "stoker", etc / "ssh"):
         os.chmod(d, 0o755)
+    for rel, data in sorted((extra or {}).items()):
+        dest = upper / rel
+        if dest.parent != upper:
+            dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        os.chmod(dest, 0o644)
 
 
 async def make_overlay_disk(
-    runner: Runner, out: Path, size: int, net: GuestNet, host_key: Path
+    runner: Runner,
+    out: Path,
+    size: int,
+    net: GuestNet,
+    host_key: Path,
+    extra: dict[str, bytes] | None = None,
 ) -> None:
     """Build the per-VM copy-on-write disk (sparse ext4) with its per-VM files."""
     with tempfile.TemporaryDirectory(prefix="overlay-", dir=out.parent) as tmp:
         staging = Path(tmp) / "tree"
         staging.mkdir()
-        overlay_tree(staging, net, host_key)
+        overlay_tree(staging, net, host_key, extra)
         await ext4.build_from_dir(runner, staging, out, size, label="stoker-rw")
 
 

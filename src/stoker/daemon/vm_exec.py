@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from stoker.daemon.agent import (
     ExecSession,
     ExecSpec,
 )
+from stoker.daemon.imagemgr.workload import WorkloadConfig, exec_defaults
 from stoker.daemon.vm_stats import agent_for
 from stoker.errors import Cancelled, Conflict, InvalidArgument, NotFound
 from stoker.model.records import VMRecord, VMState
@@ -96,16 +98,10 @@ async def exec_stream(
     why = await agent_can_exec(svc, vm, probe_timeout)
     if why is not None:
         return {"transport": None, "fallback": "ssh", "reason": why}
-    if spec.cwd is None:
-        spec = ExecSpec(
-            argv=spec.argv,
-            shell=spec.shell,
-            cwd=default_workdir(vm),
-            env=spec.env,
-            user=spec.user,
-            stdin=spec.stdin,
-            timeout=spec.timeout,
-        )
+    if vm.system_image is not None:
+        spec = workload_spec(svc, vm, spec)
+    elif spec.cwd is None:
+        spec = dataclasses.replace(spec, cwd=default_workdir(vm))
     session = await agent_for(svc, vm).exec(spec, START_TIMEOUT)
     svc.execs[session.id] = session
     try:
@@ -130,6 +126,18 @@ async def exec_stream(
     finally:
         svc.execs.pop(session.id, None)
         session.kill()  # a no-op once the process ended; else its group is killed
+
+
+def workload_spec(svc: VMService, vm: VMRecord, spec: ExecSpec) -> ExecSpec:
+    """An exec on a VM with a workload root runs inside it, with the image config's
+    environment under the caller's, and the caller's directory, else the workspace, else
+    the image's WorkingDir, and the caller's user, else the image's."""
+    image = svc.store.get_image(vm.image)
+    cfg = WorkloadConfig.from_meta(image.meta if image is not None else {})
+    env, cwd, user = exec_defaults(
+        cfg, spec.env, spec.cwd, spec.user, vm.workspace.guest_path if vm.workspace else None
+    )
+    return dataclasses.replace(spec, env=env, cwd=cwd, user=user, root="workload")
 
 
 def _session(svc: VMService, token: str) -> ExecSession:

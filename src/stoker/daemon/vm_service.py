@@ -29,6 +29,7 @@ from stoker.daemon.guestssh import (
     generate_host_key,
     remove_known_host,
 )
+from stoker.daemon.imagemgr import ext4, workload
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
@@ -239,12 +240,7 @@ class VMService:
         )
         # Image resolution (maybe a pull or build) happens outside every VM lock.
         image = await self.images.ensure_image(image_name, progress)
-        if not image.has_sshd:
-            raise Conflict(
-                f"image {image.name!r} has no SSH server: stoker reaches guests over SSH; "
-                "use an image with openssh-server (e.g. debian-bookworm) or rebuild this one "
-                "with it installed"
-            )
+        system = await self._system_image_for(image, progress)
         op = self.create_ops.add(OpState(kind="create", target=p.name or "?"))
         try:
             async with Reverter(self.log) as revert:
@@ -270,6 +266,7 @@ class VMService:
                         vm_dir=str(self.layout.vm_dir(vm_id)),
                         created_at=ts,
                         updated_at=ts,
+                        system_image=system.name if system is not None else None,
                     )
                     self.store.insert_vm(vm)
                     revert.add(lambda: self.store.delete_vm(vm_id), "delete the VM record")
@@ -307,9 +304,48 @@ class VMService:
         add_known_host(self.layout.known_hosts, hosts, pub)
         revert.add(lambda: remove_known_host(self.layout.known_hosts, hosts), "known_hosts")
         net = self._guest_net(vm)
-        await make_overlay_disk(self.runner, vm_dir / OVERLAY, vm.spec.overlay_size, net, host_key)
+        extra: dict[str, bytes] = {}
+        if vm.system_image is not None:
+            extra = workload.guest_files(workload.WorkloadConfig.from_meta(image.meta))
+        await make_overlay_disk(
+            self.runner, vm_dir / OVERLAY, vm.spec.overlay_size, net, host_key, extra
+        )
         seed = Path(image.work_seed) if image.work_seed else None
         await make_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size, seed)
+
+    async def boot_kernel(self, vm: VMRecord, image: Image) -> Kernel:
+        """The kernel a VM boots: its image's, or for a VM on a workload root its system
+        image's (the workload root is a disk of its own, see _machine_config)."""
+        boot = await self.images.get_image(vm.system_image) if vm.system_image else image
+        return await self.images.get_kernel(boot.kernel or "")
+
+    async def _system_image_for(self, image: Image, progress: Progress) -> Image | None:
+        """The system image a workload root runs on (None for a system image): the
+        default image, which must be a system image whose guest files know workload
+        roots (docs/guest-boot.md "Workload roots")."""
+        if image.role != workload.ROLE_WORKLOAD:
+            return None
+        name = self.config.default_image
+        if name == image.name:
+            raise Conflict(
+                f"image {image.name!r} is a workload root (it has no SSH server) and is also "
+                "the default_image: set default_image to a system image such as "
+                "debian-bookworm"
+            )
+        progress("workload", f"{image.name} is a workload root: booting system image {name}")
+        system = await self.images.ensure_image(name, progress)
+        if system.role != workload.ROLE_SYSTEM:
+            raise Conflict(
+                f"default_image {name!r} is itself a workload root: set default_image to a "
+                "system image such as debian-bookworm"
+            )
+        if not await ext4.exists(self.runner, Path(system.rootfs), workload.GUEST_SETUP):
+            raise Conflict(
+                f"system image {name!r} predates workload roots (it has no "
+                f"{workload.GUEST_SETUP}): rebuild it with `stoker image build {name} "
+                "--force` (or delete and re-pull it), then create the VM again"
+            )
+        return system
 
     def _guest_net(self, vm: VMRecord) -> GuestNet:
         return GuestNet(
@@ -358,7 +394,7 @@ class VMService:
     ) -> VMRecord:
         t0 = time.monotonic()
         image = await self.images.get_image(vm.image)
-        kernel = await self.images.get_kernel(image.kernel or "")
+        kernel = await self.boot_kernel(vm, image)
         driver = self._driver()
         vm_dir = Path(vm.vm_dir)
         for f in (OVERLAY, WORKDISK):
@@ -548,19 +584,30 @@ class VMService:
         kpath = driver.boot_kernel(kernel)
         if kpath is None:
             raise Conflict(f"kernel {kernel.name} has no bootable file for {driver.name}")
+        cmdline, root, extra = BOOT_CMDLINE, image.rootfs, []
+        if vm.system_image is not None:
+            # vda: the system image; vdd: the workload root (read-only, shared like any
+            # image; the guest puts its copy-on-write layer on the overlay disk).
+            system = self.store.get_image(vm.system_image)
+            if system is None:
+                raise Conflict(f"VM {vm.name}'s system image {vm.system_image!r} is gone")
+            root = system.rootfs
+            cmdline = f"{BOOT_CMDLINE} {workload.CMDLINE_ARG}"
+            extra = [Disk(path=Path(image.rootfs), read_only=True, id="workload")]
         return MachineConfig(
             vm_id=vm.id,
             name=vm.name,
             vm_dir=vm_dir,
             kernel=kpath,
             initrd=Path(kernel.initrd) if kernel.initrd else None,
-            cmdline=BOOT_CMDLINE,
+            cmdline=cmdline,
             vcpu=vm.spec.vcpu,
             memory_mib=vm.spec.memory_mib,
             disks=[
-                Disk(path=Path(image.rootfs), read_only=True, id="rootfs"),
+                Disk(path=Path(root), read_only=True, id="rootfs"),
                 Disk(path=vm_dir / OVERLAY, read_only=False, id="overlay"),
                 Disk(path=vm_dir / WORKDISK, read_only=False, id="work"),
+                *extra,
             ],
             tap=tap,
             mac=mac_for(vm.guest_ip),

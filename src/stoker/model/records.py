@@ -78,6 +78,8 @@ class VMRecord:
     workspace: Workspace | None = None
     teardown: Teardown = field(default_factory=Teardown)
     expires_at: str | None = None  # --ttl: deleted at this time (store.set_vm_expiry)
+    # the system image a VM on a workload root boots (its `image` is the workload root)
+    system_image: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -122,6 +124,9 @@ class Image:
     meta: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None  # the image a derived/committed image was made from
     recipe_hash: str | None = None  # content hash of what decided a derived image
+    # "system": boots directly; "workload": an OCI root that runs on a system image
+    # (docs/guest-boot.md "Workload roots")
+    role: str = "system"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -179,8 +179,8 @@ class Store:
             with self.tx() as c:
                 c.execute(
                     "INSERT INTO vms(id, name, state, image, spec, guest_ip, dns_name, vm_dir, "
-                    "last_error, workspace, teardown, created_at, updated_at, started_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "last_error, workspace, teardown, created_at, updated_at, started_at, "
+                    "system_image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _vm_row(vm),
                 )
         except sqlite3.IntegrityError as e:
@@ -205,7 +205,7 @@ class Store:
             cur = c.execute(
                 "UPDATE vms SET name=?, state=?, image=?, spec=?, guest_ip=?, dns_name=?, "
                 "vm_dir=?, last_error=?, teardown=?, created_at=?, updated_at=?, "
-                "started_at=? WHERE id=?",
+                "started_at=?, system_image=? WHERE id=?",
                 (*row[1:9], *row[10:], row[0]),
             )
             if cur.rowcount == 0:
@@ -293,14 +293,14 @@ class Store:
             with self.tx() as c:
                 c.execute(
                     "INSERT INTO images(name, managed, rootfs, work_seed, kernel, source, size, "
-                    "digest, has_sshd, init, meta, created_at, parent, recipe_hash) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "digest, has_sshd, init, meta, created_at, parent, recipe_hash, role) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT(name) DO UPDATE SET managed=excluded.managed, "
                     "rootfs=excluded.rootfs, work_seed=excluded.work_seed, kernel=excluded.kernel,"
                     " source=excluded.source, size=excluded.size, digest=excluded.digest, "
                     "has_sshd=excluded.has_sshd, init=excluded.init, meta=excluded.meta, "
                     "created_at=excluded.created_at, parent=excluded.parent, "
-                    "recipe_hash=excluded.recipe_hash",
+                    "recipe_hash=excluded.recipe_hash, role=excluded.role",
                     (
                         im.name,
                         int(im.managed),
@@ -316,6 +316,7 @@ class Store:
                         im.created_at,
                         im.parent,
                         im.recipe_hash,
+                        im.role,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -342,7 +343,7 @@ class Store:
             with self.tx() as c:
                 c.execute("DELETE FROM images WHERE name=?", (name,))
         except sqlite3.IntegrityError:
-            users = [v.name for v in self.list_vms() if v.image == name]
+            users = [v.name for v in self.list_vms() if name in (v.image, v.system_image)]
             raise Conflict(
                 f"image {name!r} is used by VM(s) {', '.join(users)}: delete those first"
             ) from None
@@ -524,6 +525,7 @@ def _vm_row(vm: VMRecord) -> tuple[Any, ...]:
         vm.created_at,
         vm.updated_at,
         vm.started_at,
+        vm.system_image,
     )
 
 
@@ -545,6 +547,7 @@ def _vm_from(r: sqlite3.Row) -> VMRecord:
         updated_at=r["updated_at"],
         started_at=r["started_at"],
         expires_at=r["expires_at"] if "expires_at" in r.keys() else None,  # noqa: SIM118
+        system_image=r["system_image"] if "system_image" in r.keys() else None,  # noqa: SIM118
     )
 
 

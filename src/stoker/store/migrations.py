@@ -92,4 +92,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vm_id, name)
     )
     """,
+    # workload roots (issue 11): an image is either a system image (boots directly) or a
+    # workload root (an OCI image without sshd: runs on a system image, docs/guest-boot.md);
+    # images pulled before this without sshd are workload roots. A VM on a workload root
+    # records the system image it boots.
+    """
+    ALTER TABLE images ADD COLUMN role TEXT NOT NULL DEFAULT 'system';
+    UPDATE images SET role = 'workload' WHERE has_sshd = 0;
+    ALTER TABLE vms ADD COLUMN system_image TEXT REFERENCES images(name) ON DELETE RESTRICT;
+    """,
 ]

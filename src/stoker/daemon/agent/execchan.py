@@ -64,6 +64,7 @@ class ExecSpec:
     user: str | None = None
     stdin: bool = False
     timeout: float | None = None
+    root: str | None = None  # "workload": run in the VM's workload root (docs/guest-boot.md)
 
     def frame(self, eid: str, window: int) -> dict[str, Any]:
         f: dict[str, Any] = {"t": "exec", "id": eid, "env": self.env, "window": window}
@@ -71,7 +72,7 @@ class ExecSpec:
             f["shell"] = self.shell
         else:
             f["argv"] = self.argv
-        for k in ("cwd", "user", "timeout"):
+        for k in ("cwd", "user", "timeout", "root"):
             v = getattr(self, k)
             if v is not None:
                 f[k] = v

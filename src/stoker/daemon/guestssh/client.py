@@ -145,6 +145,11 @@ class ExecResult:
     stderr: bytes
 
 
+# stoker's own commands run in the system root of a VM with a workload root: its sshd
+# sends every other session into the workload (stoker-enter, docs/guest-boot.md).
+SYSTEM_ENV = {"STOKER_ROOT": "system"}
+
+
 class GuestSSH:
     """Connect and run commands on guests with the managed key."""
 
@@ -236,7 +241,8 @@ class GuestSSH:
             try:
                 async with self.connect(t, connect_timeout) as conn:
                     r = await asyncio.wait_for(
-                        conn.run(command, input=input, encoding=None, check=False), timeout
+                        conn.run(command, input=input, encoding=None, check=False, env=SYSTEM_ENV),
+                        timeout,
                     )
                 break
             except TimeoutError:
@@ -265,7 +271,7 @@ class GuestSSH:
         """Run one command with `stdin` streamed from an async iterator (flow-controlled);
         stdout lines are passed to `on_stdout_line` as they arrive and also collected."""
         async with self.connect(t) as conn:
-            proc = await conn.create_process(command, encoding=None)
+            proc = await conn.create_process(command, encoding=None, env=SYSTEM_ENV)
             out = bytearray()
             err = bytearray()
 

@@ -179,6 +179,14 @@ def inject_guest_files(root: Path, *, init: InitKind = "systemd") -> None:
         tree.real_dir("/root", 0o755)
 
 
+def real_root_dir(root: Path) -> None:
+    """Make the tree's /root a real 0755 root:root directory (a symlinked one is replaced)
+    without installing anything else: a workload root gets no guest files, but its work
+    seed is built from /root like every image's."""
+    with SafeTree(root) as tree:
+        tree.real_dir("/root", 0o755)
+
+
 def work_seed_source(root: Path) -> Path:
     """The host path of the image's /root for the work-seed build: a real directory
     that passes through no symlink below `root` (`inject_guest_files` made it one)."""
