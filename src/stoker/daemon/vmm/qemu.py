@@ -581,7 +581,8 @@ class QemuDriver(ProcessVMM):
         while time.monotonic() < deadline:
             if not pid_alive(handle.pid):
                 raise CommandFailed(
-                    "qemu exited during startup: " + (tail(handle.extra.get("log")) or "no output"),
+                    f"qemu exited during startup: {self.exit_reason(handle.pid)}: "
+                    + (tail(handle.extra.get("log")) or "no output"),
                     detail=f"log: {handle.extra.get('log')}",
                 )
             if qmp.exists():
@@ -597,6 +598,9 @@ class QemuDriver(ProcessVMM):
             + (f" ({last})" if last else "")
             + f": see {handle.extra.get('log')}"
         )
+
+    def _sandboxed(self) -> bool:
+        return self.confine.sandbox
 
     # --- stop --------------------------------------------------------------------------
 
