@@ -179,6 +179,21 @@ async def test_qemu_runs_unprivileged_sandboxed_and_limited(
     # QEMU created nothing by name: the VM directory is still root's alone.
     assert all(p.stat().st_uid == 0 for p in cfg.vm_dir.iterdir())
 
+    # Its own mount namespace: empty private /tmp, the state dir (here the VM dir's
+    # parent) covered up; the host's view is unchanged.
+    assert drv.confine.mountns == "root" and "own mount namespace" in drv.confine.describe()
+    assert os.readlink(f"/proc/{h.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    marker = Path("/tmp") / f"stoker-host-{secrets.token_hex(3)}"
+    marker.write_text("host\n")
+    try:
+        qroot = Path(f"/proc/{h.pid}/root")
+        assert os.listdir(qroot / "tmp") == [] and marker.exists()
+        assert not (qroot / str(cfg.vm_dir / "root.ext4").lstrip("/")).exists()
+        assert (cfg.vm_dir / "root.ext4").exists()  # ours still sees it
+        assert (qroot / "usr/bin").is_dir()  # the rest of the host is there (read by uid)
+    finally:
+        marker.unlink()
+
     await drv.kill(h)
     assert not pid_alive(h.pid)
     assert not any(p.exists() for p in dirs.values())

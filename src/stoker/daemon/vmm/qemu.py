@@ -52,6 +52,7 @@ from stoker.daemon.vmm.confine import (
     drop_argv,
     join_argv,
     memory_limit,
+    mount_argv,
     open_tap,
 )
 from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
@@ -530,6 +531,7 @@ class QemuDriver(ProcessVMM):
             argv = [
                 *join_argv(procs),
                 *netns_prefix(cfg.netns),
+                *mount_argv(c, _hidden_dirs(cfg.vm_dir)),
                 *drop_argv(c),
                 *qemu_argv(
                     cfg,
@@ -776,6 +778,16 @@ class QemuDriver(ProcessVMM):
             "accel": handle.extra.get("accel"),
             "confinement": handle.extra.get("confinement"),
         }
+
+
+def _hidden_dirs(vm_dir: Path) -> list[Path]:
+    """What a confined QEMU's mount namespace covers up: the state directory the VM
+    directories live in (`<state>/vms/<id>`: every VM's disks, the images, keys, the
+    database), else the VM directory's parent. Never `/` or a top-level directory."""
+    d = vm_dir.resolve().parent
+    if d.name == "vms":
+        d = d.parent
+    return [d] if len(d.parts) > 2 else []
 
 
 def _remove_cgroups(dirs: list[str]) -> None:
