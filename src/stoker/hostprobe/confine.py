@@ -212,7 +212,7 @@ class Confinement:
             on.append("seccomp -sandbox on")
         if self.cgroups is not None:
             on.append(f"cgroup v{self.cgroups.version} memory+cpu limits")
-        if self.mountns is not None and self.fds:
+        if self.mountns is not None and (self.fds or self.pending_user is not None):
             how = " (in a user namespace)" if self.mountns == "user" else ""
             on.append(f"own mount namespace{how}")
         off = [f"{k} off: {v}" for k, v in self.off.items()]
