@@ -437,6 +437,9 @@ class Daemon:
                 f"{', '.join(sorted(table))}"
             )
         p = api.validate(m.params, method, params)
+        from stoker.daemon.workspace.gitcmd import REQUESTER
+
+        REQUESTER.set(ctx.peer_uid)  # a repository the caller owns is read for it
         return to_jsonable(await m.handler(p, ctx))
 
     def _table(self) -> dict[str, Method]:
