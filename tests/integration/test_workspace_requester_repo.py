@@ -69,3 +69,30 @@ async def test_a_requester_repo_whose_config_runs_commands_is_refused(tmp_path: 
         subprocess.run(["git", "config", "--file", str(cfg), "--unset", key], check=True)
     assert not marker.exists()
     assert (await _inspect(r, OWNER)).branch == "main"
+
+
+async def test_packs_of_a_read_only_repo_are_made_outside_it(tmp_path: Path) -> None:
+    """pack-objects DIR/BASE writes its temporary pack inside the repository: for one this
+    user may only read, the pack goes to stdout and index-pack writes the index beside it.
+    Same pack name (the objects' hash), a valid index, nothing written in the repo."""
+    from stoker.daemon.workspace.payload import _pack_batch, _pack_batch_readonly
+
+    r = _repo(tmp_path)
+    listing = subprocess.run(
+        ["git", "-c", f"safe.directory={r}", "-C", str(r), "rev-list", "--objects", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    oids = [line.split()[0] for line in listing.splitlines()]
+    assert len(oids) == 3  # commit, tree, blob
+    before = sorted(p.name for p in (r / ".git/objects/pack").iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    REQUESTER.set(OWNER)
+    a = await _pack_batch(Runner(), r, oids, out, 0, 0)
+    b = await _pack_batch_readonly(Runner(), r, oids, out, 1, 0)
+    assert a[0] == b[0]
+    for _, pack, idx in (a, b):
+        assert pack.exists() and idx.exists()
+        subprocess.run(["git", "verify-pack", str(idx)], check=True, cwd=out)
+    assert sorted(p.name for p in (r / ".git/objects/pack").iterdir()) == before
+    assert not list(out.glob("*.tmp"))
