@@ -1,6 +1,8 @@
 """The VM lifecycle with the CLI run as a non-root member of a system install's group:
 `stoker system install` below a test root, stoker-helper (root) and stokerd (its system
-user, inside a test namespace) run as the written units say; create, exec, stop, delete.
+user, inside a test namespace) run as the written units say; create, exec,
+workspace (a repo the member owns), QEMU killed by its seccomp sandbox (explained in
+`vm show`/`vm logs`, host fine), start, stop, delete.
 The image is built first by a root daemon on the same state (a non-root one refuses
 golden builds), which `system install` hands to the daemon's user."""
 
@@ -26,6 +28,18 @@ from stokerenv import CACHE, ns_pids
 from stoker.cli.system import parse_unit
 
 pytestmark = pytest.mark.e2e
+
+
+# Ask a QEMU for an `exec:` migration over QMP: it must fork a shell, which its seccomp
+# sandbox (spawn=deny) answers by killing it.
+_QMP_EXEC = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+for cmd in ({"execute": "qmp_capabilities"},
+            {"execute": "migrate", "arguments": {"uri": "exec:true"}}):
+    f.write(json.dumps(cmd) + "\\n"); f.flush(); print(f.readline())
+"""
 
 
 def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -152,24 +166,74 @@ def test_lifecycle_as_group_member_against_system_install() -> None:
         assert r.returncode == 0, log_tail()
         info = json.loads(cli_member("vm", "show", "t1", "--json").stdout)
         assert info["state"] == "running", info
-        pid = int(info.get("pid") or info.get("vmm_pid") or 0)
-        if pid:
-            uid = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
-            assert uid == str(pwd.getpwnam(user).pw_uid), "QEMU is not the daemon's user"
-        # `vm exec` runs the system ssh client in the CLI's process with the daemon's
-        # managed key (0600, the daemon's user's): until exec goes through the daemon
-        # (the agent), a group member cannot read that key. The daemon's own user can,
-        # from the namespace the bridge lives in.
         d = pwd.getpwnam(user)
-        r = subprocess.run(
-            ["ip", "netns", "exec", ns, "setpriv", f"--reuid={d.pw_uid}",
-             f"--regid={d.pw_gid}", "--init-groups", "--", exe, "-m", "stoker.cli.main",
-             "--system", "vm", "exec", "t1", "--", "cat", "/etc/hostname"],
-            capture_output=True, text=True, timeout=300,
-            env={**pyenv, "STOKER_ROOT": str(root), "HOME": "/nonexistent"},
-        )  # fmt: skip
-        transcript.append(f"$ vm exec (as {user}) -> {r.returncode}\n{r.stdout}{r.stderr}")
+        pid = int((Path(info["vm_dir"]) / "vmm.pid").read_text())
+        st = Path(f"/proc/{pid}/status").read_text()
+        assert st.split("Uid:")[1].split()[0] == str(d.pw_uid), "QEMU is not the daemon's user"
+        assert st.split("Seccomp:")[1].split()[0] == "2"
+        # Its own mount namespace (a user namespace: stokerd is not root): the state dir
+        # (every VM's disks, the daemon's key) and /tmp are empty there.
+        daemon_pid = procs[-1].pid
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{daemon_pid}/ns/mnt")
+        assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        qroot = Path(f"/proc/{pid}/root")
+        assert os.listdir(qroot / "tmp") == []  # (this test's root is below /tmp, too)
+        for p in (root / "var/lib/stoker", Path(info["vm_dir"])):
+            seen = qroot / str(p).lstrip("/")
+            assert not seen.exists() or os.listdir(seen) == [], f"QEMU sees {p}"
+        assert (Path(info["vm_dir"]) / "serial.log").exists()
+        # exec as the member: the command goes through the daemon (the guest agent).
+        r = cli_member("vm", "exec", "t1", "--", "cat", "/etc/hostname")
         assert r.returncode == 0 and r.stdout.strip() == "t1", log_tail()
+        # workspace: a repository the member owns (stokerd reads it for that member).
+        m = pwd.getpwnam(member)
+        repo = root / "member-repo"
+        repo.mkdir()
+        os.chown(repo, m.pw_uid, m.pw_gid)
+        as_m = ["setpriv", f"--reuid={m.pw_uid}", f"--regid={m.pw_gid}", "--clear-groups", "--"]
+        genv = {**pyenv, "HOME": str(repo), "GIT_AUTHOR_NAME": "m", "GIT_AUTHOR_EMAIL": "m@e",
+                "GIT_COMMITTER_NAME": "m", "GIT_COMMITTER_EMAIL": "m@e"}  # fmt: skip
+        for cmd in (["git", "init", "-q", "-b", "main", str(repo)],):
+            subprocess.run([*as_m, *cmd], check=True, env=genv)
+        subprocess.run(
+            [*as_m, "sh", "-c", f"cd {repo} && echo one > a.txt && git add a.txt && "
+             "git commit -q -m one"], check=True, env=genv,
+        )  # fmt: skip
+        assert repo.stat().st_uid == m.pw_uid != d.pw_uid
+        r = cli_member("vm", "workspace", "prepare", "t1", str(repo))
+        assert r.returncode == 0, log_tail()
+        r = cli_member("vm", "exec", "t1", "--", "sh", "-c",
+                       "cat /root/repo/a.txt && echo two >> /root/repo/a.txt")  # fmt: skip
+        assert r.returncode == 0 and r.stdout.strip() == "one", log_tail()
+        r = cli_member("vm", "workspace", "export", "t1")
+        assert r.returncode == 0 and "+two" in r.stdout and "a.txt" in r.stdout, log_tail()
+        # 4. QEMU tries a forbidden syscall class (`migrate exec:` forks: spawn=deny). The
+        # VM fails, the host (daemon, helper, other state) is fine, `vm logs` says why.
+        qmp = Path(info["vm_dir"]) / "qmp.sock"
+        subprocess.run(
+            [sys.executable, "-c", _QMP_EXEC, str(qmp)], capture_output=True, timeout=60
+        )  # fmt: skip
+        assert _wait(lambda: not Path(f"/proc/{pid}").exists(), 30), "QEMU did not die"
+
+        def stopped() -> bool:
+            out = cli_member("vm", "show", "t1", "--json").stdout
+            return bool(out) and json.loads(out)["state"] == "stopped"
+
+        assert _wait(stopped, 30), log_tail()
+        shown = json.loads(cli_member("vm", "show", "t1", "--json").stdout)
+        why = shown.get("last_error") or ""
+        assert f"QEMU (pid {pid}) was killed by its seccomp sandbox (SIGSYS)" in why, shown
+        logs = cli_member("vm", "logs", "t1")
+        assert logs.returncode == 0, log_tail()
+        last = logs.stdout.rstrip().splitlines()[-1]
+        assert last.startswith("[stoker] ") and "seccomp sandbox (SIGSYS)" in last, last
+        assert all(p.poll() is None for p in procs[1:]), "the helper or stokerd died"
+        assert cli_member("vm", "list", "--json").returncode == 0
+        # 5. Start again, stop, delete.
+        r = cli_member("vm", "start", "t1")
+        assert r.returncode == 0, log_tail()
+        r = cli_member("vm", "exec", "t1", "--", "true")
+        assert r.returncode == 0, log_tail()
         r = cli_member("vm", "stop", "t1")
         assert r.returncode == 0, log_tail()
         r = cli_member("vm", "delete", "t1")

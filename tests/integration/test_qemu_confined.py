@@ -20,6 +20,7 @@ import pytest
 from stoker.daemon.hostnet import Links
 from stoker.daemon.vmm.base import Disk, MachineConfig, pid_alive
 from stoker.daemon.vmm.confine import MiB, plan
+from stoker.daemon.vmm.exits import exit_status, seccomp_record
 from stoker.daemon.vmm.qemu import QemuDriver, QMPClient
 from stoker.runner import Runner
 
@@ -178,6 +179,21 @@ async def test_qemu_runs_unprivileged_sandboxed_and_limited(
     # QEMU created nothing by name: the VM directory is still root's alone.
     assert all(p.stat().st_uid == 0 for p in cfg.vm_dir.iterdir())
 
+    # Its own mount namespace: empty private /tmp, the state dir (here the VM dir's
+    # parent) covered up; the host's view is unchanged.
+    assert drv.confine.mountns == "root" and "own mount namespace" in drv.confine.describe()
+    assert os.readlink(f"/proc/{h.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    marker = Path("/tmp") / f"stoker-host-{secrets.token_hex(3)}"
+    marker.write_text("host\n")
+    try:
+        qroot = Path(f"/proc/{h.pid}/root")
+        assert os.listdir(qroot / "tmp") == [] and marker.exists()
+        assert not (qroot / str(cfg.vm_dir / "root.ext4").lstrip("/")).exists()
+        assert (cfg.vm_dir / "root.ext4").exists()  # ours still sees it
+        assert (qroot / "usr/bin").is_dir()  # the rest of the host is there (read by uid)
+    finally:
+        marker.unlink()
+
     await drv.kill(h)
     assert not pid_alive(h.pid)
     assert not any(p.exists() for p in dirs.values())
@@ -197,9 +213,22 @@ async def test_a_forbidden_syscall_kills_qemu_not_the_host(
             for _ in range(50):
                 await c.execute("query-status")
                 await asyncio.sleep(0.05)
-    _, status = await asyncio.to_thread(os.waitpid, h.pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+    for _ in range(200):  # the daemon's way: reap it when it is seen dead
+        if not pid_alive(h.pid):
+            break
+        await asyncio.sleep(0.05)
+    status = exit_status(h.pid)
+    assert status is not None and os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGSYS
     assert not drv.is_running(h)
+    why = drv.exit_reason(h.pid)
+    assert f"QEMU (pid {h.pid}) was killed by its seccomp sandbox (SIGSYS)" in why
+    # As root the kernel's audit record is readable: the call and its class are named.
+    rec = seccomp_record(h.pid)
+    if os.access("/dev/kmsg", os.R_OK):
+        assert rec is not None, "no audit record of the seccomp kill in /dev/kmsg"
+        assert rec.sandbox_class == "spawn" and rec.name in ("clone", "clone3", "fork", "vfork")
+        assert "'spawn=deny' forbids" in why and rec.name in why
     await drv.kill(h)  # what VMService's cleanup does: files and cgroups go
     cg = drv.confine.cgroups
     assert cg is not None and not any(d.exists() for d in cg.dirs(cfg.vm_id).values())

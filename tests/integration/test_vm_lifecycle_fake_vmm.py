@@ -310,6 +310,45 @@ async def test_vmm_killed_is_noticed_and_cleaned(rig: Rig) -> None:
     assert not await rig.d.net.links.exists(tap)
 
 
+async def test_vmm_killed_by_sigsys_is_explained_in_last_error_and_vm_logs(rig: Rig) -> None:
+    """The daemon reaps its VMM child and keeps the wait status: a SIGSYS death (what
+    seccomp does to a confined QEMU; sent here by the test, the real one is in
+    test_qemu_confined and the system-install e2e) is named, in `last_error` and at the
+    end of the console log `vm logs` prints."""
+    vm = rig.d.vm
+    assert vm is not None
+    rec = await vm.create_vm(req(name="sys1"), _noop)
+    pid = rec.teardown.vmm_pid or 0
+    os.kill(pid, signal.SIGSYS)
+    await asyncio.sleep(0.3)
+    assert await vm.check_vmms() == ["sys1"]
+    got = vm.resolve("sys1")
+    assert got.state == VMState.STOPPED
+    assert got.last_error and "killed by its seccomp sandbox (SIGSYS)" in got.last_error
+    assert f"pid {pid}" in got.last_error
+    chunk = await vm.read_log("sys1", 0, 1 << 20)
+    import base64
+
+    text = base64.b64decode(chunk.data).decode()
+    assert text.rstrip().splitlines()[-1].startswith("[stoker] ")
+    assert "seccomp sandbox (SIGSYS)" in text.splitlines()[-1]
+    assert chunk.size == len(base64.b64decode(chunk.data)) and chunk.last_error == got.last_error
+    tail = await vm.read_log("sys1", chunk.size - 10, 4)
+    assert base64.b64decode(tail.data) == text.encode()[chunk.size - 10 : chunk.size - 6]
+
+
+async def test_vmm_exit_status_is_named_when_not_a_seccomp_kill(rig: Rig) -> None:
+    vm = rig.d.vm
+    assert vm is not None
+    rec = await vm.create_vm(req(name="term1"), _noop)
+    os.kill(rec.teardown.vmm_pid or 0, signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    await vm.check_vmms()
+    got = vm.resolve("term1")
+    assert got.last_error and "exited unexpectedly (killed by SIGTERM)" in got.last_error
+    assert "seccomp" not in got.last_error
+
+
 async def test_reconcile_after_daemon_restart(rig: Rig) -> None:
     vm = rig.d.vm
     assert vm is not None and rig.d.store is not None

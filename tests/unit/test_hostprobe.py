@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +40,7 @@ ORDER = [
     "loop",
     "bridge",
     "network-policy",
+    "helper",
     "daemon",
     "dns",
     "guest-dns",
@@ -209,3 +211,52 @@ def test_every_tool_missing(isolated_env: Layout, monkeypatch: pytest.MonkeyPatc
     assert c["optional-tools"].fix.endswith(
         "apt-get install mmdebstrap dmsetup lz4 zstd mount) (image build, kernel import)"
     )
+
+
+def test_helper_line_installed_reachable_and_socket_owner(
+    isolated_env: Layout, tmp_path: Path
+) -> None:
+    import socket
+
+    sock = tmp_path / "helper.sock"
+    cfg = {"helper_socket": str(sock)}
+    hc = (doctor.check_helper,)
+    # Nothing installed, no daemon: fine for a root stokerd.
+    c = doc(isolated_env, cfg, *hc)["helper"]
+    assert c.status == "PASS" and c.message.startswith("not installed")
+    # A root daemon (no helper in its status).
+    root_st = {"pid": 1, "network": {"helper": None}}
+    c = doc(isolated_env, cfg, *hc, daemon_status=lambda: root_st)["helper"]
+    assert c.status == "PASS" and "not used: stokerd runs as root" in c.message
+    # A non-root daemon that reaches it / cannot.
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        os.chmod(sock, 0o666)
+        ok_st = {"pid": 1, "network": {"helper": {"socket": str(sock), "error": None}}}
+        c = doc(isolated_env, cfg, *hc, daemon_status=lambda: ok_st)["helper"]
+        if os.geteuid() == 0:
+            assert c.status == "PASS" and c.message.startswith("stokerd uses stoker-helper")
+            assert "mode 0666, root:" in c.message
+            bad = {"pid": 1, "network": {"helper": {"socket": str(sock), "error": "refused"}}}
+            c = doc(isolated_env, cfg, *hc, daemon_status=lambda: bad)["helper"]
+            assert c.status == "FAIL" and "cannot use stoker-helper: refused" in c.message
+            assert "systemctl start stoker-helper" in c.fix
+            os.chown(sock, 65534, -1)
+        # A socket at the helper's path that root does not own: refused by doctor.
+        c = doc(isolated_env, cfg, *hc, daemon_status=lambda: ok_st)["helper"]
+        assert c.status == "FAIL" and "not a socket owned by root" in c.message
+    finally:
+        s.close()
+
+
+def test_network_policy_line_shows_the_default_and_running_vms(isolated_env: Layout) -> None:
+    np = (doctor.check_network_policy,)
+    c = doc(isolated_env, None, *np)["network-policy"]
+    assert "default host-only" in c.message and "running VMs" not in c.message
+    st = {"network": {"policies": {"a": "host-only", "b": "allow=x.org:443,peers", "c": "nat"}}}
+    c = doc(isolated_env, None, *np, daemon_status=lambda: st)["network-policy"]
+    assert "running VMs: 1 allow, 1 host-only, 1 nat" in c.message
+    st = {"network": {"policies": {}}}
+    c = doc(isolated_env, None, *np, daemon_status=lambda: st)["network-policy"]
+    assert "running VMs: none" in c.message

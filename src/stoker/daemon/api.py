@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stoker.errors import InvalidParams
 
@@ -40,6 +40,12 @@ def validate(model: type[P], method: str, raw: dict[str, Any]) -> P:
             loc = ".".join(str(x) for x in err["loc"]) or "params"
             parts.append(f"{loc}: {err['msg']}")
         raise InvalidParams(f"invalid parameters for {method}: " + "; ".join(parts)) from None
+
+
+class LogRead(Params):
+    ref: str
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=1 << 20, ge=1, le=1 << 20)
 
 
 class VMRefs(Params):

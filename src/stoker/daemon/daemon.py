@@ -291,6 +291,9 @@ class Daemon:
         async def vm_logs(p: api.VMRef, ctx: RequestContext) -> Any:
             return vm.logs_info(p.ref)
 
+        async def vm_logs_read(p: api.LogRead, ctx: RequestContext) -> Any:
+            return await vm.read_log(p.ref, p.offset, p.limit)
+
         async def vm_ssh_info(p: api.SSHInfo, ctx: RequestContext) -> Any:
             if p.wait:
                 await vm.wait_ssh(p.ref, ctx.progress)
@@ -385,6 +388,7 @@ class Daemon:
             "vm.port_forward.remove": Method(api.PortForwardRemove, port_forward_remove),
             "vm.port_forward.list": Method(api.OptionalRefs, port_forward_list),
             "vm.logs": Method(api.VMRef, vm_logs),
+            "vm.logs.read": Method(api.LogRead, vm_logs_read),
             "vm.ssh_info": Method(api.SSHInfo, vm_ssh_info),
             "vm.exec": Method(api.ExecVM, vm_exec),
             "vm.exec.signal": Method(api.ExecSignal, vm_exec_signal),
@@ -433,6 +437,9 @@ class Daemon:
                 f"{', '.join(sorted(table))}"
             )
         p = api.validate(m.params, method, params)
+        from stoker.daemon.workspace.gitcmd import REQUESTER
+
+        REQUESTER.set(ctx.peer_uid)  # a repository the caller owns is read for it
         return to_jsonable(await m.handler(p, ctx))
 
     def _table(self) -> dict[str, Method]:

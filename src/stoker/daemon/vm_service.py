@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -55,6 +56,7 @@ from stoker.layout import Layout
 from stoker.model.names import generate_name, validate_name
 from stoker.model.records import Image, Kernel, Teardown, VMRecord, VMSpec, VMState
 from stoker.model.sizes import MIN_DISK_BYTES, check_memory_mib, format_size, parse_size
+from stoker.model.wire import LogChunk
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -801,6 +803,38 @@ class VMService:
         vm = self.resolve(ref)
         return {"name": vm.name, "path": str(Path(vm.vm_dir) / SERIAL_LOG), "state": vm.state}
 
+    async def read_log(self, ref: str, offset: int, limit: int) -> LogChunk:
+        """Up to `limit` bytes of the VM's console log from `offset` (no symlink followed;
+        a log that is not a regular file reads as empty)."""
+        import base64
+        import stat
+
+        vm = self.resolve(ref)
+        path = Path(vm.vm_dir) / SERIAL_LOG
+
+        def read() -> tuple[bytes, int]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return b"", -1
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return b"", 0
+                return os.pread(fd, limit, offset), st.st_size
+            finally:
+                os.close(fd)
+
+        data, size = await asyncio.to_thread(read)
+        return LogChunk(
+            name=vm.name,
+            state=str(vm.state),
+            offset=offset,
+            data=base64.b64encode(data).decode(),
+            size=size,
+            last_error=vm.last_error,
+        )
+
     def ssh_info(self, ref: str) -> dict[str, Any]:
         """What the CLI needs to run the system ssh against a VM."""
         vm = self.resolve(ref)
@@ -895,15 +929,36 @@ class VMService:
                 cur = self.store.get_vm(vm.id)
                 if cur is None or cur.state != VMState.RUNNING:
                     continue
+                pid = handle.pid if handle is not None else cur.teardown.vmm_pid
+                reason = (
+                    self._driver().exit_reason(pid)
+                    if pid
+                    else "the VMM process exited unexpectedly (killed or crashed)"
+                )
+                self._note_in_log(cur, reason)
                 errs = await self._cleanup(cur)
                 cur.state = VMState.STOPPED
-                cur.last_error = "the VMM process exited unexpectedly (killed or crashed)" + (
-                    f"; cleanup: {'; '.join(errs)}" if errs else ""
-                )
+                cur.last_error = reason + (f"; cleanup: {'; '.join(errs)}" if errs else "")
                 self.store.update_vm(cur)
                 self.log.warning("%s: %s", cur.name, cur.last_error)
                 reaped.append(cur.name)
         return reaped
+
+    def _note_in_log(self, vm: VMRecord, text: str) -> None:
+        """Append a line of the daemon's to the VM's console log, so `vm logs` ends with
+        why the VM went away (the log is the daemon's file; the VMM has exited)."""
+        path = Path(vm.vm_dir) / SERIAL_LOG
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, 0o600)
+        except OSError:
+            return
+        try:
+            os.write(fd, f"\n[stoker] {now()}: {text}\n".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     # --- reconcile ---------------------------------------------------------------------
 

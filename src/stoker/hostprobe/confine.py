@@ -24,11 +24,17 @@ What a confined QEMU looks like (`QemuDriver(confine=plan(...))`):
   before QEMU is exec'd: memory limit = guest RAM + overhead, CPU quota = vCPUs + half a
   core for QEMU's own threads.
 
+- Its own mount namespace (`unshare --mount`; a stokerd that is not root makes it inside a
+  user namespace, `--user --map-current-user --keep-caps`, then drops those capabilities)
+  with empty private tmpfs on /tmp, /var/tmp and /dev/shm and stoker's state directory
+  (every VM's disks, images, keys, the database) covered by an empty read-only tmpfs.
+  QEMU opens no path there by name, so it loses nothing; what it could reach by a bug is
+  the rest of the host's files its user may read. Only with the hand-over (`fds`): a
+  root QEMU that opens its files by path keeps the host's view.
+
 Each part is on when this host allows it; `plan()` records why a part is off, and
 `stoker doctor` prints it. Firecracker's confinement is the jailer (`plan_firecracker`,
 `JailPlan`, at the end): by default whenever the jailer is found and stokerd is root.
-No own mount namespace for QEMU: with every file passed as a descriptor, the user's (lack
-of) permissions already keeps QEMU away from host paths.
 """
 
 from __future__ import annotations
@@ -171,6 +177,8 @@ class Confinement:
     setpriv: str = "setpriv"
     off: dict[str, str] = field(default_factory=dict)
     pending_user: str | None = None  # to create (root) at the first QEMU start
+    mountns: str | None = None  # "root" (unshare --mount) or "user" (inside a user ns)
+    unshare: str = "unshare"
 
     def with_pending_user(self) -> Confinement:
         """Create the pending user now (the first QEMU start); a copy that uses it, or
@@ -205,6 +213,9 @@ class Confinement:
             on.append("seccomp -sandbox on")
         if self.cgroups is not None:
             on.append(f"cgroup v{self.cgroups.version} memory+cpu limits")
+        if self.mountns is not None and (self.fds or self.pending_user is not None):
+            how = " (in a user namespace)" if self.mountns == "user" else ""
+            on.append(f"own mount namespace{how}")
         off = [f"{k} off: {v}" for k, v in self.off.items()]
         return "; ".join(on + off) or "not confined"
 
@@ -297,6 +308,10 @@ def plan(
     cg, why = find_cgroups(cgroup_root, proc_cgroup)
     if cg is None:
         off["cgroup"] = why
+    unshare = shutil.which("unshare") or ""
+    mountns, why = mountns_mode(unshare)
+    if mountns is None:
+        off["mountns"] = why
     return Confinement(
         user=user if uid is not None else None,
         uid=uid,
@@ -307,7 +322,74 @@ def plan(
         setpriv=setpriv or "setpriv",
         off=off,
         pending_user=pending,
+        mountns=mountns,
+        unshare=unshare or "unshare",
     )
+
+
+_MOUNT_SCRIPT = (  # the hidden dirs first: one may be below /tmp
+    "set -e; "
+    'while [ "$1" != -- ]; do '
+    'mount -t tmpfs -o mode=0555,size=4k,nosuid,nodev,noexec stoker-hidden "$1"; shift; done; '
+    "shift; "
+    'for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
+    'mount -t tmpfs -o mode=1777,size=16m,nosuid,nodev stoker-tmp "$d"; fi; done; '
+    'exec "$@"'
+)
+
+
+def _userns_argv(unshare: str) -> list[str]:
+    return [unshare, "--user", "--map-current-user", "--keep-caps", "--mount"]
+
+
+def mountns_mode(unshare: str) -> tuple[str | None, str]:
+    """How this process can give QEMU its own mount namespace: "root" (it may unshare one
+    itself), "user" (inside a user namespace it makes), or None and why not."""
+    if not unshare:
+        return None, "unshare is not installed (util-linux)"
+    if os.geteuid() == 0:
+        return "root", ""
+    try:
+        r = subprocess.run(
+            [*_userns_argv(unshare), "--", "/bin/sh", "-c", "mount -t tmpfs stoker-probe /tmp"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"cannot run {unshare}: {e}"
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        return None, f"stokerd is not root and cannot make a user namespace here ({why})"
+    return "user", ""
+
+
+def mount_argv(c: Confinement, hide: list[Path]) -> list[str]:
+    """argv prefix that puts the rest in its own mount namespace (private /tmp, /var/tmp,
+    /dev/shm; each of `hide` covered by an empty tmpfs), then execs it. Only for a QEMU
+    that gets its files as descriptors (`c.fds`). After `ip netns exec` (which makes a
+    mount namespace of its own for /sys), before the privilege drop."""
+    if c.mountns is None or not c.fds:
+        return []
+    pre = (
+        [c.unshare, "--mount", "--propagation", "private"]
+        if c.mountns == "root"
+        else [*_userns_argv(c.unshare), "--propagation", "private"]
+    )
+    out = [*pre, "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "stoker-vmm-mnt"]
+    out += [str(p) for p in hide if p.is_dir()]
+    out.append("--")
+    if c.mountns == "user":
+        # The capabilities the user namespace gave the mount step go before QEMU runs.
+        out += [
+            c.setpriv,
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
+    return out
 
 
 def _lookup(name: str) -> pwd.struct_passwd | None:

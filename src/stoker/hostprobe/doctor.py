@@ -376,6 +376,7 @@ async def check_confinement(ctx: Context) -> Check:
         "sandbox": "install a QEMU built with seccomp (Debian's is)",
         "user": "run stokerd as root (the system install does)",
         "cgroup": "run stokerd as root with cgroup memory and cpu controllers mounted",
+        "mountns": "install util-linux's unshare (as a non-root stokerd: allow user namespaces)",
     }
     return Check(
         "confinement",
@@ -492,13 +493,111 @@ async def check_bridge(ctx: Context) -> Check:
 @doctor_check
 async def check_network_policy(ctx: Context) -> Check:
     fwd = read_text("/proc/sys/net/ipv4/ip_forward").strip()
+    st = ctx.daemon()
+    policies = ((st or {}).get("network") or {}).get("policies")
+    live = ""
+    if isinstance(policies, dict):
+        modes: dict[str, int] = {}
+        for p in policies.values():
+            mode = str(p).split(",", 1)[0].split("=", 1)[0]
+            modes[mode] = modes.get(mode, 0) + 1
+        live = "; running VMs: " + (
+            ", ".join(f"{n} {m}" for m, n in sorted(modes.items())) if modes else "none"
+        )
     return Check(
         "network-policy",
         "PASS",
-        "per VM --net (default host-only: stoker's DNS only; none | nat | allow=...; "
-        ",peers for guest-to-guest); rules in nft tables inet/bridge 'stoker'; "
-        f"ip_forward={fwd or '?'} (turned on for the first nat/allow= VM)",
+        "per VM --net, default host-only (the guest reaches stoker's DNS on the bridge "
+        "address and nothing else on the host or outside; guests cannot reach each other); "
+        "none | nat | allow=HOST[:PORT],... ; ,peers[=GROUP] for guest-to-guest; rules in "
+        f"nft tables inet/bridge 'stoker'{live}; ip_forward={fwd or '?'} (turned on for "
+        "the first nat/allow= VM)",
     )
+
+
+def _socket_desc(path: Path) -> str:
+    """'mode 0666, root:root' of a socket (or why not)."""
+    import grp
+    import pwd
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"missing ({e.strerror})"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    kind = "" if stat.S_ISSOCK(st.st_mode) else ", not a socket"
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, {owner}:{group}{kind}"
+
+
+@doctor_check
+async def check_helper(ctx: Context) -> Check:
+    """stoker-helper, the root helper of a stokerd that is not root: installed, reachable,
+    its socket's owner (root) and mode (it checks callers itself: SO_PEERCRED)."""
+    import stat
+
+    from stoker.helper.config import DEFAULT_CONFIG
+
+    sock = Path(ctx.config.helper_socket)
+    cfg = ctx.layout.config_dir / "helper.toml" if ctx.layout.system else DEFAULT_CONFIG
+    installed = cfg.is_file()
+    st = ctx.daemon()
+    net = (st or {}).get("network") or {}
+    used = net.get("helper") if st else None
+    try:
+        sst = os.lstat(sock)
+        sock_ok = stat.S_ISSOCK(sst.st_mode) and sst.st_uid == 0
+    except OSError:
+        sst, sock_ok = None, False
+    where = f"socket {sock} ({_socket_desc(sock)}), config {cfg}" + (
+        "" if installed else " (missing)"
+    )
+    if sst is not None and not sock_ok:
+        return Check(
+            "helper",
+            "FAIL",
+            f"{sock} is not a socket owned by root: {where}",
+            "remove it and restart stoker-helper (only root's helper may own that path)",
+        )
+    if st and used is None:
+        extra = f"; installed: {where}" if installed or sst is not None else ""
+        return Check(
+            "helper",
+            "PASS",
+            "not used: stokerd runs as root and makes bridge, taps and rules itself" + extra,
+        )
+    if st and isinstance(used, dict):
+        if used.get("error"):
+            return Check(
+                "helper",
+                "FAIL",
+                f"stokerd cannot use stoker-helper: {used['error']} ({where})",
+                "start it (systemctl start stoker-helper) and check that its config names "
+                "stokerd's user (stoker system install writes both)",
+            )
+        return Check("helper", "PASS", f"stokerd uses stoker-helper: {where}")
+    if not installed and sst is None:
+        return Check(
+            "helper",
+            "PASS",
+            "not installed: a stokerd running as root needs none "
+            "(`stoker system install` sets it up for use without root)",
+        )
+    if sst is None:
+        return Check(
+            "helper",
+            "WARN",
+            f"installed but not running: {where}",
+            "systemctl start stoker-helper",
+        )
+    return Check("helper", "PASS", f"running (stokerd not checked: not running): {where}")
 
 
 @doctor_check

@@ -20,6 +20,19 @@ class Deleted:
 
 
 @dataclass(frozen=True)
+class LogChunk:
+    """`vm.logs.read`: bytes of a VM's console log from `offset` (base64), for a CLI that
+    may not open the file itself (a group member of a system install)."""
+
+    name: str
+    state: str
+    offset: int
+    data: str  # base64
+    size: int  # the log's size when read
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
 class CatalogKernel:
     """A catalog's kernel bundle: `vmlinux` (+ optional `bzImage`, `initrd.img`,
     `modules/`). Parsed by `daemon.catalog`, which re-exports it."""

@@ -285,3 +285,21 @@ async def test_bad_workload_config_is_refused_and_publishes_nothing(
     assert await images.list_images() == []
     assert list(daemon.layout.images_dir.iterdir()) == []
     assert list(daemon.layout.staging_dir.iterdir()) == []
+
+
+async def test_a_non_root_daemon_refuses_a_plain_oci_pull_and_leaves_nothing(
+    daemon: Daemon, pusher: Pusher, proxy: RegistryProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unpacked as a plain user, every file would belong to that user in the guest."""
+    from stoker.daemon import image_service
+
+    images = daemon.images
+    assert images is not None and daemon.layout is not None
+    await pusher.image("team/app", "v2", layers(True))
+    monkeypatch.setattr(image_service.os, "geteuid", lambda: 4321)
+    with pytest.raises(StokerError, match="stokerd runs as uid 4321, not root") as e:
+        await images.pull(f"{proxy.host}/team/app:v2", None, _noop)
+    assert e.value.code == "permission_denied"
+    assert await images.list_images() == []
+    assert list(daemon.layout.images_dir.iterdir()) == []
+    assert list(daemon.layout.staging_dir.iterdir()) == []

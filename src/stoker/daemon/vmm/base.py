@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from stoker.daemon.vmm.exits import explain_exit, forget_exit, record_exit
 from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
 from stoker.runner import Runner
 
@@ -168,9 +169,11 @@ def reap(pid: int) -> bool:
     child and not yet collectable (a multi-threaded VMM shows as a zombie while its
     other threads are still exiting); True when reaped or not our child."""
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return True
+    if done == pid:
+        record_exit(pid, status)  # why it ended: `exits.explain_exit`
     return done == pid
 
 
@@ -470,6 +473,15 @@ class ProcessVMM(abc.ABC):
         """Remove what the VMM leaves behind; safe when it never ran or is long gone."""
         unlink_quiet(*self._leftover_paths(handle))
 
+    def exit_reason(self, pid: int) -> str:
+        """Why this VMM's process `pid` ended by itself, in plain words (its wait status
+        when the daemon reaped it; a seccomp kill is named with the audit record)."""
+        return explain_exit(self.label, pid, sandboxed=self._sandboxed())
+
+    def _sandboxed(self) -> bool:
+        """The VMM runs under QEMU's `-sandbox` classes (a backend may say so)."""
+        return False
+
     # --- identity ----------------------------------------------------------------------
 
     def is_running(self, handle: VMMHandle) -> bool:
@@ -536,6 +548,7 @@ class ProcessVMM(abc.ABC):
             if launch.release is not None:
                 launch.release()
         pid = handle.pid
+        forget_exit(pid)  # a status kept for an earlier process with this pid
         try:
             save_handle(handle)
             await self._configure(handle, cfg, launch)

@@ -27,6 +27,7 @@ from stoker.hostprobe.confine import (
     find_cgroups,
     join_argv,
     memory_limit,
+    mount_argv,
     plan,
     qemu_has_sandbox,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "find_cgroups",
     "join_argv",
     "memory_limit",
+    "mount_argv",
     "open_tap",
     "plan",
     "qemu_has_sandbox",

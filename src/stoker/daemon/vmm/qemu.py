@@ -52,6 +52,7 @@ from stoker.daemon.vmm.confine import (
     drop_argv,
     join_argv,
     memory_limit,
+    mount_argv,
     open_tap,
 )
 from stoker.errors import CommandFailed, Conflict, InvalidArgument, Timeout, Unavailable
@@ -538,6 +539,7 @@ class QemuDriver(ProcessVMM):
             argv = [
                 *join_argv(procs),
                 *netns_prefix(cfg.netns),
+                *mount_argv(c, _hidden_dirs(cfg.vm_dir)),
                 *drop_argv(c),
                 *qemu_argv(
                     cfg,
@@ -589,7 +591,8 @@ class QemuDriver(ProcessVMM):
         while time.monotonic() < deadline:
             if not pid_alive(handle.pid):
                 raise CommandFailed(
-                    "qemu exited during startup: " + (tail(handle.extra.get("log")) or "no output"),
+                    f"qemu exited during startup: {self.exit_reason(handle.pid)}: "
+                    + (tail(handle.extra.get("log")) or "no output"),
                     detail=f"log: {handle.extra.get('log')}",
                 )
             if qmp.exists():
@@ -605,6 +608,9 @@ class QemuDriver(ProcessVMM):
             + (f" ({last})" if last else "")
             + f": see {handle.extra.get('log')}"
         )
+
+    def _sandboxed(self) -> bool:
+        return self.confine.sandbox
 
     # --- stop --------------------------------------------------------------------------
 
@@ -780,6 +786,16 @@ class QemuDriver(ProcessVMM):
             "accel": handle.extra.get("accel"),
             "confinement": handle.extra.get("confinement"),
         }
+
+
+def _hidden_dirs(vm_dir: Path) -> list[Path]:
+    """What a confined QEMU's mount namespace covers up: the state directory the VM
+    directories live in (`<state>/vms/<id>`: every VM's disks, the images, keys, the
+    database), else the VM directory's parent. Never `/` or a top-level directory."""
+    d = vm_dir.resolve().parent
+    if d.name == "vms":
+        d = d.parent
+    return [d] if len(d.parts) > 2 else []
 
 
 def _remove_cgroups(dirs: list[str]) -> None:

@@ -8,7 +8,10 @@ rewrites its index (lesson 8: export or prepare must not change the user's repo)
 
 from __future__ import annotations
 
+import contextvars
 import os
+import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,82 @@ def _dubious(res: Result) -> bool:
     return b"dubious ownership" in res.stderr
 
 
+# The uid of the client whose request is being served (set per request by the daemon's
+# dispatch from SO_PEERCRED). A repository that uid owns may be read by a stokerd running
+# as another user (a system install's member): see `_owner_overrides`.
+REQUESTER: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "stoker_git_requester", default=None
+)
+
+# Config keys under which a repository's own config makes git run a command or read more
+# config. Refused in a repository read for another user: its config must not run code as
+# stokerd's user (what git's safe.directory check protects against).
+_RUNS_CODE = re.compile(
+    r"^(include\.|includeif\.|filter\.|diff\..*\.(textconv|command)$|diff\.external$|"
+    r"merge\..*\.driver$|core\.(fsmonitor|hookspath|sshcommand|gitproxy|pager|editor|"
+    r"askpass|attributesfile|worktree)$|uploadpack\.|gpg\.|credential\.|alias\.|"
+    r"sequence\.editor$|protocol\.|remote\..*\.(uploadpack|receivepack|vcs)$|"
+    r"extensions\.worktreeconfig$)",
+    re.IGNORECASE,
+)
+
+
+def _toplevel(start: Path) -> Path | None:
+    """The directory holding `.git` (a real directory, not a gitfile) at or above `start`."""
+    for d in (start, *start.parents):
+        try:
+            st = os.lstat(d / ".git")
+        except OSError:
+            continue
+        return d if stat.S_ISDIR(st.st_mode) else None
+    return None
+
+
+async def _owner_overrides(runner: Runner, root: Path) -> list[str]:
+    """`-c` options that let git read a repository the requesting client owns while
+    stokerd runs as another user, or [] when that does not apply. The repository (its
+    top directory and `.git`) must belong to the requester; its own config must name no
+    key that runs a command (`_RUNS_CODE`), and the command line switches the hooks,
+    fsmonitor and external diff off whatever the config says later."""
+    uid = REQUESTER.get()
+    if uid is None or uid == os.geteuid():
+        return []
+    top = _toplevel(Path(os.path.abspath(root)))
+    if top is None:
+        return []
+    try:
+        owners = {os.lstat(top).st_uid, os.lstat(top / ".git").st_uid}
+    except OSError:
+        return []
+    if owners != {uid}:
+        return []
+    cfg = top / ".git" / "config"
+    res = await runner.run(
+        ["git", "config", "--file", str(cfg), "--no-includes", "--null", "--name-only", "--list"],
+        check=False,
+        timeout=GIT_TIMEOUT,
+    )
+    if res.returncode not in (0, 1) and cfg.exists():
+        raise PermissionDenied(f"cannot read the git config of {top}: {res.err.strip()}")
+    bad = sorted({k for k in split_z(res.stdout) if _RUNS_CODE.match(k)})
+    if bad:
+        raise PermissionDenied(
+            f"{top} belongs to another user than stokerd's, and its .git/config sets "
+            f"{', '.join(bad[:5])}, which would run commands as stokerd's user: remove "
+            "them, or prepare a clone without them"
+        )
+    return [
+        "-c",
+        f"safe.directory={top}",
+        "-c",
+        "core.fsmonitor=false",
+        "-c",
+        "core.hooksPath=/dev/null",
+        "-c",
+        "diff.external=",
+    ]
+
+
 async def git(
     runner: Runner,
     root: Path,
@@ -64,7 +143,8 @@ async def git(
 
     `stdout_to` sends git's stdout to that file instead of memory (for packs).
     """
-    argv = ["git", "--no-optional-locks", "-C", str(root), *args]
+    argv = ["git", "--no-optional-locks", *await _owner_overrides(runner, root), "-C", str(root)]
+    argv += args
     if stdout_to is not None:
         argv = ["sh", "-c", 'f=$1; shift; exec "$@" > "$f"', "sh", str(stdout_to), *argv]
     res = await runner.run(argv, check=False, input=input, timeout=timeout, env=env)

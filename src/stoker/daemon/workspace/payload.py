@@ -106,9 +106,18 @@ def _batches(objects: list[tuple[str, int]]) -> list[list[str]]:
     return out
 
 
+def _objects_writable(root: Path) -> bool:
+    """git pack-objects DIR/BASE writes its temporary pack in the repository's own
+    objects/pack first: only possible when this user may write there."""
+    objects = root / ".git" / "objects" / "pack"
+    return not objects.is_dir() or os.access(objects, os.W_OK | os.X_OK)
+
+
 async def _pack_batch(
     runner: Runner, root: Path, oids: list[str], tmp: Path, n: int, compression: int
 ) -> tuple[str, Path, Path]:
+    if not _objects_writable(root):
+        return await _pack_batch_readonly(runner, root, oids, tmp, n, compression)
     res = await git(
         runner,
         root,
@@ -126,6 +135,40 @@ async def _pack_batch(
     if len(name) != 40:
         raise CommandFailed(f"git pack-objects in {root} printed no pack name")
     return name, tmp / f"tree{n}-{name}.pack", tmp / f"tree{n}-{name}.idx"
+
+
+async def _pack_batch_readonly(
+    runner: Runner, root: Path, oids: list[str], tmp: Path, n: int, compression: int
+) -> tuple[str, Path, Path]:
+    """`_pack_batch` for a repository this user may only read (a system install's member
+    owns it): the pack goes to stdout, `git index-pack` writes its index in `tmp`."""
+    raw = tmp / f"tree{n}.pack.tmp"
+    await git(
+        runner,
+        root,
+        "-c",
+        f"pack.compression={compression}",
+        "pack-objects",
+        "-q",
+        "--no-reuse-object",
+        "--window=0",
+        "--stdout",
+        input="".join(o + "\n" for o in oids).encode(),
+        timeout=PACK_TIMEOUT,
+        stdout_to=raw,
+    )
+    idx_tmp = tmp / f"tree{n}.idx.tmp"
+    res = await runner.run(
+        ["git", "-C", str(tmp), "index-pack", "-o", str(idx_tmp), str(raw)],
+        timeout=PACK_TIMEOUT,
+    )
+    name = res.out.strip()
+    if len(name) != 40:
+        raise CommandFailed(f"git index-pack of a pack from {root} printed no pack name")
+    pack, idx = tmp / f"tree{n}-{name}.pack", tmp / f"tree{n}-{name}.idx"
+    os.replace(raw, pack)
+    os.replace(idx_tmp, idx)
+    return name, pack, idx
 
 
 async def _tree_packs(
