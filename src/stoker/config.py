@@ -648,7 +648,7 @@ class Config:
         shown="",
     )
     pool: PoolSettings = setting(  # noqa: RUF009 (setting() is a field specifier)
-        PoolSettings(),  # noqa: RUF009 (frozen: shared safely)
+        PoolSettings(),
         parse=_pool,
         doc="table: the warm pool (below)",
         shown="",

@@ -114,6 +114,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "image cache prune": ("stoker image cache prune --dry-run", "stoker image cache prune"),
     "image delete": ("stoker image delete mine",),
     "kernel": ("stoker kernel list", "stoker kernel list --available"),
+    "pool status": ("stoker pool status", "stoker pool status --json"),
     "kernel list": ("stoker kernel list", "stoker kernel list --available --json"),
     "kernel show": ("stoker kernel show debian-bookworm",),
     "kernel pull": ("stoker kernel pull debian-bookworm",),
