@@ -451,3 +451,31 @@ async def test_restart_keeps_healthy_pool_vms_and_reaps_the_rest(rig: Rig) -> No
         await d2.net.close()
         if d2.store is not None:
             d2.store.close()
+
+
+async def test_a_replaced_image_replaces_its_pool_vms(rig: Rig) -> None:
+    await rig.pool.step()
+    (old,) = pool_vms(rig)
+    assert rig.d.images is not None and rig.d.store is not None
+    await asyncio.sleep(0.01)
+    # The same name published again (what a rebuild's publication writes): the pool VM
+    # runs the old root file system, so it is replaced rather than handed out.
+    im = rig.d.store.get_image("base")
+    assert im is not None
+    im.created_at = now()
+    rig.d.store.upsert_image(im)
+    await rig.pool.step()
+    (new,) = pool_vms(rig)
+    assert new.id != old.id and rig.d.store.get_vm(old.id) is None
+    assert not pid_alive(old.teardown.vmm_pid or 0)
+
+
+async def test_a_pool_vm_whose_vmm_dies_is_replaced(rig: Rig) -> None:
+    await rig.pool.step()
+    (pv,) = pool_vms(rig)
+    os.kill(pv.teardown.vmm_pid or 0, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    assert pv.name in await rig.vm.check_vmms()  # the VMM watch sees pool VMs too
+    await rig.pool.step()
+    (new,) = pool_vms(rig)
+    assert new.id != pv.id and ready_count(rig) == 1
