@@ -39,6 +39,7 @@ ORDER = [
     "bridge",
     "network-policy",
     "daemon",
+    "pool",
     "dns",
     "guest-dns",
     "resolver",

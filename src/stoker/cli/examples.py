@@ -124,6 +124,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "kernel rm": ("stoker kernel rm mine",),
     "daemon": ("stoker daemon status",),
+    "pool": ("stoker pool status",),
     "daemon status": ("stoker daemon status", "stoker daemon status --json"),
     "daemon stop": ("stoker daemon stop",),
     "daemon unit": ("stoker daemon unit | sudo tee /etc/systemd/system/stokerd.service",),
