@@ -54,7 +54,7 @@ RECONCILE_AGENT_TIMEOUT = 3.0
 # /etc/hostname, /etc/hosts (stoker's own file, rewritten whole) and network.env. Files are
 # written in place (no temporary beside them): nothing is created outside these paths.
 IDENTITY_SCRIPT = r"""set -e
-hostname "$STOKER_NAME"
+hostname "$STOKER_NAME" 2>/dev/null || printf '%s' "$STOKER_NAME" > /proc/sys/kernel/hostname
 printf '%s\n' "$STOKER_NAME" > /etc/hostname
 printf '%s' "$STOKER_HOSTS" > /etc/hosts
 f=/etc/stoker/network.env
@@ -62,7 +62,7 @@ if [ -f "$f" ]; then
   rest=$(grep -v '^STOKER_HOSTNAME=' "$f" || true)
   printf '%s\nSTOKER_HOSTNAME=%s\n' "$rest" "$STOKER_NAME" > "$f"
 fi
-hostname
+cat /proc/sys/kernel/hostname
 """
 
 
