@@ -68,6 +68,7 @@ class AgentVMM(StandInDriver):
         self.guests: dict[str, Guest] = {}
         self.fail_start: str | None = None  # a start raises this (a fill that fails)
         self.agent_down = False  # the next guests get no agent
+        self.start_delay = 0.0  # seconds a start takes after the spawn (a slow boot)
 
     async def start(self, cfg: MachineConfig) -> VMMHandle:
         if self.fail_start:
@@ -75,6 +76,7 @@ class AgentVMM(StandInDriver):
         h = await super().start(cfg)
         if not self.agent_down:
             self.guests[str(cfg.vm_dir)] = await asyncio.to_thread(self._guest, cfg)
+        await asyncio.sleep(self.start_delay)
         return h
 
     def _guest(self, cfg: MachineConfig) -> Guest:
@@ -479,3 +481,21 @@ async def test_a_pool_vm_whose_vmm_dies_is_replaced(rig: Rig) -> None:
     await rig.pool.step()
     (new,) = pool_vms(rig)
     assert new.id != pv.id and ready_count(rig) == 1
+
+
+async def test_deleting_the_image_mid_fill_cancels_the_fill_and_leaves_nothing(rig: Rig) -> None:
+    rig.drv.start_delay = 1.5
+    assert rig.d.images is not None and rig.d.store is not None
+    fill = asyncio.ensure_future(rig.pool.step())
+    for _ in range(100):  # the fill's VMM is up, its start not finished
+        if rig.drv.started:
+            break
+        await asyncio.sleep(0.05)
+    assert rig.drv.started and rig.pool.status()[0].filling == 1
+    vm_dir = str(rig.drv.started[-1].vm_dir)
+    await rig.d.images.delete_image("base")
+    await fill
+    assert rig.d.store.list_all_vms() == [] and rig.d.store.pool_members() == []
+    assert not Path(vm_dir).exists()
+    st = rig.pool.status()[0]
+    assert st.failures == 0 and st.last_error is None  # a drain is no failure
