@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path[:0] = [str(TESTS / "e2e"), str(TESTS)]  # stokerenv, and the prereq it imports
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # prereq
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
 from stokerenv import StokerEnv, destroy_env, make_env
 
