@@ -504,6 +504,61 @@ def _file_sync(key: str, v: Any, host: Host) -> tuple[FileSync, ...]:
     return tuple(entries)
 
 
+MAX_POOL_SIZE = 8  # warm VMs per image: each holds its memory while it waits
+
+
+def _pool_size(key: str, v: Any, _host: Host) -> int:
+    return _int(key, v, 0, MAX_POOL_SIZE)
+
+
+def _pool_images(key: str, v: Any, host: Host) -> tuple[tuple[str, int], ...]:
+    if not isinstance(v, dict):
+        raise _bad(key, 'expected a table of image name -> size, such as {"my-env" = 1}')
+    out: list[tuple[str, int]] = []
+    for name, n in v.items():
+        if not name:
+            raise _bad(key, "an image name is empty")
+        out.append((name, _pool_size(f"{key}.{name}", n, host)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """`[pool]`: warm VMs kept booted per image, taken by `vm run` / `vm create`."""
+
+    size: int = setting(
+        0,
+        parse=_pool_size,
+        doc=f"warm VMs of `default_image` kept booted (0-{MAX_POOL_SIZE}; 0: no pool)",
+    )
+    images: tuple[tuple[str, int], ...] = setting(
+        (),
+        parse=_pool_images,
+        doc='table: warm VMs per image, e.g. `"my-env" = 1` (overrides `size` for that image)',
+        shown="",
+    )
+
+    def sizes(self, default_image: str) -> dict[str, int]:
+        """Target size per image (only those above 0), `images` over `size`."""
+        out = {default_image: self.size} if self.size else {}
+        for name, n in self.images:
+            out[name] = n
+        return {k: v for k, v in out.items() if v > 0}
+
+
+def _pool(key: str, v: Any, host: Host) -> PoolSettings:
+    if not isinstance(v, dict):
+        raise _bad(key, "expected a table [pool]")
+    known = {f.name: f for f in declared(PoolSettings)}
+    kw: dict[str, Any] = {}
+    for k, raw in v.items():
+        sub = f"{key}.{k}"
+        if k not in known:
+            raise _bad(sub, f"unknown key (known: {', '.join(sorted(known))})")
+        kw[k] = known[k].metadata["parse"](sub, raw, host)
+    return PoolSettings(**kw)
+
+
 @dataclass(frozen=True)
 class Config:
     """The daemon's and CLI's settings, typed and validated: one field per config key."""
@@ -607,6 +662,12 @@ class Config:
         (),
         parse=_file_sync,
         doc="array of tables: host files copied in at each start (below)",
+        shown="",
+    )
+    pool: PoolSettings = setting(  # noqa: RUF009 (setting() is a field specifier)
+        PoolSettings(),
+        parse=_pool,
+        doc="table: the warm pool (below)",
         shown="",
     )
     insecure_registries: frozenset[str] = setting(
@@ -714,7 +775,12 @@ def _shown(f: Field[Any]) -> str:
 def settings_table() -> str:
     """README's table of every config key, made from the declarations (Markdown)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for prefix, cls in (("", Config), ("vm_defaults.", VMDefaults), ("file_sync[].", FileSync)):
+    for prefix, cls in (
+        ("", Config),
+        ("vm_defaults.", VMDefaults),
+        ("file_sync[].", FileSync),
+        ("pool.", PoolSettings),
+    ):
         for f in declared(cls):
             rows.append(f"| `{prefix}{f.name}` | {_shown(f)} | {f.metadata['doc']} |")
     return "\n".join(rows) + "\n"

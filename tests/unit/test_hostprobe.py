@@ -42,6 +42,7 @@ ORDER = [
     "network-policy",
     "helper",
     "daemon",
+    "pool",
     "dns",
     "guest-dns",
     "resolver",

@@ -41,6 +41,7 @@ GROUPS = {
     "ps": "vm",
     "image": "image",
     "kernel": "kernel",
+    "pool": "pool",
     "daemon": "daemon_cmd",
     "doctor": "doctor",
     "system": "system",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from stoker.daemon import api
 from stoker.daemon.capabilities import Capability, CapabilityHooks
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
+from stoker.daemon.pool_service import PoolService
 from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import CreateRequest, VMService
 from stoker.daemon.wiring import wire_services
@@ -59,6 +61,7 @@ class Daemon:
     hooks: CapabilityHooks | None = None
     capabilities: list[Capability] | None = None
     forwards: PortForwards | None = None
+    pool: PoolService | None = None
     started_at: float = field(default_factory=time.time)
     _stop: asyncio.Event | None = None
     _bg: list[asyncio.Task[None]] = field(default_factory=list)
@@ -355,6 +358,12 @@ class Daemon:
         async def kernel_rm(p: api.NameParam, ctx: RequestContext) -> Any:
             return await images.delete_kernel(p.name)
 
+        pool = self.pool
+        assert pool is not None
+
+        async def pool_status(p: api.NoParams, ctx: RequestContext) -> Any:
+            return pool.status()
+
         async def daemon_stop(p: api.NoParams, ctx: RequestContext) -> Any:
             asyncio.get_running_loop().call_later(0.05, self.stop)
             return {"stopping": True, "pid": os.getpid()}
@@ -408,6 +417,7 @@ class Daemon:
             "kernel.pull": Method(api.NameParam, kernel_pull),
             "kernel.show": Method(api.NameParam, kernel_show),
             "kernel.rm": Method(api.NameParam, kernel_rm),
+            "pool.status": Method(api.NoParams, pool_status),
         }
 
     def _fan_progress(self, op: Callable[[str, Callable[..., None]], Awaitable[Any]]) -> Handler:
@@ -461,6 +471,7 @@ class Daemon:
             "config": str(self.config.path) if self.config and self.config.path else None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "network": self.net.status(),
+            "pool": [dataclasses.asdict(p) for p in self.pool.status()] if self.pool else [],
         }
 
     def start_background(self) -> None:
@@ -480,6 +491,8 @@ class Daemon:
         self._ticker("expire-vms", 2.0, vm.expire_vms)
         self._ticker("poll-stats", float(cfg.stats_poll_interval), vm.poll_stats)
         self._ticker("prune-ops", float(cfg.op_prune_interval), prune_ops)
+        if self.pool is not None:  # the warm pool's filler: one VM at a time
+            self._bg.append(asyncio.ensure_future(self.pool.run()))
 
     def _ticker(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
         log = self.logger or logging.getLogger("stoker")

@@ -233,7 +233,7 @@ class EnvService:
             return stage
         return await self._setup_stage(req, plan, stage, progress)
 
-    def _replaceable(self, name: str, key: str, force: bool) -> Image | None:
+    async def _replaceable(self, name: str, key: str, force: bool) -> Image | None:
         """An existing image under `name`: returned when it already is this build (and not
         `force`); removed first when it is an older derived build; else refused."""
         cur = self.store.get_image(name)
@@ -246,6 +246,7 @@ class EnvService:
                 f"image {name!r} exists and is not a derived image ({cur.source}): pick "
                 "another name or delete it first"
             )
+        await self.images.drain_pools(name)
         users = [v.name for v in self.store.list_vms() if v.image == name]
         if users:
             raise Conflict(
@@ -262,7 +263,7 @@ class EnvService:
         assert plan.parent is not None and plan.key1 is not None and plan.name1 is not None
         name, key = plan.name1, plan.key1
         async with self.images.name_locks.hold(f"image:{name}"):
-            cur = self._replaceable(name, key, req.force and name == plan.name)
+            cur = await self._replaceable(name, key, req.force and name == plan.name)
             if cur is not None:
                 progress("packages", f"{name} is up to date")
                 return cur
@@ -327,7 +328,7 @@ class EnvService:
 
         name, key = plan.name, plan.key
         async with self.images.name_locks.hold(f"image:{name}"):
-            cur = self._replaceable(name, key, req.force)
+            cur = await self._replaceable(name, key, req.force)
             if cur is not None:
                 progress("setup", f"{name} is up to date")
                 return cur
@@ -570,6 +571,7 @@ class EnvService:
                             f"image {image!r} already exists: pass --force to replace it, or "
                             "pick another name"
                         )
+                    await self.images.drain_pools(image)
                     users = [
                         v.name for v in self.store.list_vms() if image in (v.image, v.system_image)
                     ]

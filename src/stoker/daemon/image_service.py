@@ -50,6 +50,9 @@ class ImageService:
         self.image_ops_lock = asyncio.Lock()
         # Per-name locks for pull/build/delete (taken before image_ops_lock).
         self.name_locks = LockSet()
+        # Run before an image is deleted or replaced, under its name lock (the warm pool
+        # drains it: wiring registers PoolService.drain).
+        self.before_delete: list[Callable[[str], Awaitable[object]]] = []
         # Concurrent pulls/builds of one name share one task (`SingleFlight`).
         self._inflight: SingleFlight[str, Image] = SingleFlight()
         self._kernel_inflight: SingleFlight[str, Kernel] = SingleFlight()
@@ -202,6 +205,7 @@ class ImageService:
         """Remove an image (refused while a VM uses it); managed files are deleted."""
         async with self.name_locks.hold(f"image:{name}"):
             im = await self.get_image(name)
+            await self.drain_pools(name)
             users = self._users_of_image(name)
             if users:
                 raise Conflict(
@@ -212,6 +216,12 @@ class ImageService:
             if im.managed:
                 rmtree(self.layout.images_dir / name, ignore_errors=True)
         return Deleted(name)
+
+    async def drain_pools(self, name: str) -> None:
+        """Before `name` is deleted or replaced: empty its warm pool (`before_delete`
+        hooks; the caller holds the image's name lock, so no new pool VM of it starts)."""
+        for hook in self.before_delete:
+            await hook(name)
 
     async def delete_kernel(self, name: str) -> Deleted:
         """Remove a kernel (refused while an image uses it)."""

@@ -12,6 +12,8 @@ async def reconcile(d: Daemon) -> None:
     """Bring recorded state in line with what is really running on the host."""
     assert d.vm is not None
     await d.vm.reconcile()
+    if d.pool is not None:  # pool VMs: kept if ready, running and answering, else reaped
+        await d.pool.reconcile()
     if d.images is not None:  # leftovers of a crash or `kill -9` (staging, orphan dirs)
         await d.images.sweep_leftovers()
     await d.vm.sweep_orphan_dirs()

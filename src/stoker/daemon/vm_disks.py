@@ -35,6 +35,14 @@ def mac_for(ip: str) -> str:
     return "06:53:" + ":".join(f"{x:02x}" for x in b)
 
 
+def hosts_file(hostname: str, ip: str) -> str:
+    """The guest's /etc/hosts: its own name on 127.0.1.1 and on its address as NAME.vm."""
+    return (
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n{ip}\t{hostname}.vm {hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+
+
 def overlay_tree(
     staging: Path, net: GuestNet, host_key: Path, extra: dict[str, bytes] | None = None
 ) -> None:
@@ -47,10 +55,7 @@ def overlay_tree(
     (etc / "stoker").mkdir(parents=True, exist_ok=True)
     (etc / "ssh").mkdir(parents=True, exist_ok=True)
     (etc / "hostname").write_text(net.hostname + "\n")
-    (etc / "hosts").write_text(
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{net.hostname}\n{net.ip}\t{net.hostname}.vm "
-        f"{net.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    )
+    (etc / "hosts").write_text(hosts_file(net.hostname, net.ip))
     (etc / "resolv.conf").write_text("".join(f"nameserver {d}\n" for d in net.dns))
     (etc / "stoker" / "network.env").write_text(
         f"STOKER_IP={net.ip}\nSTOKER_PREFIX={net.prefix}\nSTOKER_GATEWAY={net.gateway}\n"

@@ -177,3 +177,30 @@ async def exec_input(svc: VMService, token: str, data: str, eof: bool) -> dict[s
     except AgentError as e:
         raise type(e)(e.message) from None
     return {"exec": token, "open": ok and not eof}
+
+
+async def run_collect(
+    svc: VMService, vm: VMRecord, spec: ExecSpec, timeout: float, limit: int = 64 * 1024
+) -> tuple[int, bytes, bytes]:
+    """Run `spec` through the VM's agent to its end (daemon-internal: the pool's identity
+    step). Exit code, stdout and stderr, each kept to
+    `limit` bytes. The exit code is the shell convention (128+N for signal N). Raises
+    AgentTimeout when it does not end within `timeout` seconds."""
+    from stoker.daemon.agent import AgentTimeout
+
+    out = {1: bytearray(), 2: bytearray()}
+    session = await agent_for(svc, vm).exec(spec, min(timeout, START_TIMEOUT))
+    try:
+        async with asyncio.timeout(timeout):
+            async for fd, data in session.output():
+                buf = out[fd]
+                if len(buf) < limit:
+                    buf += data[: limit - len(buf)]
+    except TimeoutError:
+        raise AgentTimeout(
+            f"VM {vm.name}: the command did not end within {timeout:g}s through the guest agent"
+        ) from None
+    finally:
+        session.kill()
+    st = session.status
+    return (st.exit_code if st is not None else 255), bytes(out[1]), bytes(out[2])

@@ -70,6 +70,7 @@ SERIAL_LOG = "serial.log"
 # No `ip=`: kernel network autoconfig stalled boots in the prior art (docs/guest-boot.md).
 # The rest is boot time: one UART, no crypto self-tests, and only notices and worse on the
 # console (each character there is several emulated I/O exits under TCG).
+POOL_NAME_PREFIX = "pool-"  # pool VMs' names until taken (hidden from user listings)
 BOOT_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 root=/dev/vda ro rootwait init=/usr/lib/stoker/overlay-init"
     " 8250.nr_uarts=1 cryptomgr.notests loglevel=6"
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
     from stoker.daemon.api import ExecVM
     from stoker.daemon.host_network import HostNetwork
     from stoker.daemon.image_service import ImageService
+    from stoker.daemon.pool_service import PoolService
     from stoker.daemon.workspace_service import WorkspaceService
     from stoker.rpc.server import RequestContext
 
@@ -148,6 +150,7 @@ class VMService:
         self.exec_capable: dict[str, bool] = {}  # VM id -> its agent answered with exec
         self.execs: dict[str, ExecSession] = {}  # running execs by token (vm_exec)
         self.ssh_seen: set[str] = set()  # VM ids whose SSH answered since their start
+        self.pool: PoolService | None = None  # the warm pool (wiring sets it)
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -243,38 +246,17 @@ class VMService:
         # Image resolution (maybe a pull or build) happens outside every VM lock.
         image = await self.images.ensure_image(image_name, progress)
         system = await self._system_image_for(image, progress)
+        if self.pool is not None:
+            # A warm VM of this image, when the request is one the pool can serve; any
+            # refusal or failure is said in the progress stream and the boot is cold.
+            taken = await self.pool.take(p, image, spec, policy, expires_at, progress)
+            if taken is not None:
+                return taken
         op = self.create_ops.add(OpState(kind="create", target=p.name or "?"))
         try:
             async with Reverter(self.log) as revert:
-                async with self.create_vm_lock:
-                    taken = {v.name for v in self.store.list_vms()}
-                    name = p.name or generate_name(taken)
-                    if name in taken:
-                        raise AlreadyExists(
-                            f"a VM named {name!r} already exists: pick another --name or "
-                            f"`stoker vm delete {name}`"
-                        )
-                    ip = self.net.allocate_ip(self.store.used_ips())
-                    vm_id = uuid.uuid4().hex
-                    ts = now()
-                    vm = VMRecord(
-                        id=vm_id,
-                        name=name,
-                        state=VMState.CREATED,
-                        image=image.name,
-                        spec=spec,
-                        guest_ip=ip,
-                        dns_name=f"{name}.vm",
-                        vm_dir=str(self.layout.vm_dir(vm_id)),
-                        created_at=ts,
-                        updated_at=ts,
-                        system_image=system.name if system is not None else None,
-                    )
-                    self.store.insert_vm(vm)
-                    revert.add(lambda: self.store.delete_vm(vm_id), "delete the VM record")
-                    if expires_at is not None:
-                        self.store.set_vm_expiry(vm.id, expires_at)
-                        vm.expires_at = expires_at
+                vm = await self._reserve(p.name, image, spec, expires_at, revert, system=system)
+                name = vm.name
                 op.target = name
                 op.stage = "disks"
                 # Nothing ran yet: a failure rolls the half-made VM back entirely.
@@ -292,6 +274,84 @@ class VMService:
         except BaseException as e:
             op.finish(str(e))
             raise
+
+    async def _reserve(
+        self,
+        name: str | None,
+        image: Image,
+        spec: VMSpec,
+        expires_at: str | None,
+        revert: Reverter,
+        pool: str | None = None,
+        system: Image | None = None,
+    ) -> VMRecord:
+        """Under `create_vm_lock`: pick or check the name (pool VMs' names count), allocate
+        the guest IP, insert the row (with `pool`, as a pool VM of that image); the row's
+        removal is registered on `revert`."""
+        async with self.create_vm_lock:
+            taken = {v.name for v in self.store.list_all_vms()}
+            if pool is not None:
+                name = POOL_NAME_PREFIX + uuid.uuid4().hex[:8]
+            name = name or generate_name(taken)
+            if name in taken:
+                raise AlreadyExists(
+                    f"a VM named {name!r} already exists: pick another --name or "
+                    f"`stoker vm delete {name}`"
+                )
+            ip = self.net.allocate_ip(self.store.used_ips())
+            vm_id = uuid.uuid4().hex
+            ts = now()
+            vm = VMRecord(
+                id=vm_id,
+                name=name,
+                state=VMState.CREATED,
+                image=image.name,
+                spec=spec,
+                guest_ip=ip,
+                dns_name=f"{name}.vm",
+                vm_dir=str(self.layout.vm_dir(vm_id)),
+                created_at=ts,
+                updated_at=ts,
+                system_image=system.name if system is not None else None,
+            )
+            self.store.insert_vm(vm, pool=pool)
+            revert.add(lambda: self.store.delete_vm(vm_id), "delete the VM record")
+            if expires_at is not None:
+                self.store.set_vm_expiry(vm.id, expires_at)
+                vm.expires_at = expires_at
+        return vm
+
+    async def create_pool_vm(self, image: Image, progress: Progress) -> VMRecord:
+        """The pre-booted fill of the warm pool: a VM of `image` with the default sizing and
+        network, booted until both SSH and the agent's exec answer, then marked ready. Any
+        failure (or cancellation) removes it entirely."""
+        spec = self._resolve_spec(None, None, None)
+        system = await self._system_image_for(image, progress)
+        async with Reverter(self.log) as revert:
+            vm = await self._reserve(
+                None, image, spec, None, revert, pool=image.name, system=system
+            )
+            await run_to_end(self._prepare_disks(vm, image, progress, revert))
+            revert.success()
+        try:
+            async with self.with_vm_lock_by_id(vm.id) as locked:
+                vm = await self._start_locked(locked, progress, ready="ssh")
+                await run_to_end(self._wait_pool_agent(vm))
+            self.store.set_pool_ready(vm.id)
+            return vm
+        except BaseException:
+            await run_to_end(self.delete_vm_by_id(vm.id, only_pool=True))
+            raise
+
+    async def _wait_pool_agent(self, vm: VMRecord) -> None:
+        from stoker.daemon import vm_exec
+
+        deadline = time.monotonic() + self.boot_timeout
+        if await vm_exec.wait_agent_exec(self, vm, deadline) is None:
+            raise StokerError(
+                f"the guest agent of pool VM {vm.name} (image {vm.image}) does not run "
+                "commands: a warm VM needs it to take its identity (rebuild the image)"
+            )
 
     async def _prepare_disks(
         self, vm: VMRecord, image: Image, progress: Progress, revert: Reverter
@@ -725,7 +785,15 @@ class VMService:
 
     async def delete_vm(self, ref: str) -> dict[str, str]:
         """Stop if needed, then remove disks, DNS, NAT, known_hosts entries and the row."""
-        async with self.with_vm_lock_by_ref(ref) as vm:
+        return await self.delete_vm_by_id(self.resolve(ref).id)
+
+    async def delete_vm_by_id(self, vm_id: str, only_pool: bool = False) -> dict[str, str]:
+        """`delete_vm` by id, pool VMs too (which `resolve` does not see). With
+        `only_pool`, a VM that is no longer a pool VM once the lock is held (it was taken
+        meanwhile) is left alone."""
+        async with self.with_vm_lock_by_id(vm_id) as vm:
+            if only_pool and not self.store.is_pool_vm(vm_id):
+                return {"name": vm.name, "id": vm.id}
 
             async def flow() -> dict[str, str]:
                 errs = await self._cleanup(vm)
@@ -919,7 +987,7 @@ class VMService:
         """Mark running VMs whose VMM died as stopped (with the reason) and clean up after
         them. VMs with a lifecycle op in flight are skipped. Returns the names reaped."""
         reaped: list[str] = []
-        for vm in self.store.list_vms():
+        for vm in self.store.list_all_vms():
             if vm.state != VMState.RUNNING or self.vm_locks.locked(vm.id):
                 continue
             handle = self._handle(vm)
@@ -969,7 +1037,7 @@ class VMService:
 
         from stoker.daemon.imagemgr.safetree import rmtree
 
-        keep = {os.path.normpath(v.vm_dir) for v in self.store.list_vms()}
+        keep = {os.path.normpath(v.vm_dir) for v in self.store.list_all_vms()}
         vms_dir = self.layout.vms_dir
 
         def sweep() -> list[str]:
@@ -993,7 +1061,7 @@ class VMService:
         rules, and republish DNS for the running ones."""
         in_use_taps: set[str] = set()
         live_ids: set[str] = set()
-        for vm in self.store.list_vms():
+        for vm in self.store.list_all_vms():
             if vm.state not in (VMState.RUNNING, VMState.STARTING, VMState.STOPPING):
                 if vm.teardown.tap or vm.teardown.vmm_pid:
                     # A crash between steps left teardown identity behind: clean it.

@@ -20,6 +20,7 @@ from stoker.daemon.capabilities import (
 )
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
+from stoker.daemon.pool_service import PoolService
 from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import VMService
 from stoker.daemon.workspace_service import WorkspaceSeams, WorkspaceService
@@ -100,6 +101,12 @@ def wire_services(d: Daemon) -> None:
             d.ws,
             d.hooks,
         )
+    if d.pool is None:
+        d.pool = PoolService(d.vm, d.store, d.config, logger.getChild("pool"))
+        before_delete = getattr(d.images, "before_delete", None)  # a test's stub may lack it
+        if before_delete is not None:
+            before_delete.append(d.pool.drain)  # deleting an image drains its pool
+    d.vm.pool = d.pool
     # One SSH client (and its kept connections) for both services, so VMService can drop a
     # guest's connection whenever that VM stops.
     if type(d.ws.ssh) is type(d.vm.ssh):

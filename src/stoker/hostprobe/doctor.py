@@ -618,6 +618,31 @@ async def check_daemon(ctx: Context) -> Check:
 
 
 @doctor_check
+async def check_pool(ctx: Context) -> Check:
+    """The warm pool: what `[pool]` asks for, and (from the daemon) what is ready."""
+    sizes = ctx.config.pool.sizes(ctx.config.default_image)
+    if not sizes:
+        return Check("pool", "PASS", "no warm pool ([pool] size = 0): every VM boots cold", "")
+    st = ctx.daemon()
+    if not st:
+        want = ", ".join(f"{k} x{v}" for k, v in sizes.items())
+        return Check("pool", "WARN", f"not checked: the daemon is not running ({want})", "")
+    parts, bad, hint = [], False, ""
+    for p in st.get("pool", []):
+        part = f"{p['image']} {p['ready']}/{p['size']} ready"
+        if p.get("filling"):
+            part += ", filling"
+        if p.get("waiting"):
+            part += f" ({p['waiting']})"
+        if p.get("last_error"):
+            bad = True
+            part += f"; {p['failures']} failed fill(s), last: {p['last_error']}"
+            hint = "see `stoker pool status` and stokerd's log"
+        parts.append(part)
+    return Check("pool", "WARN" if bad else "PASS", "; ".join(parts) or "empty", hint)
+
+
+@doctor_check
 async def check_dns(ctx: Context) -> Check:
     st = ctx.daemon()
     listen = ctx.config.dns_listen

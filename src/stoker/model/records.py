@@ -87,6 +87,17 @@ class VMRecord:
         return d
 
 
+@dataclass(frozen=True)
+class PoolMember:
+    """A warm-pool VM as the store keeps it (`pool_vms`): the image it is kept for, and
+    whether it is ready (booted, agent and SSH answering) or still filling."""
+
+    vm_id: str
+    image: str
+    ready: bool
+    created_at: str
+
+
 @dataclass
 class Kernel:
     """A guest kernel: ELF vmlinux (Firecracker) and/or bzImage (QEMU), optional initrd."""

@@ -78,3 +78,24 @@ class Pushed:
     uploaded: int  # blobs sent
     skipped: int  # blobs the registry already had
     seconds: float
+
+
+@dataclass(frozen=True)
+class PoolImageStatus:
+    """`pool status`: one image's warm pool. `size` is the configured target, `ready` the
+    VMs booted and waiting, `filling` 1 while one boots for it (the filler makes one VM at
+    a time); after a failed fill, `last_error` is why and `backoff_s` how long until the
+    next try (0: none pending), `failures` how many fills failed in a row. `waiting` says
+    why nothing is being filled (e.g. the image is not here), else null."""
+
+    image: str
+    size: int
+    ready: int
+    filling: int
+    strategy: str
+    failures: int
+    last_error: str | None
+    backoff_s: float
+    waiting: str | None
+    takes: int
+    misses: int

@@ -20,6 +20,7 @@ from stoker.model.records import (
     Image,
     Kernel,
     Operation,
+    PoolMember,
     Teardown,
     VMRecord,
     VMSpec,
@@ -174,7 +175,9 @@ class Store:
 
     # --- VMs ---------------------------------------------------------------------------
 
-    def insert_vm(self, vm: VMRecord) -> None:
+    def insert_vm(self, vm: VMRecord, pool: str | None = None) -> None:
+        """Insert a VM; with `pool`, in the same transaction its pool row (a warm VM kept
+        for that image, not ready yet)."""
         try:
             with self.tx() as c:
                 c.execute(
@@ -183,6 +186,11 @@ class Store:
                     "system_image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _vm_row(vm),
                 )
+                if pool is not None:
+                    c.execute(
+                        "INSERT INTO pool_vms(vm_id, image, ready, created_at) VALUES (?,?,0,?)",
+                        (vm.id, pool, now()),
+                    )
         except sqlite3.IntegrityError as e:
             msg = str(e)
             if "vms.name" in msg:
@@ -239,7 +247,57 @@ class Store:
         return _vm_from(rows[0]) if rows else None
 
     def list_vms(self) -> list[VMRecord]:
+        """The user's VMs: pool VMs (a `pool_vms` row) are not among them."""
+        return [
+            _vm_from(r)
+            for r in self._query(
+                "SELECT * FROM vms WHERE id NOT IN (SELECT vm_id FROM pool_vms) "
+                "ORDER BY created_at, name"
+            )
+        ]
+
+    def list_all_vms(self) -> list[VMRecord]:
+        """Every VM row, pool VMs included (reconcile, the VMM watch, the orphan sweep)."""
         return [_vm_from(r) for r in self._query("SELECT * FROM vms ORDER BY created_at, name")]
+
+    # --- the warm pool -----------------------------------------------------------------
+
+    def pool_members(self, image: str | None = None) -> list[PoolMember]:
+        """Pool rows (oldest first), of one image or all."""
+        sql = "SELECT vm_id, image, ready, created_at FROM pool_vms"
+        args: tuple[Any, ...] = ()
+        if image is not None:
+            sql, args = sql + " WHERE image=?", (image,)
+        rows = self._query(sql + " ORDER BY created_at, vm_id", args)
+        return [PoolMember(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
+    def is_pool_vm(self, vm_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM pool_vms WHERE vm_id=?", (vm_id,)))
+
+    def set_pool_ready(self, vm_id: str) -> None:
+        with self.tx() as c:
+            cur = c.execute("UPDATE pool_vms SET ready=1 WHERE vm_id=?", (vm_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"pool VM {vm_id} no longer exists")
+
+    def take_pool_vm(self, vm: VMRecord, expires_at: str | None) -> None:
+        """The pool VM becomes the user's VM `vm` (its new name, spec, expiry): the row
+        update and the pool row's removal are one transaction."""
+        with self.tx() as c:
+            cur = c.execute("DELETE FROM pool_vms WHERE vm_id=?", (vm.id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"pool VM {vm.id} is no longer in the pool")
+            vm.updated_at = now()
+            row = _vm_row(vm)
+            try:
+                c.execute(
+                    "UPDATE vms SET name=?, state=?, image=?, spec=?, guest_ip=?, dns_name=?, "
+                    "vm_dir=?, last_error=?, teardown=?, created_at=?, updated_at=?, "
+                    "started_at=?, system_image=?, expires_at=? WHERE id=?",
+                    (*row[1:9], *row[10:], expires_at, row[0]),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"a VM named {vm.name!r} already exists") from None
 
     def used_ips(self) -> set[str]:
         return {r[0] for r in self._query("SELECT guest_ip FROM vms")}
@@ -343,7 +401,7 @@ class Store:
             with self.tx() as c:
                 c.execute("DELETE FROM images WHERE name=?", (name,))
         except sqlite3.IntegrityError:
-            users = [v.name for v in self.list_vms() if name in (v.image, v.system_image)]
+            users = [v.name for v in self.list_all_vms() if name in (v.image, v.system_image)]
             raise Conflict(
                 f"image {name!r} is used by VM(s) {', '.join(users)}: delete those first"
             ) from None

@@ -101,4 +101,15 @@ MIGRATIONS: list[str] = [
     UPDATE images SET role = 'workload' WHERE has_sshd = 0;
     ALTER TABLE vms ADD COLUMN system_image TEXT REFERENCES images(name) ON DELETE RESTRICT;
     """,
+    # the warm pool (issue 13): a VM with a row here is a pool VM (hidden from `vm list`,
+    # prune and TTL) kept booted for `image`; `ready` once its agent and SSH answered;
+    # taking it from the pool deletes the row (and renames the VM) in one transaction
+    """
+    CREATE TABLE pool_vms (
+        vm_id      TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        image      TEXT NOT NULL,
+        ready      INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    )
+    """,
 ]
