@@ -15,7 +15,6 @@ from ocitestlib import Entry, Pusher, RegistryProcess, RegistryProxy, dcat, dls,
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
 from stoker.daemon.vm_service import CreateRequest
-from stoker.daemon.wiring import wire_services
 from stoker.errors import Conflict, NotFound, StokerError
 from stoker.layout import Layout
 from stoker.model.records import Kernel
@@ -39,7 +38,6 @@ def daemon(tmp_path: Path) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     assert d.store is not None
     kdir = tmp_path / "kern"
     kdir.mkdir()
