@@ -12,7 +12,7 @@ from stoker.cli.render import add_output_flags, age, err, print_json, size, stru
 from stoker.rpc.facade import TypedClient
 
 if TYPE_CHECKING:
-    from stoker.rpc.shapes import FanResult, PortForwardInfo, SSHInfo
+    from stoker.rpc.shapes import ExecDone, FanResult, PortForwardInfo, SSHInfo
 
 T = TypeVar("T")
 
@@ -436,8 +436,7 @@ def vm_set(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     with client(args) as c:
-        v = c.call(
-            "vm.set",
+        v = TypedClient(c).vm.set(
             {
                 "ref": args.name,
                 "vcpu": args.vcpu,
@@ -864,15 +863,11 @@ class AgentExec:
             with self.connect(autostart=False) as c:
 
                 def write(data: bytes) -> bool:
-                    r = c.call(
-                        "vm.exec.input",
-                        {
-                            "exec": self.token,
-                            "data": base64.b64encode(data).decode(),
-                            "eof": not data,
-                        },
+                    assert self.token is not None  # fed only after exec.started
+                    r = TypedClient(c).vm.exec_input(
+                        self.token, base64.b64encode(data).decode(), eof=not data
                     )
-                    return bool(r.get("open"))
+                    return r["open"]
 
                 self.feed(write)
         except (StokerError, OSError) as e:
@@ -891,11 +886,11 @@ class AgentExec:
 
         try:
             with self.connect(autostart=False) as c:
-                c.call("vm.exec.signal", {"exec": self.token, "signal": name})
+                TypedClient(c).vm.exec_signal(self.token, name)
         except StokerError:
             pass
 
-    def run(self, params: dict[str, Any]) -> dict[str, Any]:
+    def run(self, params: dict[str, Any]) -> ExecDone:
         import signal
         import threading
 
@@ -905,8 +900,7 @@ class AgentExec:
             old = {s: signal.signal(s, self.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.connect() as c:
-                r: dict[str, Any] = c.call("vm.exec", params, self.on_event)
-                return r
+                return TypedClient(c).vm.exec(params, self.on_event)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -998,8 +992,7 @@ def vm_run(args: argparse.Namespace) -> int:
     with client(args) as c:
         if path is not None:
             # Preflight before anything is created: a real, non-bare work tree, no submodules.
-            plan = c.call(
-                "vm.workspace.inspect",
+            plan = TypedClient(c).workspace.inspect(
                 {
                     "path": path,
                     "include_untracked": args.include_untracked,
@@ -1077,7 +1070,7 @@ def _publish_or_delete(args: argparse.Namespace, c: Any, name: str) -> list[Port
     try:
         return publish(args, c, name)
     except StokerError:
-        c.call("vm.delete", {"refs": [name]})
+        TypedClient(c).vm.delete([name])
         raise
 
 
@@ -1088,7 +1081,7 @@ def _delete_fresh(args: argparse.Namespace, name: str) -> None:
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip it
     try:
         with client(args) as c:
-            r = c.call("vm.delete", {"refs": [name]})
+            r = TypedClient(c).vm.delete([name])
         if r and r[0]["ok"]:
             print(f"stoker: deleted {name}", file=sys.stderr)
         else:
