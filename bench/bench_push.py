@@ -34,7 +34,6 @@ from pathlib import Path
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
-from stoker.daemon.wiring import wire_services
 from stoker.layout import Layout
 from stoker.model.records import Kernel
 from stoker.store import Store
@@ -122,7 +121,6 @@ def daemon(root: Path) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("bench"),
     )
-    wire_services(d)
     return d
 
 

@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker.errors import CommandFailed, StokerError
 from stoker.layout import Layout
 from stoker.rpc.client import Client as RPCClient
+from stoker.rpc.facade import TypedClient
+
+if TYPE_CHECKING:
+    from stoker.rpc.shapes import VMRecord, VMShown, Workspace
 
 __all__ = ["Client", "ExecResult", "Sandbox", "sandbox"]
 
@@ -106,14 +111,21 @@ class Client:
         with self.connect() as c:
             return c.call(method, params or {})
 
-    def list(self) -> list[dict[str, Any]]:
+    @contextlib.contextmanager
+    def api(self, autostart: bool = True) -> Iterator[TypedClient]:
+        """The typed RPC facade (`rpc.facade`) over one fresh connection."""
+        with self.connect(autostart) as c:
+            yield TypedClient(c)
+
+    def list(self) -> list[VMRecord]:
         """Every VM, as `vm list --json` shows them."""
-        result: list[dict[str, Any]] = self.call("vm.list")
-        return result
+        with self.api() as api:
+            return api.vm.list()
 
     def get(self, name: str) -> Sandbox:
         """A handle on an existing VM (not deleted on exit)."""
-        info = self.call("vm.show", {"ref": name})
+        with self.api() as api:
+            info = api.vm.show(name)
         return Sandbox(self, info["name"], owned=False)
 
     def create(
@@ -142,7 +154,8 @@ class Client:
         t = _duration(ttl, "ttl")
         if t is not None:
             params["ttl"] = t
-        v = self.call("vm.create", params)
+        with self.api() as api:
+            v = api.vm.create(params)
         return Sandbox(self, v["name"], owned=True)
 
 
@@ -166,23 +179,23 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"Sandbox({self.name!r})"
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> VMShown:
         """`vm show --json` of this VM."""
-        result: dict[str, Any] = self.client.call("vm.show", {"ref": self.name})
-        return result
+        with self.client.api() as api:
+            return api.vm.show(self.name)
 
     def delete(self) -> None:
         """Stop and delete the VM with its disks."""
-        r = self.client.call("vm.delete", {"refs": [self.name]})
+        with self.client.api() as api:
+            r = api.vm.delete([self.name])
         if r and not r[0]["ok"] and "not found" not in str(r[0]["error"]):
             raise StokerError(f"could not delete {self.name}: {r[0]['error']}")
 
-    def prepare(self, repo: str | Path, **options: Any) -> dict[str, Any]:
+    def prepare(self, repo: str | Path, **options: Any) -> Workspace:
         """Copy a git work tree to /root/repo (`vm workspace prepare`)."""
         params = {"ref": self.name, "path": str(Path(repo).resolve()), **options}
-        with self.client.connect() as c:
-            ws: dict[str, Any] = c.call("vm.workspace.prepare", params)
-        return ws
+        with self.client.api() as api:
+            return api.workspace.prepare(params)
 
     # --- commands ----------------------------------------------------------------------
 
@@ -223,20 +236,15 @@ class Sandbox:
 
         def feed() -> None:
             try:
-                with self.client.connect(autostart=False) as c:
+                with self.client.api(autostart=False) as api:
                     view = memoryview(stdin or b"")
                     while True:
                         chunk = bytes(view[:65536])
                         view = view[65536:]
-                        r = c.call(
-                            "vm.exec.input",
-                            {
-                                "exec": token[0],
-                                "data": base64.b64encode(chunk).decode(),
-                                "eof": not chunk,
-                            },
+                        r = api.vm.exec_input(
+                            token[0], base64.b64encode(chunk).decode(), eof=not chunk
                         )
-                        if not chunk or not r.get("open"):
+                        if not chunk or not r["open"]:
                             return
             except BaseException as e:  # the exec ended first: nothing more to feed
                 fed.append(e)
@@ -249,8 +257,8 @@ class Sandbox:
                 token.append(str(ev["exec"]))
                 threading.Thread(target=feed, daemon=True).start()
 
-        with self.client.connect() as c:
-            r = c.call("vm.exec", params, on_event)
+        with self.client.api() as api:
+            r = api.vm.exec(params, on_event)
         if r.get("transport") != "agent":
             raise StokerError(
                 f"VM {self.name} cannot run commands through its agent ({r.get('reason')}); "

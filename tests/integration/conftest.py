@@ -184,15 +184,14 @@ DaemonFactory = Callable[..., "Daemon"]
 
 @pytest.fixture
 def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
-    """Build Daemons by hand (seed style): `factory(cls=Daemon, wire=True, **preset)`."""
+    """Build Daemons by hand (seed style): `factory(cls=Daemon, **preset)`."""
     from stoker.config import parse_config
     from stoker.daemon.daemon import Daemon
-    from stoker.daemon.wiring import wire_services
     from stoker.store import Store
 
     made: list[Daemon] = []
 
-    def factory(cls: type[Daemon] = Daemon, wire: bool = True, **preset: Any) -> Daemon:
+    def factory(cls: type[Daemon] = Daemon, **preset: Any) -> Daemon:
         root = short_tmp / f"d{len(made)}"
         layout = Layout(
             config_dir=root / "c",
@@ -203,14 +202,11 @@ def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
         layout.ensure()
         d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
         made.append(d)
-        if wire:
-            wire_services(d)
         return d
 
     yield factory
     for d in made:
-        if d.store is not None:
-            d.store.close()
+        d.store.close()
 
 
 ServeFn = Callable[["Daemon"], Awaitable["RPCServer"]]

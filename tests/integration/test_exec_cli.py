@@ -22,7 +22,6 @@ import pytest
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
-from stoker.daemon.wiring import wire_services
 from stoker.guest.agent import agent_script
 from stoker.layout import Layout
 from stoker.model.records import Image, Teardown, VMRecord, VMSpec, VMState, Workspace
@@ -112,7 +111,6 @@ async def rig(short_tmp: Path) -> AsyncIterator[Rig]:
     layout.ensure()
     store = Store(layout.db_path)
     d = Daemon(layout=layout, config=parse_config({}), store=store)
-    wire_services(d)
     server = RPCServer(layout.socket_path, d.dispatch)
     await server.start()
     vm_dir = short_tmp / "vm"

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
-from stoker.daemon.wiring import wire_services
 from stoker.errors import StokerError
 from stoker.layout import Layout
 from stoker.store import Store
@@ -138,7 +137,6 @@ def daemon(tmp_path: Path) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     return d
 
 

@@ -40,11 +40,11 @@ from stoker.daemon.vm_service import CreateRequest
 from stoker.daemon.vmm import MachineConfig, VMMHandle
 from stoker.daemon.vmm.base import pid_alive
 from stoker.daemon.vmm.standin import StandInDriver
-from stoker.daemon.wiring import wire_services
 from stoker.errors import AlreadyExists, NotFound, StokerError
 from stoker.guest.agent import agent_script
 from stoker.layout import Layout
 from stoker.model.records import Kernel, VMRecord, VMState
+from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
 
@@ -176,12 +176,17 @@ def build_daemon(root: Path, ns: str, drv: AgentVMM, ssh: FakeSSH, size: int = 1
     layout.ensure()
     config = pool_config(size)
     logger = logging.getLogger("stoker.test")
-    d = Daemon(layout=layout, config=config, store=Store(layout.db_path), logger=logger)
-    d.net = HostNetwork(config, d.runner, logger, netns=ns)
-    wire_services(d)
-    assert d.vm is not None and d.pool is not None
+    runner = Runner()
+    d = Daemon(
+        layout,
+        config,
+        Store(layout.db_path),
+        runner=runner,
+        logger=logger,
+        net=HostNetwork(config, runner, logger, netns=ns),
+        ssh=ssh,  # type: ignore[arg-type]
+    )
     d.vm.driver_factory = lambda: drv
-    d.vm.ssh = ssh  # type: ignore[assignment]
     d.pool.tick = 0.1
     return d
 
@@ -269,7 +274,7 @@ async def test_fill_take_gives_identity_then_refill(rig: Rig) -> None:
     for ref in (pv.name, pv.id, pv.id[:8]):
         with pytest.raises(NotFound):
             rig.vm.resolve(ref)
-    assert (await rig.vm.prune_vms([pv.name]))[0]["ok"] is False
+    assert (await rig.vm.prune_vms([pv.name]))[0].ok is False
     assert await rig.vm.expire_vms() == []
     assert "pool-" in await guest_sh(rig, pv, "hostname")
 
@@ -367,8 +372,8 @@ async def test_failing_refills_back_off_and_report_in_status(rig: Rig) -> None:
     await rig.pool.step()
     assert rig.pool.status()[0].backoff_s <= 1.0  # capped
     # The daemon's status (doctor reads it) carries the same.
-    pool = rig.d.status()["pool"][0]
-    assert pool["failures"] == 3 and "refuses" in pool["last_error"]
+    pool = rig.d.status().pool[0]
+    assert pool.failures == 3 and pool.last_error is not None and "refuses" in pool.last_error
     # Fixed: the next try fills and clears the error.
     rig.drv.fail_start = None
     await asyncio.sleep(1.05)

@@ -29,7 +29,6 @@ from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.vm_service import CreateRequest
 from stoker.daemon.vmm.base import pid_alive
 from stoker.daemon.vmm.standin import StandInDriver
-from stoker.daemon.wiring import wire_services
 from stoker.errors import (
     AlreadyExists,
     Conflict,
@@ -67,6 +66,12 @@ class FakeSSH:
     async def run(self, t: Any, command: str, **kw: Any) -> Any:
         self.calls.append(f"run {t.name} {command}")
         raise Unavailable("guest unreachable (fake)")
+
+    async def forget(self, t: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 def _host_links() -> set[str]:
@@ -128,12 +133,17 @@ def build_daemon(root: Path, ns: str, fake: StandInDriver, ssh: FakeSSH) -> Daem
         mem_bytes=4 * 1024**3,
     )
     logger = logging.getLogger("stoker.test")
-    d = Daemon(layout=layout, config=config, store=Store(layout.db_path), logger=logger)
-    d.net = HostNetwork(config, d.runner, logger, netns=ns)
-    wire_services(d)
-    assert d.vm is not None
+    runner = Runner()
+    d = Daemon(
+        layout,
+        config,
+        Store(layout.db_path),
+        runner=runner,
+        logger=logger,
+        net=HostNetwork(config, runner, logger, netns=ns),
+        ssh=ssh,  # type: ignore[arg-type]
+    )
     d.vm.driver_factory = lambda: fake
-    d.vm.ssh = ssh  # type: ignore[assignment]
     return d
 
 
@@ -290,9 +300,9 @@ async def test_fan_out_reports_in_order_and_isolates_failures(rig: Rig) -> None:
     await vm.create_vm(req(name="a", no_start=True), _noop)
     await vm.create_vm(req(name="b", no_start=True), _noop)
     res = await vm.fan_out(["b", "missing", "a", "b"], vm.delete_vm)
-    assert [r["ref"] for r in res] == ["b", "missing", "a"]
-    assert [r["ok"] for r in res] == [True, False, True]
-    assert "not found" in res[1]["error"]
+    assert [r.ref for r in res] == ["b", "missing", "a"]
+    assert [r.ok for r in res] == [True, False, True]
+    assert "not found" in str(res[1].error)
 
 
 async def test_vmm_killed_is_noticed_and_cleaned(rig: Rig) -> None:
@@ -407,8 +417,8 @@ async def test_prune_deletes_only_non_running(rig: Rig) -> None:
     await vm.create_vm(req(name="up"), _noop)
     await vm.create_vm(req(name="idle", no_start=True), _noop)
     res = await vm.prune_vms(["idle", "up"])
-    assert [r["ok"] for r in res] == [True, False]
-    assert "not pruned" in res[1]["error"]
+    assert [r.ok for r in res] == [True, False]
+    assert "not pruned" in str(res[1].error)
     assert [v.name for v in await vm.list_vms()] == ["up"]
 
 
@@ -531,6 +541,9 @@ class SlowGuestSSH:
             raise Unavailable(f"lost the SSH connection to VM {t.name}: VMM stopped")
         finally:
             self.active -= 1
+
+    async def forget(self, t: Any) -> None:
+        pass
 
 
 async def test_prepare_lock_discipline(rig: Rig, tmp_path: Path) -> None:

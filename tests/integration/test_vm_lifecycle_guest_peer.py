@@ -36,10 +36,10 @@ from stoker.daemon.imagemgr import ext4
 from stoker.daemon.vm_service import CreateRequest
 from stoker.daemon.vmm.base import MachineConfig, VMMHandle, pid_alive
 from stoker.daemon.vmm.standin import StandInDriver
-from stoker.daemon.wiring import wire_services
 from stoker.errors import StokerError, Timeout, Unavailable
 from stoker.layout import Layout
 from stoker.model.records import Kernel, VMState, Workspace
+from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
 
@@ -175,10 +175,15 @@ async def live(netns: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Liv
     with in_netns(netns):
         logger = logging.getLogger("stoker.test")
         store = Store(layout.db_path)
-        d = Daemon(layout=layout, config=config, store=store, logger=logger)
-        d.net = HostNetwork(config, d.runner, logger, netns=netns)
-        wire_services(d)
-        assert d.vm is not None and d.images is not None
+        runner = Runner()
+        d = Daemon(
+            layout,
+            config,
+            store,
+            runner=runner,
+            logger=logger,
+            net=HostNetwork(config, runner, logger, netns=netns),
+        )
         peer = GuestPeer(netns)
         vmm = PeerVMM(peer, store)
         d.vm.driver_factory = lambda: vmm

@@ -77,7 +77,7 @@ async def test_policy_follows_the_vm_lifecycle(rig: Rig) -> None:  # noqa: F811
     rules = _rules(rig.ns, rec.id)
     assert any('"192.0.2.7"' in r and "443" in r for r in rules)
     assert not any("masquerade" in r and "192.0.2.7" in r for r in rules)
-    assert net.status()["policies"] == {rec.id: "allow=api.example:443,peers"}
+    assert net.status().policies == {rec.id: "allow=api.example:443,peers"}
     client = net.guest_dns.client(rec.guest_ip)
     assert client is not None and client.names["api.example"][0] == ("192.0.2.7",)
 

@@ -170,18 +170,18 @@ async def test_snapshot_list_delete_with_the_real_qemu(world: World) -> None:
     svc = world.svc()
     out = await snapshot_service.snapshot_vm(svc, "snap", "s1", world.progress)
     assert await status(world.handle) == "running"  # resumed
-    d = Path(out["dir"])
+    d = Path(out.dir)
     assert d == Path(world.vm.vm_dir) / "snapshots" / "s1"
     assert sorted(p.name for p in d.iterdir()) == ["overlay.ext4", "state.bin", "work.ext4"]
     ov = d / "overlay.ext4"
     assert ov.read_bytes() == (Path(world.vm.vm_dir) / "overlay.ext4").read_bytes()
     assert ov.stat().st_blocks * 512 < 1 << 20  # sparse: 32 MiB file, a few KiB of data
-    meta = out["meta"]
+    meta = out.meta
     assert meta["vmm"] == "qemu" and re.fullmatch(r"\d+\.\d+\.\d+.*", meta["vmm_version"])
     assert meta["accel"] == "tcg" and meta["image_id"] == "sha256:feed"
     assert meta["vcpu"] == 1 and meta["memory_mib"] == 128
     assert world.ssh.ran == ["sync"] and world.ssh.forgot == 1
-    assert [s["name"] for s in snapshot_service.list_snapshots(svc, "snap")] == ["s1"]
+    assert [s.name for s in snapshot_service.list_snapshots(svc, "snap")] == ["s1"]
     with pytest.raises(StokerError, match="already has a snapshot named 's1'"):
         await snapshot_service.snapshot_vm(svc, "snap", "s1", world.progress)
     await snapshot_service.delete_snapshot(svc, "snap", "s1")

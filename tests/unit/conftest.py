@@ -99,17 +99,16 @@ DaemonFactory = Callable[..., "Daemon"]
 def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
     """Build Daemons by hand, the way the seed says tests do.
 
-    `factory(cls=Daemon, wire=True, **preset)`: fields in `preset` (stub services,
-    a runner...) are set before `wire_services(d)` runs.
+    `factory(cls=Daemon, **preset)`: `preset` (stub services, a runner...) goes to
+    `Daemon(...)`, which builds everything else around it.
     """
     from stoker.config import parse_config
     from stoker.daemon.daemon import Daemon
-    from stoker.daemon.wiring import wire_services
     from stoker.store import Store
 
     made: list[Daemon] = []
 
-    def factory(cls: type[Daemon] = Daemon, wire: bool = True, **preset: Any) -> Daemon:
+    def factory(cls: type[Daemon] = Daemon, **preset: Any) -> Daemon:
         root = short_tmp / f"d{len(made)}"
         layout = Layout(
             config_dir=root / "c",
@@ -120,14 +119,11 @@ def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
         layout.ensure()
         d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
         made.append(d)
-        if wire:
-            wire_services(d)
         return d
 
     yield factory
     for d in made:
-        if d.store is not None:
-            d.store.close()
+        d.store.close()
 
 
 @dataclass
@@ -207,12 +203,10 @@ def threaded_daemon(isolated_env: Layout) -> Iterator[ThreadedDaemon]:
     """A hand-built daemon answering on the isolated layout's socket (the real CLI finds it)."""
     from stoker.config import parse_config
     from stoker.daemon.daemon import Daemon
-    from stoker.daemon.wiring import wire_services
     from stoker.store import Store
 
     isolated_env.ensure()
     d = Daemon(layout=isolated_env, config=parse_config({}), store=Store(isolated_env.db_path))
-    wire_services(d)
     td = ThreadedDaemon(d).start()
     try:
         yield td

@@ -25,7 +25,9 @@ class FakeClient:
     def __exit__(self, *a: object) -> None:
         pass
 
-    def call(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> Any:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, progress: Any = None, **kw: Any
+    ) -> Any:
         assert method == "vm.workspace.export"
         return {"patch_b64": base64.b64encode(PATCH).decode(), "files": ["x"], "base": "a" * 40}
 

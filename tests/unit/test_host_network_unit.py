@@ -29,7 +29,7 @@ async def test_start_serves_dns_and_close_stops_it() -> None:
     await net.start()
     try:
         st = net.status()
-        assert st["dns_listen"] and st["dns_error"] is None
+        assert st.dns_listen and st.dns_error is None
         net.publish_dns("web", "172.30.0.7")
         assert net.dns.address is not None
         host, port = net.dns.address
@@ -41,7 +41,7 @@ async def test_start_serves_dns_and_close_stops_it() -> None:
         assert net.pool.pooled == ()  # no bridge here: no taps were made
     finally:
         await net.close()
-    assert net.status()["dns_listen"] is None
+    assert net.status().dns_listen is None
 
 
 async def test_busy_dns_port_is_a_warning_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
@@ -53,8 +53,8 @@ async def test_busy_dns_port_is_a_warning_not_a_failure(caplog: pytest.LogCaptur
             await net.start()
         st = net.status()
         await net.close()
-    assert st["dns_listen"] is None
-    assert f"127.0.0.1:{port}" in str(st["dns_error"])
+    assert st.dns_listen is None
+    assert f"127.0.0.1:{port}" in str(st.dns_error)
     assert "DNS for .vm disabled" in caplog.text
 
 

@@ -13,8 +13,6 @@ import pytest
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
 from stoker.daemon.imagemgr.safetree import rmtree
-from stoker.daemon.reconcile import reconcile
-from stoker.daemon.wiring import wire_services
 from stoker.layout import Layout
 from stoker.model.records import Image, Kernel, VMRecord, VMSpec, VMState
 from stoker.store import Store
@@ -32,7 +30,6 @@ def _daemon(tmp: Path) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     return d
 
 
@@ -91,7 +88,7 @@ async def test_sweep_removes_leftovers_and_keeps_recorded_artifacts(
             pass
 
         monkeypatch.setattr(d.vm, "reconcile", no_vm_reconcile)
-        await reconcile(d)  # the daemon's start-up hook
+        await d.reconcile()  # the daemon's start-up hook
         assert os.listdir(lay.staging_dir) == []
         assert sorted(os.listdir(lay.images_dir)) == ["img"]
         assert sorted(os.listdir(lay.kernels_dir)) == ["k1"]

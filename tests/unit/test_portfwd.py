@@ -51,18 +51,18 @@ async def test_forward_copies_both_ways_and_closes() -> None:
     fw = PortForwards()
     try:
         (f,) = await fw.add("id1", "web", "127.0.0.1", [f"0:{gport}"], os.getpid())
-        assert f["namespace"] == "daemon" and f["guest_port"] == gport
-        r, w = await asyncio.open_connection("127.0.0.1", f["host_port"])
+        assert f.namespace == "daemon" and f.guest_port == gport
+        r, w = await asyncio.open_connection("127.0.0.1", f.host_port)
         assert await r.readline() == b"hi\n"
         w.write(b"abc")
         await w.drain()
         assert await r.readexactly(3) == b"cba"
         w.close()
-        assert fw.for_vm("id1")[0]["connections"] == 1
+        assert fw.for_vm("id1")[0].connections == 1
         await fw.remove("id1")
         assert fw.for_vm("id1") == []
         with pytest.raises(OSError):
-            await asyncio.open_connection("127.0.0.1", f["host_port"])
+            await asyncio.open_connection("127.0.0.1", f.host_port)
     finally:
         await fw.close()
         srv.close()

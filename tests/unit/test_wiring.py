@@ -1,4 +1,5 @@
-"""wire_services(d): builds every service and capability, idempotent, keeps pre-set stubs."""
+"""Daemon(...) builds every service and capability (wiring.build_services), keeps pre-set
+stubs, and shares one GuestSSH between the services."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from stoker.daemon.daemon import Daemon
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
 from stoker.daemon.vm_service import VMService
-from stoker.daemon.wiring import wire_services
 from stoker.daemon.workspace_service import WorkspaceService
 from stoker.rpc.server import RequestContext
 
@@ -47,17 +47,21 @@ def test_wire_builds_everything(daemon_factory: Any) -> None:
         assert svc.layout is d.layout
 
 
-def test_wire_is_idempotent(daemon_factory: Any) -> None:
+def test_one_guest_ssh_is_shared(daemon_factory: Any) -> None:
     d = daemon_factory()
-    before = (d.net, d.images, d.ws, d.vm, d.hooks, list(d.capabilities))
-    n_hooks = {k: len(v) for k, v in vars(d.hooks).items()}
-    wire_services(d)
-    wire_services(d)
-    assert (d.net, d.images, d.ws, d.vm, d.hooks, d.capabilities) == before
-    for a, b in zip(before[5], d.capabilities, strict=True):
-        assert a is b
-    # capabilities did not register their hooks twice
-    assert {k: len(v) for k, v in vars(d.hooks).items()} == n_hooks
+    assert d.vm.ssh is d.ssh and d.ws.ssh is d.ssh
+
+
+def test_capabilities_registered_their_hooks_once(daemon_factory: Any) -> None:
+    d = daemon_factory()
+    # workdisk: prepare_host; dns: post_start + cleanup; nat: post_network + cleanup;
+    # the port forwards' cleanup
+    assert {k: len(v) for k, v in vars(d.hooks).items()} == {
+        "prepare_host": 1,
+        "post_network": 1,
+        "post_start": 1,
+        "cleanup": 3,
+    }
 
 
 class StubImages:
@@ -70,19 +74,21 @@ class StubImages:
         self.calls.append("list_images")
         return [{"name": "stub-image"}]
 
-    async def list_kernels(self) -> list[dict[str, Any]]:
+    async def kernel_list(self, available: bool) -> list[dict[str, Any]]:
         self.calls.append("list_kernels")
         return [{"name": "stub-kernel"}]
 
-    async def get_image(self, name: str) -> Any:
-        self.calls.append(f"get_image:{name}")
-        raise AssertionError("not used here")
+    def __getattr__(self, name: str) -> Any:
+        # the method table binds every image method; only the two above may be called here
+        async def unexpected(*a: Any, **kw: Any) -> Any:
+            raise AssertionError(f"StubImages.{name} called")
+
+        return unexpected
 
 
 async def test_preset_image_stub_is_kept_and_used(daemon_factory: Any) -> None:
     stub = StubImages()
-    d = daemon_factory(wire=False, images=stub)
-    wire_services(d)
+    d = daemon_factory(images=stub)
     assert d.images is stub
     # services that depend on images got the stub, not a fresh ImageService
     assert d.vm.images is stub
@@ -91,8 +97,6 @@ async def test_preset_image_stub_is_kept_and_used(daemon_factory: Any) -> None:
     assert stub.calls == ["list_images", "list_kernels"]
     # vm.list still goes to the real VMService (empty store)
     assert await d.dispatch("vm.list", {}, ctx()) == []
-    wire_services(d)
-    assert d.images is stub
 
 
 async def test_preset_vm_stub_is_used_by_vm_list(daemon_factory: Any) -> None:
@@ -108,8 +112,7 @@ async def test_preset_vm_stub_is_used_by_vm_list(daemon_factory: Any) -> None:
             return unexpected
 
     stub = StubVM()
-    d = daemon_factory(wire=False, vm=stub, capabilities=[])
-    wire_services(d)
+    d = daemon_factory(vm=stub, capabilities=[])
     assert d.vm is stub
     assert d.capabilities == []  # a pre-set (empty) capability list is kept too
     assert await d.dispatch("vm.list", {}, ctx()) == [{"name": "from-stub"}]
@@ -119,8 +122,7 @@ def test_preset_runner_reaches_services(daemon_factory: Any) -> None:
     from stoker.runner import RecordingRunner
 
     r = RecordingRunner()
-    d = daemon_factory(wire=False, runner=r)
-    wire_services(d)
+    d = daemon_factory(runner=r)
     assert d.net.runner is r and d.images.runner is r and d.ws.runner is r and d.vm.runner is r
 
 
@@ -155,32 +157,20 @@ def test_no_service_or_capability_holds_the_daemon(daemon_factory: Any) -> None:
 def test_capabilities_have_explicit_service_fields(daemon_factory: Any) -> None:
     d = daemon_factory()
     caps = {type(c): c for c in d.capabilities}
-    wd = caps[WorkDiskCapability]
-    assert wd.vm is d.vm and wd.ws is d.ws and wd.store is d.store
-    assert wd.default_image_name == d.config.default_image
+    assert caps[WorkDiskCapability].ws is d.ws
     assert caps[DNSCapability].net is d.net
-    nat = caps[NATCapability]
-    assert nat.vm is d.vm and nat.net is d.net
+    assert caps[NATCapability].net is d.net
 
 
-async def test_workspace_seams_resolve_through_vmservice_at_call_time(
-    daemon_factory: Any,
-) -> None:
+async def test_workspace_seams_resolve_through_vmservice(daemon_factory: Any) -> None:
     from stoker.errors import NotFound
 
     d = daemon_factory()
     with pytest.raises(NotFound):
-        await d.ws.seams.vm_resolver("nope")
-
-    # swapping the VM service after wiring is seen by the seam (closure, not a pointer)
-    class Other:
-        def resolve(self, ref: str) -> str:
-            return f"other:{ref}"
-
-    d.vm = Other()
-    assert await d.ws.seams.vm_resolver("x") == "other:x"
+        async with d.ws.seams.with_vm_lock_by_ref("nope"):
+            pass
 
 
-def test_wire_requires_infrastructure() -> None:
-    with pytest.raises(AssertionError):
-        wire_services(Daemon())
+def test_daemon_requires_infrastructure() -> None:
+    with pytest.raises(TypeError):
+        Daemon()  # type: ignore[call-arg]

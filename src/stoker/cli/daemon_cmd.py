@@ -9,6 +9,7 @@ from typing import Any
 from stoker.cli.connect import layout_for, try_client
 from stoker.cli.render import print_json
 from stoker.errors import Unavailable
+from stoker.rpc.facade import TypedClient
 
 
 def register(sub: Any) -> None:
@@ -51,7 +52,7 @@ def daemon_unit(args: argparse.Namespace) -> int:
 
 def daemon_status(args: argparse.Namespace) -> int:
     with try_client(args) as c:
-        st = c.call("daemon.status") if c is not None else None
+        st = TypedClient(c).daemon.status() if c is not None else None
     if st is None:
         layout = layout_for(args)
         if args.json:
@@ -59,11 +60,10 @@ def daemon_status(args: argparse.Namespace) -> int:
         else:
             print(f"stokerd is not running (socket {layout.socket_path})")
         return 1
-    st = {"running": True, **st}
     if args.json:
-        print_json(st)
+        print_json({"running": True, **st})
         return 0
-    net = st.get("network", {})
+    net = st["network"]
     print(f"stokerd {st['version']} running, pid {st['pid']}, up {st['uptime_s']}s")
     print(f"socket:     {st['socket']}")
     print(f"state dir:  {st['state_dir']}")
@@ -78,7 +78,7 @@ def daemon_stop(args: argparse.Namespace) -> int:
         if c is None:
             print("stokerd is not running")
             return 0
-        pid = c.call("daemon.stop")["pid"]
+        pid = TypedClient(c).daemon.stop()["pid"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if not _running(pid):

@@ -28,8 +28,9 @@ def doctor(args: argparse.Namespace) -> int:
             if c is None:
                 return None
             try:
-                st: dict[str, Any] = c.call("daemon.status")
-                return st
+                from stoker.rpc.facade import TypedClient
+
+                return dict(TypedClient(c).daemon.status())
             except Exception:
                 return None
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker.cli.connect import client
 from stoker.cli.render import add_output_flags, age, print_json, size, structured, table
+from stoker.rpc.facade import TypedClient
+
+if TYPE_CHECKING:
+    from stoker.rpc.shapes import Image
 
 
 def register(sub: Any) -> None:
@@ -105,7 +109,7 @@ def register(sub: Any) -> None:
 
 def image_list(args: argparse.Namespace) -> int:
     with client(args) as c:
-        images = c.call("image.list")
+        images = TypedClient(c).image.list()
     if structured(args, images):
         return 0
     if not images:
@@ -130,7 +134,7 @@ def image_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_image(i: dict[str, Any]) -> None:
+def _print_image(i: Image) -> None:
     print(f"name:       {i['name']}")
     print(f"kernel:     {i['kernel'] or '-'}")
     print(f"rootfs:     {i['rootfs']} ({size(i['size'])})")
@@ -162,7 +166,7 @@ def _print_image(i: dict[str, Any]) -> None:
 
 def image_show(args: argparse.Namespace) -> int:
     with client(args) as c:
-        i = c.call("image.show", {"name": args.name})
+        i = TypedClient(c).image.show(args.name)
     if not structured(args, i):
         _print_image(i)
     return 0
@@ -179,7 +183,7 @@ def image_register(args: argparse.Namespace) -> int:
         "has_sshd": not args.no_sshd,
     }
     with client(args) as c:
-        i = c.call("image.register", params)
+        i = TypedClient(c).image.register(params)
     if args.json:
         print_json(i)
     else:
@@ -189,7 +193,7 @@ def image_register(args: argparse.Namespace) -> int:
 
 def image_promote(args: argparse.Namespace) -> int:
     with client(args) as c:
-        i = c.call("image.promote", {"name": args.name})
+        i = TypedClient(c).image.promote(args.name)
     if args.json:
         print_json(i)
     else:
@@ -199,7 +203,7 @@ def image_promote(args: argparse.Namespace) -> int:
 
 def image_delete(args: argparse.Namespace) -> int:
     with client(args) as c:
-        c.call("image.delete", {"name": args.name})
+        TypedClient(c).image.delete(args.name)
     print(f"deleted image {args.name}")
     return 0
 
@@ -351,7 +355,7 @@ def _image_op(args: argparse.Namespace, method: str, params: dict[str, Any]) -> 
 
 def cache_prune(args: argparse.Namespace) -> int:
     with client(args) as c:
-        r = c.call("image.cache.prune", {"dry_run": args.dry_run})
+        r = TypedClient(c).image.cache_prune(args.dry_run)
     if args.json:
         print_json(r)
     else:

@@ -7,6 +7,7 @@ from typing import Any
 
 from stoker.cli.connect import client
 from stoker.cli.render import add_output_flags, age, print_json, structured, table
+from stoker.rpc.facade import TypedClient
 
 
 def register(sub: Any) -> None:
@@ -36,22 +37,11 @@ def register(sub: Any) -> None:
 
 
 def kernel_list(args: argparse.Namespace) -> int:
+    if args.available:
+        return _kernels_available(args)
     with client(args) as c:
-        kernels = c.call("kernel.list", {"available": args.available})
-    if args.available:
-        args.output_kind = "kernel-available"
+        kernels = TypedClient(c).kernel.list()
     if structured(args, kernels):
-        return 0
-    if args.available:
-        if not kernels:
-            print("the catalog lists no kernels: import one with `stoker kernel import`")
-        table(
-            ["NAME", "VERSION", "ARCH", "SIZE", "INSTALLED"],
-            [
-                [k["name"], k["version"], k["arch"], k["size"], "yes" if k["installed"] else "no"]
-                for k in kernels
-            ],
-        )
         return 0
     if not kernels:
         print("no kernels: `stoker image build debian-bookworm` imports one")
@@ -74,9 +64,27 @@ def kernel_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernels_available(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        kernels = TypedClient(c).kernel.available()
+    args.output_kind = "kernel-available"
+    if structured(args, kernels):
+        return 0
+    if not kernels:
+        print("the catalog lists no kernels: import one with `stoker kernel import`")
+    table(
+        ["NAME", "VERSION", "ARCH", "SIZE", "INSTALLED"],
+        [
+            [k["name"], k["version"], k["arch"], k["size"], "yes" if k["installed"] else "no"]
+            for k in kernels
+        ],
+    )
+    return 0
+
+
 def kernel_show(args: argparse.Namespace) -> int:
     with client(args) as c:
-        k = c.call("kernel.show", {"name": args.name})
+        k = TypedClient(c).kernel.show(args.name)
     if structured(args, k):
         return 0
     for key in (
@@ -96,7 +104,7 @@ def kernel_show(args: argparse.Namespace) -> int:
 
 def kernel_rm(args: argparse.Namespace) -> int:
     with client(args) as c:
-        c.call("kernel.rm", {"name": args.name})
+        TypedClient(c).kernel.rm(args.name)
     print(f"removed kernel {args.name}")
     return 0
 
@@ -105,7 +113,7 @@ def kernel_import(args: argparse.Namespace) -> int:
     import os
 
     with client(args) as c:
-        k = c.call("kernel.import", {"name": args.name, "source": os.path.abspath(args.source)})
+        k = TypedClient(c).kernel.import_(args.name, os.path.abspath(args.source))
     if args.json:
         print_json(k)
     else:

@@ -138,7 +138,9 @@ def _version(args: argparse.Namespace) -> int:
     daemon_version = None
     with try_client(args) as c:
         if c is not None:
-            daemon_version = c.call("daemon.status")["version"]
+            from stoker.rpc.facade import TypedClient
+
+            daemon_version = TypedClient(c).daemon.status()["version"]
     if args.json:
         print_json({"cli": __version__, "daemon": daemon_version})
     else:

@@ -219,10 +219,11 @@ def connect(args: argparse.Namespace) -> int:
     import socket
 
     from stoker.cli.connect import client
+    from stoker.rpc.facade import TypedClient
 
     name = args.host.removesuffix(".vm")
     with client(args) as c:
-        info = c.call("vm.ssh_info", {"ref": name})
+        info = TypedClient(c).vm.ssh_info(name)
     if info["state"] != "running":
         err(f"VM {info['name']} is {info['state']}: `stoker vm start {info['name']}`")
         return 1

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stoker.cli.connect import client
 from stoker.cli.render import add_output_flags, age, err, print_json, size, structured, table
+from stoker.rpc.facade import TypedClient
+
+if TYPE_CHECKING:
+    from stoker.rpc.shapes import ExecDone, FanResult, PortForwardInfo, SSHInfo
+
+T = TypeVar("T")
 
 # Every `vm` subcommand (and alias): only the one a command line names is built, since
 # building all of them is most of a short command's start-up time.
@@ -281,11 +287,11 @@ def check_publish(args: argparse.Namespace) -> None:
         parse_spec(spec)
 
 
-def publish(args: argparse.Namespace, c: Any, name: str) -> list[dict[str, Any]]:
+def publish(args: argparse.Namespace, c: Any, name: str) -> list[PortForwardInfo]:
     """Apply -p forwards to a running VM; prints one line per forward."""
     if not getattr(args, "publish", None):
         return []
-    fwds: list[dict[str, Any]] = c.call("vm.port_forward", {"ref": name, "specs": args.publish})
+    fwds = TypedClient(c).vm.port_forward(name, args.publish)
     if not getattr(args, "json", False):
         for f in fwds:
             err(f"forwarding {f['listen']} -> {name}:{f['guest_port']}")
@@ -297,7 +303,7 @@ def vm_port_forward(args: argparse.Namespace) -> int:
     check_publish(args)  # a malformed spec fails here, before any daemon is asked
     with client(args) as c:
         if args.remove is not None:
-            gone = c.call("vm.port_forward.remove", {"ref": args.name, "host_port": args.remove})
+            gone = TypedClient(c).vm.port_forward_remove(args.name, args.remove)
             if args.json:
                 print_json(gone)
             else:
@@ -305,9 +311,9 @@ def vm_port_forward(args: argparse.Namespace) -> int:
                     print(f"removed {f['listen']} -> {args.name}:{f['guest_port']}")
             return 0
         if args.list or not args.specs:
-            fwds = c.call("vm.port_forward.list", {"refs": [args.name]})
+            fwds = TypedClient(c).vm.port_forward_list([args.name])
         else:
-            fwds = c.call("vm.port_forward", {"ref": args.name, "specs": args.specs})
+            fwds = TypedClient(c).vm.port_forward(args.name, args.specs)
     if args.json:
         print_json(fwds)
     elif not fwds:
@@ -430,8 +436,7 @@ def vm_set(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     with client(args) as c:
-        v = c.call(
-            "vm.set",
+        v = TypedClient(c).vm.set(
             {
                 "ref": args.name,
                 "vcpu": args.vcpu,
@@ -461,7 +466,7 @@ def vm_logs(args: argparse.Namespace) -> int:
     import time
 
     with client(args) as c:
-        info = c.call("vm.logs", {"ref": args.name})
+        info = TypedClient(c).vm.logs(args.name)
     path = info["path"]
     try:
         f = open(path, "rb")  # noqa: SIM115
@@ -508,7 +513,7 @@ def _vm_logs_rpc(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
 
-def ssh_argv(info: dict[str, Any], tty: bool) -> list[str]:
+def ssh_argv(info: SSHInfo, tty: bool) -> list[str]:
     return [
         "ssh",
         "-i",
@@ -536,7 +541,7 @@ def vm_ssh(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     with client(args) as c:
         # A VM made ready by its agent (`vm run -- CMD`) may not answer SSH yet.
-        info = c.call("vm.ssh_info", {"ref": args.name, "wait": True}, _quiet_progress)
+        info = TypedClient(c).vm.ssh_info(args.name, wait=True, progress=_quiet_progress)
     if info["state"] != "running":
         err(f"VM {info['name']} is {info['state']}: start it with `stoker vm start {info['name']}`")
         return 1
@@ -552,7 +557,7 @@ def vm_ssh(args: argparse.Namespace) -> int:
 
 def vm_list(args: argparse.Namespace) -> int:
     with client(args) as c:
-        vms = c.call("vm.list")
+        vms = TypedClient(c).vm.list()
     if structured(args, vms):
         return 0
     if not vms:
@@ -561,7 +566,7 @@ def vm_list(args: argparse.Namespace) -> int:
     rows = []
     for v in vms:
         spec = v["spec"]
-        ws = v.get("workspace") or {}
+        ws = v.get("workspace")
         rows.append(
             [
                 v["name"],
@@ -569,7 +574,7 @@ def vm_list(args: argparse.Namespace) -> int:
                 v["image"],
                 v["guest_ip"],
                 f"{spec['vcpu']}/{spec['memory_mib']}M",
-                ws.get("guest_path", "-"),
+                ws["guest_path"] if ws else "-",
                 age(v["created_at"]),
                 time_left(v.get("expires_at")),
             ]
@@ -580,7 +585,7 @@ def vm_list(args: argparse.Namespace) -> int:
 
 def vm_show(args: argparse.Namespace) -> int:
     with client(args) as c:
-        v = c.call("vm.show", {"ref": args.name})
+        v = TypedClient(c).vm.show(args.name)
     if structured(args, v):
         return 0
     spec = v["spec"]
@@ -613,7 +618,7 @@ def vm_show(args: argparse.Namespace) -> int:
 
 def vm_prune(args: argparse.Namespace) -> int:
     with client(args) as c:
-        vms = c.call("vm.list")
+        vms = TypedClient(c).vm.list()
         victims = [v["name"] for v in vms if v["state"] not in ("running", "starting")]
         if not victims:
             print("nothing to prune: every VM is running")
@@ -630,7 +635,7 @@ def vm_prune(args: argparse.Namespace) -> int:
             if answer not in ("y", "yes"):
                 print("nothing deleted")
                 return 1
-        results = c.call("vm.prune", {"names": victims})
+        results = TypedClient(c).vm.prune(victims)
     for r in results:
         if r["ok"]:
             print(f"{r['ref']}: deleted")
@@ -639,12 +644,14 @@ def vm_prune(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
-def _results(args: argparse.Namespace, results: list[dict[str, Any]]) -> tuple[list[Any], bool]:
+def _results(args: argparse.Namespace, results: list[FanResult[T]]) -> tuple[list[T], bool]:
     ok = True
-    rows = []
+    rows: list[T] = []
     for r in results:
         if r["ok"]:
-            rows.append(r["result"])
+            res = r.get("result")
+            if res is not None:
+                rows.append(res)
         else:
             ok = False
             err(f"{r['ref']}: {r['error']}")
@@ -653,7 +660,7 @@ def _results(args: argparse.Namespace, results: list[dict[str, Any]]) -> tuple[l
 
 def vm_stats(args: argparse.Namespace) -> int:
     with client(args) as c:
-        results = c.call("vm.stats", {"refs": args.names})
+        results = TypedClient(c).vm.stats(args.names)
     rows, ok = _results(args, results)
     if args.json:
         print_json(rows)
@@ -690,9 +697,9 @@ def vm_stats(args: argparse.Namespace) -> int:
 
 def vm_ports(args: argparse.Namespace) -> int:
     with client(args) as c:
-        results = c.call("vm.ports", {"refs": args.names})
-    rows, ok = _results(args, results)
-    flat = [p for r in rows for p in r]
+        port_results = TypedClient(c).vm.ports(args.names)
+    port_rows, ok = _results(args, port_results)
+    flat = [p for r in port_rows for p in r]
     if args.json:
         print_json(flat)
         return 0 if ok else 1
@@ -887,15 +894,11 @@ class AgentExec:
             with self.connect(autostart=False) as c:
 
                 def write(data: bytes) -> bool:
-                    r = c.call(
-                        "vm.exec.input",
-                        {
-                            "exec": self.token,
-                            "data": base64.b64encode(data).decode(),
-                            "eof": not data,
-                        },
+                    assert self.token is not None  # fed only after exec.started
+                    r = TypedClient(c).vm.exec_input(
+                        self.token, base64.b64encode(data).decode(), eof=not data
                     )
-                    return bool(r.get("open"))
+                    return r["open"]
 
                 self.feed(write)
         except (StokerError, OSError) as e:
@@ -914,11 +917,11 @@ class AgentExec:
 
         try:
             with self.connect(autostart=False) as c:
-                c.call("vm.exec.signal", {"exec": self.token, "signal": name})
+                TypedClient(c).vm.exec_signal(self.token, name)
         except StokerError:
             pass
 
-    def run(self, params: dict[str, Any]) -> dict[str, Any]:
+    def run(self, params: dict[str, Any]) -> ExecDone:
         import signal
         import threading
 
@@ -928,8 +931,7 @@ class AgentExec:
             old = {s: signal.signal(s, self.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.connect() as c:
-                r: dict[str, Any] = c.call("vm.exec", params, self.on_event)
-                return r
+                return TypedClient(c).vm.exec(params, self.on_event)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -976,7 +978,7 @@ def run_command(
     import subprocess
 
     with client(args) as c:
-        info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
+        info = TypedClient(c).vm.ssh_info(name, wait=True, progress=_quiet_progress)
     remote = ssh_command(line, cwd or info.get("workspace") or "/root", env)
     if timeout is not None:
         import shlex
@@ -1021,8 +1023,7 @@ def vm_run(args: argparse.Namespace) -> int:
     with client(args) as c:
         if path is not None:
             # Preflight before anything is created: a real, non-bare work tree, no submodules.
-            plan = c.call(
-                "vm.workspace.inspect",
+            plan = TypedClient(c).workspace.inspect(
                 {
                     "path": path,
                     "include_untracked": args.include_untracked,
@@ -1078,7 +1079,7 @@ def vm_run(args: argparse.Namespace) -> int:
                     args, name, command_line(cmd), cwd=workdir, env={}, stdin=_stdin_piped()
                 )
             else:
-                info = c.call("vm.ssh_info", {"ref": name, "wait": True}, _quiet_progress)
+                info = TypedClient(c).vm.ssh_info(name, wait=True, progress=_quiet_progress)
                 argv = ssh_argv(info, tty=sys.stdin.isatty())
                 if not workload:
                     argv.append(f"cd {workdir} && exec bash -l")
@@ -1100,14 +1101,14 @@ def vm_run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _publish_or_delete(args: argparse.Namespace, c: Any, name: str) -> list[dict[str, Any]]:
+def _publish_or_delete(args: argparse.Namespace, c: Any, name: str) -> list[PortForwardInfo]:
     """-p forwards for a VM this command just made; on failure the VM goes too."""
     from stoker.errors import StokerError
 
     try:
         return publish(args, c, name)
     except StokerError:
-        c.call("vm.delete", {"refs": [name]})
+        TypedClient(c).vm.delete([name])
         raise
 
 
@@ -1118,7 +1119,7 @@ def _delete_fresh(args: argparse.Namespace, name: str) -> None:
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip it
     try:
         with client(args) as c:
-            r = c.call("vm.delete", {"refs": [name]})
+            r = TypedClient(c).vm.delete([name])
         if r and r[0]["ok"]:
             print(f"stoker: deleted {name}", file=sys.stderr)
         else:
@@ -1149,7 +1150,7 @@ def vm_exec(args: argparse.Namespace) -> int:
             return STOKER_FAILED
     try:
         with client(args) as c:
-            info = c.call("vm.ssh_info", {"ref": args.name})
+            info = TypedClient(c).vm.ssh_info(args.name)
             if info["state"] != "running":
                 err(
                     f"VM {info['name']} is {info['state']}: start it with "
@@ -1212,7 +1213,7 @@ def remind_running(args: argparse.Namespace, name: str) -> None:
     """After an interactive session: ask the agent whether the VM still runs, and say so."""
     try:
         with client(args, autostart=False) as c:
-            h = c.call("vm.health", {"ref": name})
+            h = TypedClient(c).vm.health(name)
     except Exception:
         return
     if h.get("running"):
@@ -1226,13 +1227,12 @@ def remind_running(args: argparse.Namespace, name: str) -> None:
 
 def vm_health(args: argparse.Namespace) -> int:
     with client(args) as c:
-        h = c.call("vm.health", {"ref": args.name})
+        h = TypedClient(c).vm.health(args.name)
     if args.json:
         print_json(h)
     elif not h.get("running"):
         print(f"{h['name']}: not running ({h['state']})")
-    elif h.get("agent"):
-        a = h["agent"]
+    elif (a := h["agent"]) is not None:
         print(
             f"{h['name']}: {'healthy' if h['healthy'] else 'unhealthy'} (agent "
             f"{a['agent_version']}, up {a['uptime_s']:.0f}s, load {a['load'][0]:.2f}, "
@@ -1271,7 +1271,7 @@ def vm_snapshot(args: argparse.Namespace) -> int:
         if len(words) > 2:
             raise InvalidArgument("usage: stoker vm snapshot list [NAME]")
         with client(args) as c:
-            snaps = c.call("vm.snapshot.list", {"ref": words[1] if len(words) > 1 else None})
+            snaps = TypedClient(c).vm.snapshot_list(words[1] if len(words) > 1 else None)
         if args.json:
             print_json(snaps)
         elif not snaps:
@@ -1294,7 +1294,7 @@ def vm_snapshot(args: argparse.Namespace) -> int:
         if len(words) != 3:
             raise InvalidArgument("usage: stoker vm snapshot delete NAME SNAP")
         with client(args) as c:
-            out = c.call("vm.snapshot.delete", {"ref": words[1], "name": words[2]})
+            out = TypedClient(c).vm.snapshot_delete(words[1], words[2])
         print_json(out) if args.json else print(f"deleted snapshot {out['name']} of {out['vm']}")
         return 0
     if len(words) != 1:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker.cli.connect import client
 from stoker.cli.render import print_json
+from stoker.rpc.facade import TypedClient
+
+if TYPE_CHECKING:
+    from stoker.rpc.shapes import RepoInfo
 
 
 def register(vsub: Any) -> None:
@@ -49,8 +53,7 @@ def prepare(args: argparse.Namespace) -> int:
         raise UsageError("--from needs --branch")
     with client(args) as c:
         if args.dry_run:
-            plan = c.call(
-                "vm.workspace.inspect",
+            plan = TypedClient(c).workspace.inspect(
                 {"path": path, "include_untracked": args.include_untracked, "list_files": True},
             )
             return print_dry_run(plan, args.include_untracked)
@@ -78,7 +81,7 @@ def export(args: argparse.Namespace) -> int:
     import base64
 
     with client(args) as c:
-        r = c.call("vm.workspace.export", {"ref": args.name, "base_commit": args.base_commit})
+        r = TypedClient(c).workspace.export(args.name, args.base_commit)
     patch = base64.b64decode(r["patch_b64"])
     if args.output:
         from pathlib import Path
@@ -104,14 +107,15 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dry_run(plan: dict[str, Any], include_untracked: bool) -> int:
+def print_dry_run(plan: RepoInfo, include_untracked: bool) -> int:
     """--dry-run: the files that would be shipped and the mode; nothing is created."""
     mode = "tracked + untracked" if include_untracked else "tracked only"
     print(
         f"repo: {plan['root']} @ {(plan['head'] or 'no commits')[:12]} "
         f"({plan.get('branch') or 'detached'}); mode: {mode}"
     )
-    for f in plan["files"]:
+    files = plan.get("files", [])
+    for f in files:
         print(f"  {f}")
-    print(f"{len(plan['files'])} files")
+    print(f"{len(files)} files")
     return 0

@@ -6,18 +6,15 @@ Each capability has explicit service fields populated at wiring time; none holds
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stoker.daemon.vm_disks import mac_for
 from stoker.model.records import VMRecord
-from stoker.store import Store
 
 if TYPE_CHECKING:
     from stoker.daemon.host_network import HostNetwork
-    from stoker.daemon.vm_service import VMService
     from stoker.daemon.workspace_service import WorkspaceService
 
 Hook = Callable[[VMRecord], Awaitable[None]]
@@ -47,10 +44,7 @@ class WorkDiskCapability(Capability):
     """Before every start: grow the /root work disk and write keys, git identity and
     `[[file_sync]]` files onto it (WorkspaceService owns that sync)."""
 
-    vm: VMService
     ws: WorkspaceService
-    store: Store
-    default_image_name: str
     name = "workdisk"
 
     def register(self, hooks: CapabilityHooks) -> None:
@@ -83,9 +77,7 @@ class NATCapability(Capability):
     """Per-VM network policy (`--net`; NAT is one mode of it): nftables rules in stoker's
     own tables and the guest's DNS view, installed before the VMM starts."""
 
-    vm: VMService
     net: HostNetwork
-    logger: logging.Logger
     name = "nat"
 
     def register(self, hooks: CapabilityHooks) -> None:

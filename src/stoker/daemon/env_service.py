@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stoker.daemon.api import BuildImage
 from stoker.daemon.imagemgr import commit as commitmod
 from stoker.daemon.imagemgr import derived
 from stoker.daemon.imagemgr.derived import CopyItem, SetupStep
@@ -88,6 +89,27 @@ async def _no_stdin() -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover
 
 
+def build_request(p: BuildImage) -> BuildRequest:
+    """RPC parameters -> a build request (derived images)."""
+    inputs: list[tuple[str, str]] = []
+    for i in p.inputs:
+        if len(i) != 2:
+            raise InvalidArgument("inputs: each entry is [repo path, sha256]")
+        inputs.append((i[0], i[1]))
+    return BuildRequest(
+        name=p.name,
+        from_image=p.from_image or "debian-bookworm",
+        packages=tuple(p.packages),
+        setup=tuple(SetupStep(s.label, s.script) for s in p.setup),
+        inputs=tuple(inputs),
+        repo=p.repo,
+        recipe=p.recipe,
+        force=p.force,
+        keep_failed=p.keep_failed,
+        setup_timeout=float(p.setup_timeout or DEFAULT_SETUP_TIMEOUT),
+    )
+
+
 class EnvService:
     """Builds derived images and commits VMs; one per daemon."""
 
@@ -108,6 +130,13 @@ class EnvService:
     @property
     def runner(self) -> Runner:
         return self.images.runner
+
+    async def image_build(self, p: BuildImage, progress: Progress) -> Image:
+        """`image.build`: the golden build by name, else a derived image (from, packages,
+        setup steps)."""
+        if p.from_image is None and not (p.packages or p.setup or p.inputs):
+            return await self.images.build_golden(p.name or "debian-bookworm", p.force, progress)
+        return await self.build(build_request(p), progress)
 
     # --- resolution ---------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from stoker.daemon.netdns import DNSServer, ResolvedWiring
 from stoker.daemon.netdns.server import ClientView
 from stoker.errors import InvalidArgument, StokerError
 from stoker.helper.client import HelperClient
+from stoker.model.wire import HelperStatus, NetworkStatus, TapPoolStatus
 from stoker.runner import Runner
 
 GUEST_DNS_PORT = 53
@@ -491,26 +492,26 @@ class HostNetwork:
                 await task
         await self.pool.close()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> NetworkStatus:
         """Bridge, DNS listener, resolver wiring and pool figures for `daemon status`."""
-        return {
-            "bridge": self.bridge,
-            "cidr": str(self.network),
-            "gateway": self.config.gateway_ip,
-            "dns_listen": self.dns_listen,
-            "dns_error": self.dns_error,
-            "guest_dns": (
+        return NetworkStatus(
+            bridge=self.bridge,
+            cidr=str(self.network),
+            gateway=self.config.gateway_ip,
+            dns_listen=self.dns_listen,
+            dns_error=self.dns_error,
+            guest_dns=(
                 f"{self.guest_dns.address[0]}:{self.guest_dns.address[1]}"
                 if self.guest_dns.address
                 else None
             ),
-            "guest_dns_error": self.guest_dns_error,
-            "policies": {a.vm_id: str(a.policy) for a in self.applied.values()},
-            "resolver": self.resolved.state,
-            "helper": (
+            guest_dns_error=self.guest_dns_error,
+            policies={a.vm_id: str(a.policy) for a in self.applied.values()},
+            resolver=self.resolved.state,
+            helper=(
                 None
                 if self.helper is None
-                else {"socket": str(self.helper.socket_path), "error": self.helper_error}
+                else HelperStatus(str(self.helper.socket_path), self.helper_error)
             ),
-            "tap_pool": {"size": self.pool.size, "ready": len(self.pool.pooled)},
-        }
+            tap_pool=TapPoolStatus(self.pool.size, len(self.pool.pooled)),
+        )

@@ -485,6 +485,10 @@ class ImageService:
 
         return await self._kernel_inflight.run(f"kernel-pull:{name}", run)
 
+    async def kernel_list(self, available: bool) -> list[Kernel] | list[AvailableKernel]:
+        """`kernel list`: the kernels here, or (`available`) the catalog's."""
+        return self.available_kernels() if available else await self.list_kernels()
+
     def available_kernels(self) -> list[AvailableKernel]:
         """The catalog's kernels, with whether each is installed here."""
         from stoker.daemon.catalog import load_catalog

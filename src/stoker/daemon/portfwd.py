@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from stoker.errors import Conflict, InvalidArgument, NotFound, StokerError
+from stoker.model.wire import PortForwardInfo
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -179,20 +180,20 @@ class Forward:
     conns: set[asyncio.Task[None]] = field(default_factory=set)
     connections: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def info(self) -> PortForwardInfo:
         addr = self.spec.host_addr
         shown = f"[{addr}]" if ":" in addr else addr
-        return {
-            "vm": self.vm_name,
-            "proto": "tcp",
-            "host_addr": addr,
-            "host_port": self.host_port,
-            "guest_port": self.spec.guest_port,
-            "guest": f"{self.guest_ip}:{self.spec.guest_port}",
-            "listen": f"{shown}:{self.host_port}",
-            "namespace": "client" if self.client_netns else "daemon",
-            "connections": self.connections,
-        }
+        return PortForwardInfo(
+            vm=self.vm_name,
+            proto="tcp",
+            host_addr=addr,
+            host_port=self.host_port,
+            guest_port=self.spec.guest_port,
+            guest=f"{self.guest_ip}:{self.spec.guest_port}",
+            listen=f"{shown}:{self.host_port}",
+            namespace="client" if self.client_netns else "daemon",
+            connections=self.connections,
+        )
 
 
 class PortForwards:
@@ -206,8 +207,8 @@ class PortForwards:
         self.guest_netns = guest_netns
         self._by_vm: dict[str, list[Forward]] = {}
 
-    def for_vm(self, vm_id: str) -> list[dict[str, Any]]:
-        return [f.to_dict() for f in self._by_vm.get(vm_id, [])]
+    def for_vm(self, vm_id: str) -> list[PortForwardInfo]:
+        return [f.info() for f in self._by_vm.get(vm_id, [])]
 
     async def add(
         self,
@@ -216,7 +217,7 @@ class PortForwards:
         guest_ip: str,
         specs: list[str],
         peer_pid: int | None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[PortForwardInfo]:
         """Bind every spec (all or none), then serve them; the caller checked the VM runs."""
         parsed = [parse_spec(s) for s in specs]
         if not parsed:
@@ -266,8 +267,8 @@ class PortForwards:
         for sp, sock in bound:
             fwd = await self._serve(vm_id, vm_name, guest_ip, sp, sock, in_client)
             self._by_vm.setdefault(vm_id, []).append(fwd)
-            self.log.info("forward %s -> %s:%d", fwd.to_dict()["listen"], vm_name, sp.guest_port)
-            out.append(fwd.to_dict())
+            self.log.info("forward %s -> %s:%d", fwd.info().listen, vm_name, sp.guest_port)
+            out.append(fwd.info())
         return out
 
     async def _serve(
@@ -305,7 +306,7 @@ class PortForwards:
         holder["f"] = fwd
         return fwd
 
-    async def remove(self, vm_id: str, host_port: int | None = None) -> list[dict[str, Any]]:
+    async def remove(self, vm_id: str, host_port: int | None = None) -> list[PortForwardInfo]:
         """Close one forward (by host port) or all of a VM's; returns what was removed."""
         fwds = self._by_vm.get(vm_id, [])
         gone = [f for f in fwds if host_port is None or f.host_port == host_port]
@@ -322,7 +323,7 @@ class PortForwards:
                 t.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(f.server.wait_closed(), 2.0)
-        return [f.to_dict() for f in gone]
+        return [f.info() for f in gone]
 
     async def close(self) -> None:
         for vm_id in list(self._by_vm):

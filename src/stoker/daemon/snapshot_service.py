@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from stoker.daemon.snapshot_files import copy_sparse, snapshot_refusal
 from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, StokerError
-from stoker.model.records import VMState
+from stoker.model.records import VMRecord, VMState
+from stoker.model.wire import SnapshotDeleted, SnapshotInfo, SnapshotTaken
 
 if TYPE_CHECKING:
     from stoker.daemon.vm_service import Progress, VMService
@@ -66,7 +67,7 @@ def machine_meta(
 
 async def snapshot_vm(
     svc: VMService, ref: str, name: str | None, progress: Progress
-) -> dict[str, Any]:
+) -> SnapshotTaken:
     """Snapshot a running VM; on any failure no snapshot (row or files) is left and the
     VM keeps running."""
     async with svc.with_vm_lock_by_ref(ref) as vm:
@@ -107,7 +108,7 @@ async def snapshot_vm(
         size = await _take(svc, vm, driver, handle, cfg, final, progress)
         svc.store.insert_snapshot(vm.id, name, final, meta)
         progress("snapshot", f"snapshot {name} of {vm.name}: {size} bytes")
-        return {"vm": vm.name, "name": name, "dir": str(final), "bytes": size, "meta": meta}
+        return SnapshotTaken(vm.name, name, str(final), size, meta)
 
 
 async def _take(
@@ -149,13 +150,16 @@ async def _take(
     return size
 
 
-def list_snapshots(svc: VMService, ref: str | None) -> list[dict[str, Any]]:
+def list_snapshots(svc: VMService, ref: str | None) -> list[SnapshotInfo]:
     vms = {v.id: v.name for v in svc.store.list_vms()}
     vm_id = svc.resolve(ref).id if ref else None
-    return [{**s, "vm": vms.get(s["vm_id"], s["vm_id"])} for s in svc.store.list_snapshots(vm_id)]
+    return [
+        SnapshotInfo(**s, vm=vms.get(s["vm_id"], s["vm_id"]))
+        for s in svc.store.list_snapshots(vm_id)
+    ]
 
 
-async def delete_snapshot(svc: VMService, ref: str, name: str) -> dict[str, str]:
+async def delete_snapshot(svc: VMService, ref: str, name: str) -> SnapshotDeleted:
     async with svc.with_vm_lock_by_ref(ref) as vm:
         snap = svc.store.get_snapshot(vm.id, check_name(name))
         if snap is None:
@@ -165,7 +169,7 @@ async def delete_snapshot(svc: VMService, ref: str, name: str) -> dict[str, str]
             )
         svc.store.delete_snapshot(vm.id, name)
         shutil.rmtree(Path(vm.vm_dir) / SNAPSHOTS_DIR / name, ignore_errors=True)
-        return {"vm": vm.name, "name": name}
+        return SnapshotDeleted(vm.name, name)
 
 
 async def start_from_snapshot(svc: VMService, ref: str, name: str, progress: Progress) -> VMRecord:

@@ -18,7 +18,7 @@ import base64
 import binascii
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from stoker.daemon.agent import (
     AgentError,
@@ -29,6 +29,7 @@ from stoker.daemon.imagemgr.workload import WorkloadConfig, exec_defaults
 from stoker.daemon.vm_stats import agent_for
 from stoker.errors import Cancelled, Conflict, InvalidArgument, NotFound
 from stoker.model.records import VMRecord, VMState
+from stoker.model.wire import ExecDone, ExecInputTaken, ExecSignalled
 
 if TYPE_CHECKING:
     from stoker.daemon.vm_service import VMService
@@ -84,7 +85,7 @@ async def exec_stream(
     spec: ExecSpec,
     ctx: RequestContext,
     probe_timeout: float = AGENT_PROBE_TIMEOUT,
-) -> dict[str, Any]:
+) -> ExecDone:
     """Run `spec` in the VM through its agent, streaming output to `ctx`.
 
     Returns {"transport": "agent", "exit_code", "code", "signal", "timed_out"}, or
@@ -97,7 +98,7 @@ async def exec_stream(
         raise Conflict(f"VM {vm.name} is {state}: start it with `stoker vm start {vm.name}`")
     why = await agent_can_exec(svc, vm, probe_timeout)
     if why is not None:
-        return {"transport": None, "fallback": "ssh", "reason": why}
+        return ExecDone(None, fallback="ssh", reason=why)
     if vm.system_image is not None:
         spec = workload_spec(svc, vm, spec)
     elif spec.cwd is None:
@@ -114,13 +115,7 @@ async def exec_stream(
                 raise Cancelled("the caller went away")
         st = session.status
         assert st is not None
-        return {
-            "transport": "agent",
-            "exit_code": st.exit_code,
-            "code": st.code,
-            "signal": st.signal,
-            "timed_out": st.timed_out,
-        }
+        return ExecDone("agent", st.exit_code, st.code, st.signal, st.timed_out)
     except AgentError as e:
         raise type(e)(f"VM {vm.name}: {e.message}") from None
     finally:
@@ -147,7 +142,7 @@ def _session(svc: VMService, token: str) -> ExecSession:
     return s
 
 
-async def exec_signal(svc: VMService, token: str, sig: str) -> dict[str, Any]:
+async def exec_signal(svc: VMService, token: str, sig: str) -> ExecSignalled:
     """Deliver a signal to a running exec's process group."""
     name = sig.upper().removeprefix("SIG")
     if name not in SIGNALS:
@@ -158,10 +153,10 @@ async def exec_signal(svc: VMService, token: str, sig: str) -> dict[str, Any]:
         await s.channel.drain()
     except AgentError as e:
         raise type(e)(e.message) from None
-    return {"exec": token, "signal": name}
+    return ExecSignalled(token, name)
 
 
-async def exec_input(svc: VMService, token: str, data: str, eof: bool) -> dict[str, Any]:
+async def exec_input(svc: VMService, token: str, data: str, eof: bool) -> ExecInputTaken:
     """Feed stdin to a running exec (base64 `data`); returns once the agent took it, so
     the caller's next chunk waits for the window. `open` False: the process closed its
     stdin or ended (stop sending)."""
@@ -176,7 +171,7 @@ async def exec_input(svc: VMService, token: str, data: str, eof: bool) -> dict[s
             await s.close_stdin()
     except AgentError as e:
         raise type(e)(e.message) from None
-    return {"exec": token, "open": ok and not eof}
+    return ExecInputTaken(token, ok and not eof)
 
 
 async def run_collect(

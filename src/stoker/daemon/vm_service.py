@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stoker.config import Config, host_memory_bytes
 from stoker.daemon import vm_stats
 from stoker.daemon.agent import AgentClient
+from stoker.daemon.api import CreateVM, ExecVM, SetVM
 from stoker.daemon.capabilities import CapabilityHooks
 from stoker.daemon.guestssh import (
-    GuestSSH,
+    GuestSSHLike,
     SSHTarget,
     add_known_host,
     generate_host_key,
@@ -56,7 +57,22 @@ from stoker.layout import Layout
 from stoker.model.names import generate_name, validate_name
 from stoker.model.records import Image, Kernel, Teardown, VMRecord, VMSpec, VMState
 from stoker.model.sizes import MIN_DISK_BYTES, check_memory_mib, format_size, parse_size
-from stoker.model.wire import LogChunk
+from stoker.model.wire import (
+    ExecDone,
+    ExecInputTaken,
+    ExecSignalled,
+    FanResult,
+    GuestPort,
+    LogChunk,
+    LogsInfo,
+    PortForwardInfo,
+    SSHInfo,
+    VMCreated,
+    VMDeleted,
+    VMHealth,
+    VMShown,
+    VMStats,
+)
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
@@ -97,10 +113,10 @@ class CreateRequest:
 
 if TYPE_CHECKING:
     from stoker.daemon.agent import ExecSession
-    from stoker.daemon.api import ExecVM
     from stoker.daemon.host_network import HostNetwork
     from stoker.daemon.image_service import ImageService
     from stoker.daemon.pool_service import PoolService
+    from stoker.daemon.portfwd import PortForwards
     from stoker.daemon.workspace_service import WorkspaceService
     from stoker.rpc.server import RequestContext
 
@@ -119,6 +135,8 @@ class VMService:
         images: ImageService,
         ws: WorkspaceService,
         hooks: CapabilityHooks,
+        ssh: GuestSSHLike,
+        forwards: PortForwards,
         driver_factory: Callable[[], VMMDriver] | None = None,
     ) -> None:
         self.store = store
@@ -130,6 +148,7 @@ class VMService:
         self.images = images
         self.ws = ws
         self.hooks = hooks
+        self.forwards = forwards
         self.vm_locks = LockSet()
         self.create_vm_lock = asyncio.Lock()
         self.create_ops: Registry[OpState] = Registry()
@@ -140,12 +159,12 @@ class VMService:
         self.driver_factory: Callable[[], VMMDriver] = driver_factory or (
             lambda: default_driver(config, runner)
         )
-        self.ssh = GuestSSH()
+        self.ssh = ssh
         self.boot_timeout = float(config.boot_timeout or DEFAULT_BOOT_TIMEOUT)
         self.last_timings: dict[str, dict[str, float]] = {}
         self._driver_cache: VMMDriver | None = None
         self.agents: dict[str, AgentClient] = {}
-        self.last_samples: dict[str, dict[str, Any]] = {}
+        self.last_samples: dict[str, vm_stats.Sample] = {}
         self.agent_required = False  # readiness gates on SSH; the agent is waited for too
         self.exec_capable: dict[str, bool] = {}  # VM id -> its agent answered with exec
         self.execs: dict[str, ExecSession] = {}  # running execs by token (vm_exec)
@@ -596,7 +615,7 @@ class VMService:
 
     # --- exec (vm_exec.py) ---------------------------------------------------------------
 
-    async def exec(self, p: ExecVM, ctx: RequestContext) -> dict[str, Any]:
+    async def exec(self, p: ExecVM, ctx: RequestContext) -> ExecDone:
         """Run a command through the guest agent, streaming its output (see vm_exec)."""
         from stoker.daemon import vm_exec
         from stoker.daemon.agent import ExecSpec
@@ -628,12 +647,12 @@ class VMService:
         )
         return await vm_exec.exec_stream(self, p.ref, spec, ctx)
 
-    async def exec_signal(self, token: str, sig: str) -> dict[str, Any]:
+    async def exec_signal(self, token: str, sig: str) -> ExecSignalled:
         from stoker.daemon import vm_exec
 
         return await vm_exec.exec_signal(self, token, sig)
 
-    async def exec_input(self, token: str, data: str, eof: bool) -> dict[str, Any]:
+    async def exec_input(self, token: str, data: str, eof: bool) -> ExecInputTaken:
         from stoker.daemon import vm_exec
 
         return await vm_exec.exec_input(self, token, data, eof)
@@ -766,9 +785,7 @@ class VMService:
                 errs.append(f"release tap {vm.teardown.tap}: {e}")
         await vm_stats.drop_agent(self, vm.id)
         self.ssh_seen.discard(vm.id)
-        forget = getattr(self.ssh, "forget", None)
-        if forget is not None:
-            await forget(self.ssh_target(vm))
+        await self.ssh.forget(self.ssh_target(vm))
         self.last_samples.pop(vm.id, None)
         self.vmm_handles.pop(vm.id, None)
         vm.teardown = Teardown()
@@ -783,26 +800,26 @@ class VMService:
 
     # --- delete / set ------------------------------------------------------------------
 
-    async def delete_vm(self, ref: str) -> dict[str, str]:
+    async def delete_vm(self, ref: str) -> VMDeleted:
         """Stop if needed, then remove disks, DNS, NAT, known_hosts entries and the row."""
         return await self.delete_vm_by_id(self.resolve(ref).id)
 
-    async def delete_vm_by_id(self, vm_id: str, only_pool: bool = False) -> dict[str, str]:
+    async def delete_vm_by_id(self, vm_id: str, only_pool: bool = False) -> VMDeleted:
         """`delete_vm` by id, pool VMs too (which `resolve` does not see). With
         `only_pool`, a VM that is no longer a pool VM once the lock is held (it was taken
         meanwhile) is left alone."""
         async with self.with_vm_lock_by_id(vm_id) as vm:
             if only_pool and not self.store.is_pool_vm(vm_id):
-                return {"name": vm.name, "id": vm.id}
+                return VMDeleted(vm.name, vm.id)
 
-            async def flow() -> dict[str, str]:
+            async def flow() -> VMDeleted:
                 errs = await self._cleanup(vm)
                 remove_known_host(self.layout.known_hosts, [vm.guest_ip, vm.dns_name, vm.name])
                 shutil.rmtree(vm.vm_dir, ignore_errors=True)
                 self.store.delete_vm(vm.id)
                 if errs:
                     self.log.warning("delete %s: cleanup errors: %s", vm.name, "; ".join(errs))
-                return {"name": vm.name, "id": vm.id}
+                return VMDeleted(vm.name, vm.id)
 
             return await run_to_end(flow())
 
@@ -866,10 +883,10 @@ class VMService:
 
     # --- info for the CLI ---------------------------------------------------------------
 
-    def logs_info(self, ref: str) -> dict[str, str]:
+    def logs_info(self, ref: str) -> LogsInfo:
         """Where the VM's serial console log is (the CLI reads and follows it)."""
         vm = self.resolve(ref)
-        return {"name": vm.name, "path": str(Path(vm.vm_dir) / SERIAL_LOG), "state": vm.state}
+        return LogsInfo(vm.name, str(Path(vm.vm_dir) / SERIAL_LOG), str(vm.state))
 
     async def read_log(self, ref: str, offset: int, limit: int) -> LogChunk:
         """Up to `limit` bytes of the VM's console log from `offset` (no symlink followed;
@@ -903,25 +920,30 @@ class VMService:
             last_error=vm.last_error,
         )
 
-    def ssh_info(self, ref: str) -> dict[str, Any]:
-        """What the CLI needs to run the system ssh against a VM."""
+    async def ssh_info(
+        self, ref: str, wait: bool = False, progress: Progress | None = None
+    ) -> SSHInfo:
+        """What the CLI needs to run the system ssh against a VM; with `wait`, once SSH
+        answers (a VM made ready by its agent may be early)."""
+        if wait:
+            await self.wait_ssh(ref, progress or (lambda *a, **kw: None))
         vm = self.resolve(ref)
-        return {
-            "name": vm.name,
-            "state": str(vm.state),
-            "host": vm.guest_ip,
-            "user": "root",
-            "key": str(self.layout.ssh_key),
-            "known_hosts": str(self.layout.known_hosts),
-            "workspace": vm.workspace.guest_path if vm.workspace else None,
-            "workspace_record": vm.workspace,
-        }
+        return SSHInfo(
+            name=vm.name,
+            state=str(vm.state),
+            host=vm.guest_ip,
+            user="root",
+            key=str(self.layout.ssh_key),
+            known_hosts=str(self.layout.known_hosts),
+            workspace=vm.workspace.guest_path if vm.workspace else None,
+            workspace_record=vm.workspace,
+        )
 
-    async def prune_vms(self, names: list[str]) -> list[dict[str, Any]]:
+    async def prune_vms(self, names: list[str]) -> list[FanResult[VMDeleted]]:
         """Delete the named VMs that are still not running (the CLI confirmed the list);
         a VM started since the confirmation is kept and reported."""
 
-        async def one(vm_id: str) -> dict[str, str]:
+        async def one(vm_id: str) -> VMDeleted:
             vm = self.resolve(vm_id)
             if vm.state in (VMState.RUNNING, VMState.STARTING):
                 raise Conflict(f"VM {vm.name} is {vm.state} now: not pruned")
@@ -929,17 +951,88 @@ class VMService:
 
         return await self.fan_out(names, one)
 
+    # --- the RPC's multi-VM forms and views ----------------------------------------------
+
+    async def show(self, ref: str) -> VMShown:
+        """`vm show`: the record and the VM's port forwards."""
+        rec = self.resolve(ref)
+        return VMShown(rec, self.forwards.for_vm(rec.id))
+
+    async def create(self, p: CreateVM, progress: Progress) -> VMCreated:
+        """`vm create`: the record and how long each boot stage took."""
+        rec = await self.create_vm(CreateRequest(**p.model_dump()), progress)
+        return VMCreated(rec, self.last_timings.get(rec.id))
+
+    async def set(self, p: SetVM) -> VMRecord:
+        """`vm set`: TTL and/or sizing and network policy."""
+        if p.ttl is not None or p.clear_ttl:
+            await self.set_ttl(p.ref, None if p.clear_ttl else p.ttl)
+        if p.vcpu is None and p.memory_mib is None and p.disk_size is None and p.net is None:
+            return self.resolve(p.ref)
+        return await self.set_vm(p.ref, p.vcpu, p.memory_mib, p.disk_size, p.net)
+
+    async def start_vms(self, refs: list[str], progress: Progress) -> list[FanResult[VMRecord]]:
+        return await self.fan_out(refs, self._tagged(self.start_vm, progress))
+
+    async def restart_vms(self, refs: list[str], progress: Progress) -> list[FanResult[VMRecord]]:
+        return await self.fan_out(refs, self._tagged(self.restart_vm, progress))
+
+    async def stop_vms(self, refs: list[str]) -> list[FanResult[VMRecord]]:
+        return await self.fan_out(refs, self.stop_vm)
+
+    async def kill_vms(self, refs: list[str]) -> list[FanResult[VMRecord]]:
+        return await self.fan_out(refs, self.kill_vm)
+
+    async def delete_vms(self, refs: list[str]) -> list[FanResult[VMDeleted]]:
+        return await self.fan_out(refs, self.delete_vm)
+
+    def _tagged(
+        self, op: Callable[[str, Progress], Awaitable[T]], progress: Progress
+    ) -> Callable[[str], Awaitable[T]]:
+        """A per-VM op whose progress lines say which VM they are about."""
+
+        async def one(vm_id: str) -> T:
+            name = self.resolve(vm_id).name
+
+            def prog(stage: str, message: str = "", **kw: Any) -> None:
+                progress(stage, message, vm=name, **kw)
+
+            return await op(vm_id, prog)
+
+        return one
+
+    # --- port forwards (portfwd.py holds them) -------------------------------------------
+
+    async def port_forward(
+        self, ref: str, specs: list[str], ctx: RequestContext
+    ) -> list[PortForwardInfo]:
+        """Forward host ports to a running VM (listeners in the asking client's netns)."""
+        async with self.with_vm_lock_by_ref(ref) as rec:
+            if rec.state != VMState.RUNNING:
+                raise Conflict(
+                    f"VM {rec.name} is {rec.state}: ports forward only to a running VM; "
+                    f"start it first (`stoker vm start {rec.name}`)"
+                )
+            return await self.forwards.add(rec.id, rec.name, rec.guest_ip, specs, ctx.peer_pid)
+
+    async def port_forward_remove(self, ref: str, host_port: int | None) -> list[PortForwardInfo]:
+        return await self.forwards.remove(self.resolve(ref).id, host_port)
+
+    async def port_forward_list(self, refs: list[str]) -> list[PortForwardInfo]:
+        recs = [self.resolve(r) for r in refs] if refs else self.store.list_vms()
+        return [f for r in recs for f in self.forwards.for_vm(r.id)]
+
     # --- observation (vm_stats.py) -------------------------------------------------------
 
-    async def health(self, ref: str) -> dict[str, Any]:
+    async def health(self, ref: str) -> VMHealth:
         """Agent health (SSH fallback) for one VM."""
         return await vm_stats.health(self, ref)
 
-    async def stats(self, refs: list[str]) -> list[dict[str, Any]]:
+    async def stats(self, refs: list[str]) -> list[FanResult[VMStats]]:
         """CPU %, RSS, guest memory, disk use, uptime, last activity per VM."""
         return await vm_stats.stats(self, refs)
 
-    async def ports(self, refs: list[str]) -> list[dict[str, Any]]:
+    async def ports(self, refs: list[str]) -> list[FanResult[list[GuestPort]]]:
         """Listening sockets per VM as NAME.vm:PORT endpoints."""
         return await vm_stats.ports(self, refs)
 
@@ -950,8 +1043,8 @@ class VMService:
     # --- fan-out -----------------------------------------------------------------------
 
     async def fan_out(
-        self, refs: list[str], op: Callable[[str], Awaitable[Any]]
-    ) -> list[dict[str, Any]]:
+        self, refs: list[str], op: Callable[[str], Awaitable[T]]
+    ) -> list[FanResult[T]]:
         """Resolve refs once, dedupe, run concurrently, report in the order given."""
         resolved: list[tuple[str, str | None, str | None]] = []
         for ref in refs:
@@ -961,24 +1054,24 @@ class VMService:
                 resolved.append((ref, None, e.message))
         unique = list(dict.fromkeys(vid for _, vid, _ in resolved if vid))
 
-        async def one(vid: str) -> tuple[Any, str | None]:
+        async def one(vid: str) -> tuple[T | None, str | None]:
             try:
                 return await op(vid), None
             except StokerError as e:
                 return None, e.message
 
         results = dict(zip(unique, await asyncio.gather(*(one(v) for v in unique)), strict=True))
-        out: list[dict[str, Any]] = []
+        out: list[FanResult[T]] = []
         seen: set[str] = set()
         for ref, vid, err in resolved:
             if vid is None:
-                out.append({"ref": ref, "ok": False, "error": err})
+                out.append(FanResult(ref, False, err, resolved=False))
             elif vid in seen:
                 continue
             else:
                 seen.add(vid)
                 res, failure = results[vid]
-                out.append({"ref": ref, "ok": failure is None, "error": failure, "result": res})
+                out.append(FanResult(ref, failure is None, failure, res))
         return out
 
     # --- watching running VMMs ----------------------------------------------------------

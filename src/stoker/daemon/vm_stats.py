@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from stoker.daemon.agent import (
 )
 from stoker.errors import Conflict, StokerError
 from stoker.model.records import VMRecord, VMState
+from stoker.model.wire import AgentHealth, FanResult, GuestPort, VMHealth, VMStats
 
 if TYPE_CHECKING:
     from stoker.daemon.vm_service import VMService
@@ -72,36 +75,34 @@ async def wait_agent(svc: VMService, vm: VMRecord, deadline: float) -> float | N
     return None
 
 
-async def health(svc: VMService, ref: str) -> dict[str, Any]:
+async def health(svc: VMService, ref: str) -> VMHealth:
     """Agent health for one VM, with the SSH fallback when the agent does not answer."""
     vm = svc.resolve(ref)
-    out: dict[str, Any] = {"name": vm.name, "state": str(vm.state)}
+    state = str(vm.state)
     if vm.state != VMState.RUNNING or not await svc.is_alive(vm):
-        out.update(running=False, healthy=False, agent=None)
-        return out
-    out["running"] = True
+        return VMHealth(vm.name, state, running=False, healthy=False, agent=None)
     try:
         h = await agent_for(svc, vm).healthz(timeout=2.0)
-        out.update(
-            healthy=h.ok,
-            agent={
-                "ok": h.ok,
-                "uptime_s": h.uptime_s,
-                "boot_id": h.boot_id,
-                "load": list(h.load),
-                "hostname": h.hostname,
-                "sshd_running": h.sshd_running,
-                "agent_version": h.agent_version,
-            },
+        agent = AgentHealth(
+            ok=h.ok,
+            uptime_s=h.uptime_s,
+            boot_id=h.boot_id,
+            load=list(h.load),
+            hostname=h.hostname,
+            sshd_running=h.sshd_running,
+            agent_version=h.agent_version,
         )
+        return VMHealth(vm.name, state, running=True, healthy=h.ok, agent=agent)
     except AgentError as e:
-        out.update(agent=None, agent_error=e.message)
-        try:
-            r = await svc.ssh.run(svc.ssh_target(vm), "true", timeout=5, connect_timeout=2)
-            out.update(healthy=r.exit_status == 0, via="ssh")
-        except StokerError as se:
-            out.update(healthy=False, ssh_error=se.message)
-    return out
+        agent_error = e.message
+    try:
+        r = await svc.ssh.run(svc.ssh_target(vm), "true", timeout=5, connect_timeout=2)
+        healthy = r.exit_status == 0
+    except StokerError as se:
+        return VMHealth(
+            vm.name, state, True, False, None, agent_error=agent_error, ssh_error=se.message
+        )
+    return VMHealth(vm.name, state, True, healthy, None, agent_error=agent_error, via="ssh")
 
 
 def _proc_cpu_rss(pid: int) -> tuple[float, int] | None:
@@ -124,50 +125,55 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-async def sample(svc: VMService, vm: VMRecord) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Sample:
+    """One stats sample as VMService keeps it: the public `VMStats` plus what the next
+    sample's CPU figures are measured against (never on the wire)."""
+
+    stats: VMStats
+    at: float  # Unix time of the sample
+    vmm_cpu_s: float | None  # CPU seconds the VMM process had used
+    guest: GuestStats | None  # the agent's /stats
+
+
+async def sample(svc: VMService, vm: VMRecord) -> Sample:
     """One stats sample for a VM; CPU % is measured against the previous sample."""
     vm_dir = Path(vm.vm_dir)
     now = time.time()
-    out: dict[str, Any] = {
-        "name": vm.name,
-        "state": str(vm.state),
-        "sampled_at": now,
-        "overlay_bytes": _allocated(vm_dir / "overlay.ext4"),
-        "work_disk_bytes": _allocated(vm_dir / "work.ext4"),
-        "cpu_percent": None,
-        "vmm_rss_bytes": None,
-        "guest_mem_used": None,
-        "guest_mem_total": None,
-        "uptime_s": None,
-        "last_activity_age_s": None,
-    }
     prev = svc.last_samples.get(vm.id)
+    fig: dict[str, Any] = {}
+    cpu_s: float | None = None
+    guest: GuestStats | None = None
     pid = vm.teardown.vmm_pid
     if vm.state == VMState.RUNNING and pid:
         cr = _proc_cpu_rss(pid)
         if cr is not None:
-            cpu_s, rss = cr
-            out["vmm_rss_bytes"] = rss
-            out["_cpu_s"] = cpu_s
-            if prev and prev.get("_cpu_s") is not None and now > prev["sampled_at"]:
-                out["cpu_percent"] = round(
-                    100.0 * (cpu_s - prev["_cpu_s"]) / (now - prev["sampled_at"]), 1
-                )
+            cpu_s, fig["vmm_rss_bytes"] = cr
+            if prev and prev.vmm_cpu_s is not None and now > prev.at:
+                fig["cpu_percent"] = round(100.0 * (cpu_s - prev.vmm_cpu_s) / (now - prev.at), 1)
         try:
-            gs: GuestStats = await agent_for(svc, vm).stats(timeout=3.0)
-            out.update(
-                guest_mem_used=gs.mem_used,
-                guest_mem_total=gs.mem_total,
-                uptime_s=round(gs.uptime_s, 1),
-                last_activity_age_s=gs.last_activity_age_s,
-                _guest=gs,
+            guest = await agent_for(svc, vm).stats(timeout=3.0)
+            fig.update(
+                guest_mem_used=guest.mem_used,
+                guest_mem_total=guest.mem_total,
+                uptime_s=round(guest.uptime_s, 1),
+                last_activity_age_s=guest.last_activity_age_s,
             )
-            if prev and isinstance(prev.get("_guest"), GuestStats):
-                pc = cpu_percent(prev["_guest"], gs)
+            if prev and prev.guest is not None:
+                pc = cpu_percent(prev.guest, guest)
                 if pc is not None:
-                    out["guest_cpu_percent"] = round(pc, 1)
+                    fig["guest_cpu_percent"] = round(pc, 1)
         except AgentError as e:
-            out["agent_error"] = e.message
+            fig["agent_error"] = e.message
+    stats = VMStats(
+        name=vm.name,
+        state=str(vm.state),
+        sampled_at=rfc3339(now),
+        overlay_bytes=_allocated(vm_dir / "overlay.ext4"),
+        work_disk_bytes=_allocated(vm_dir / "work.ext4"),
+        **fig,
+    )
+    out = Sample(stats, now, cpu_s, guest)
     svc.last_samples[vm.id] = out
     return out
 
@@ -181,37 +187,35 @@ def rfc3339(t: Any) -> Any:
     return t
 
 
-def public(s: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in s.items() if not k.startswith("_")}
-    if "sampled_at" in out:
-        out["sampled_at"] = rfc3339(out["sampled_at"])
-    return out
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(VMStats))
 
 
-async def stats(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
+async def stats(svc: VMService, refs: list[str]) -> list[FanResult[VMStats]]:
     """`vm stats`: a fresh sample per VM (all VMs when refs is empty)."""
     if not refs:
         refs = [v.id for v in svc.store.list_vms()]
 
-    async def one(vm_id: str) -> dict[str, Any]:
+    async def one(vm_id: str) -> VMStats:
         vm = svc.resolve(vm_id)
         if vm.state != VMState.RUNNING:
             # Not running: the last sample taken while it ran (persisted, so it survives a
             # daemon restart), with the current state and disk use.
             last = svc.store.get_stats(vm.id) or {}
-            cur = public(await sample(svc, vm))
-            return {
-                **cur,
-                **{k: v for k, v in last.items() if cur.get(k) is None},
-                "state": str(vm.state),
-                "last_sampled_at": rfc3339(last.get("sampled_at")),
-            }
+            cur = (await sample(svc, vm)).stats.to_dict()
+            merged = {k: cur.get(k) if cur.get(k) is not None else last.get(k) for k in cur}
+            merged.update(
+                {k: last[k] for k in _STATS_FIELDS if k not in merged and k in last},
+                state=str(vm.state),
+                last_sampled_at=rfc3339(last.get("sampled_at")),
+            )
+            kept: dict[str, Any] = {k: v for k, v in merged.items() if k in _STATS_FIELDS}
+            return VMStats(**kept)
         if vm.id not in svc.last_samples:
             await sample(svc, vm)  # a baseline so CPU % has something to compare with
             await asyncio.sleep(0.3)
-        s = await sample(svc, vm)
-        svc.store.put_stats(vm.id, public(s))
-        return public(s)
+        s = (await sample(svc, vm)).stats
+        svc.store.put_stats(vm.id, s.to_dict())
+        return s
 
     return await svc.fan_out(refs, one)
 
@@ -223,13 +227,13 @@ async def poll_stats(svc: VMService) -> None:
 
     async def one(vm: VMRecord) -> None:
         try:
-            s = await sample(svc, vm)
+            s = (await sample(svc, vm)).stats
         except Exception as e:  # one VM's trouble never stops the others
             svc.log.debug("stats for %s failed: %s", vm.name, e)
             return
-        svc.store.put_stats(vm.id, public(s))
+        svc.store.put_stats(vm.id, s.to_dict())
         limit = svc.config.auto_stop_stale_after
-        idle = s.get("last_activity_age_s")
+        idle = s.last_activity_age_s
         if limit and idle is not None and idle > limit:
             svc.log.info("%s idle for %.0fs (> %ss): stopping", vm.name, idle, limit)
             with contextlib.suppress(StokerError):
@@ -276,13 +280,14 @@ async def _probe(host: str, port: int) -> str | None:
     return None
 
 
-async def ports(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
+async def ports(svc: VMService, refs: list[str]) -> list[FanResult[list[GuestPort]]]:
     """`vm ports`: listeners per VM as NAME.vm:PORT, with http(s) links where a probe
-    from the host answers. Concurrent across VMs; a stopped VM fails alone."""
+    from the host answers, and the host ports `vm port-forward` sends to each TCP port.
+    Concurrent across VMs; a stopped VM fails alone."""
     if not refs:
         refs = [v.id for v in svc.store.list_vms() if v.state == VMState.RUNNING]
 
-    async def one(vm_id: str) -> list[dict[str, Any]]:
+    async def one(vm_id: str) -> list[GuestPort]:
         vm = svc.resolve(vm_id)
         if vm.state != VMState.RUNNING:
             raise Conflict(f"VM {vm.name} is {vm.state}: start it to list its ports")
@@ -290,26 +295,41 @@ async def ports(svc: VMService, refs: list[str]) -> list[dict[str, Any]]:
             socks = await agent_for(svc, vm).ports(timeout=5.0)
         except AgentError as e:
             raise Conflict(f"VM {vm.name}: the guest agent does not answer ({e.message})") from e
-        seen: dict[tuple[str, int], dict[str, Any]] = {}
+        seen: dict[tuple[str, int], GuestPort] = {}
         for s in socks:
             key = (s.proto, s.port)
             if key in seen:
                 continue
-            seen[key] = {
-                "proto": s.proto,
-                "port": s.port,
-                "addr": s.addr,
-                "process": s.process,
-                "pid": s.pid,
-                "endpoint": f"{vm.dns_name}:{s.port}",
-                "loopback_only": s.loopback_only,
-                "url": None,
-            }
-        tcp = [e for e in seen.values() if e["proto"] == "tcp" and not e["loopback_only"]]
-        schemes = await asyncio.gather(*(_probe(vm.guest_ip, e["port"]) for e in tcp))
+            seen[key] = GuestPort(
+                proto=s.proto,
+                port=s.port,
+                addr=s.addr,
+                process=s.process,
+                pid=s.pid,
+                endpoint=f"{vm.dns_name}:{s.port}",
+                loopback_only=s.loopback_only,
+                url=None,
+            )
+        tcp = [e for e in seen.values() if e.proto == "tcp" and not e.loopback_only]
+        schemes = await asyncio.gather(*(_probe(vm.guest_ip, e.port) for e in tcp))
         for entry, scheme in zip(tcp, schemes, strict=True):
             if scheme:
-                entry["url"] = f"{scheme}://{vm.dns_name}:{entry['port']}/"
-        return sorted(seen.values(), key=lambda e: (e["proto"], e["port"]))
+                entry.url = f"{scheme}://{vm.dns_name}:{entry.port}/"
+        out = sorted(seen.values(), key=lambda e: (e.proto, e.port))
+        # Each guest TCP port says which host ports forward to it; a forward to a port
+        # nothing listens on yet is listed too.
+        by_port: dict[int, list[str]] = {}
+        for f in svc.forwards.for_vm(vm.id):
+            by_port.setdefault(f.guest_port, []).append(f.listen)
+        for entry in out:
+            if entry.proto == "tcp":
+                entry.forwarded_from = by_port.pop(entry.port, [])
+        for port, listens in sorted(by_port.items()):
+            out.append(
+                GuestPort(
+                    "tcp", port, None, None, None, f"{vm.dns_name}:{port}", False, None, listens
+                )
+            )
+        return out
 
     return await svc.fan_out(refs, one)

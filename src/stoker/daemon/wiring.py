@@ -1,42 +1,74 @@
-"""`wire_services(d)`: the single entry point that builds services and capabilities.
+"""`build_services`: the one place services and capabilities are built and connected.
 
-Called once from `Daemon.open()` after the root's infrastructure is set, and by tests
-after constructing a `Daemon` by hand. Idempotent: anything already set (a stub a test
-assigned) is kept.
+`Daemon.__init__` calls it with the root's infrastructure; a test that wants a stub
+service (or a `HostNetwork` inside its own namespace, a fake `GuestSSH`) passes it to
+`Daemon(...)` and everything else is built around it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stoker.daemon.capabilities import (
+    Capability,
     CapabilityHooks,
     DNSCapability,
     NATCapability,
     WorkDiskCapability,
 )
+from stoker.daemon.guestssh import GuestSSH, GuestSSHLike
 from stoker.daemon.host_network import HostNetwork
 from stoker.daemon.image_service import ImageService
 from stoker.daemon.pool_service import PoolService
 from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import VMService
 from stoker.daemon.workspace_service import WorkspaceSeams, WorkspaceService
-from stoker.model.records import Image, VMRecord
+from stoker.model.records import VMRecord
 
 if TYPE_CHECKING:
-    from stoker.daemon.daemon import Daemon
+    from stoker.config import Config
+    from stoker.layout import Layout
+    from stoker.runner import Runner
+    from stoker.store import Store
 
 
-def wire_services(d: Daemon) -> None:
-    """Build HostNetwork, ImageService, WorkspaceService, VMService and capabilities."""
-    assert d.store is not None and d.layout is not None and d.config is not None
-    logger = d.logger or logging.getLogger("stoker")
-    d.logger = logger
+@dataclass
+class Services:
+    """Everything `build_services` made (or kept from the presets)."""
 
-    if d.net is None:
+    net: HostNetwork
+    images: ImageService
+    ws: WorkspaceService
+    vm: VMService
+    ssh: GuestSSHLike
+    hooks: CapabilityHooks
+    forwards: PortForwards
+    capabilities: list[Capability]
+    pool: PoolService
+
+
+def build_services(
+    layout: Layout,
+    config: Config,
+    store: Store,
+    runner: Runner,
+    logger: logging.Logger,
+    *,
+    net: HostNetwork | None = None,
+    images: ImageService | None = None,
+    ws: WorkspaceService | None = None,
+    vm: VMService | None = None,
+    ssh: GuestSSHLike | None = None,
+    capabilities: list[Capability] | None = None,
+    pool: PoolService | None = None,
+) -> Services:
+    """HostNetwork, ImageService, WorkspaceService, VMService, port forwards and the
+    capabilities; a preset (a test's stub) is used instead of building that one."""
+    if net is None:
         helper = None
         if os.geteuid() != 0:
             # Not root: bridge, taps, tap descriptors, rules and port 53 via stoker-helper.
@@ -44,87 +76,66 @@ def wire_services(d: Daemon) -> None:
             from stoker.daemon.vmm import confine
             from stoker.helper.client import HelperClient
 
-            helper = HelperClient(Path(d.config.helper_socket))
+            helper = HelperClient(Path(config.helper_socket))
             confine.TAP_OPENER = helper_tap_opener(helper)
-        d.net = HostNetwork(d.config, d.runner, logger.getChild("net"), helper=helper)
-    if d.images is None:
-        d.images = ImageService(d.store, d.layout, d.config, d.runner, logger.getChild("images"))
-
-    # Closures over `d`, resolved at call time, so WorkspaceService never holds a
-    # VMService pointer and construction order cannot cycle.
-    images = d.images
-
-    async def vm_resolver(ref: str) -> VMRecord:
-        assert d.vm is not None
-        return d.vm.resolve(ref)
-
-    async def alive_checker(vm: VMRecord) -> bool:
-        assert d.vm is not None
-        return await d.vm.is_alive(vm)
-
-    def with_vm_lock_by_ref(ref: str):  # type: ignore[no-untyped-def]
-        assert d.vm is not None
-        return d.vm.with_vm_lock_by_ref(ref)
-
-    async def image_resolver(name: str) -> Image:
-        return await images.get_image(name)
-
-    async def image_work_seed(im: Image) -> str | None:
-        return im.work_seed
-
-    if d.ws is None:
-        d.ws = WorkspaceService(
-            d.store,
-            d.layout,
-            d.config,
-            d.runner,
-            logger.getChild("workspace"),
-            WorkspaceSeams(
-                vm_resolver=vm_resolver,
-                alive_checker=alive_checker,
-                with_vm_lock_by_ref=with_vm_lock_by_ref,
-                image_resolver=image_resolver,
-                image_work_seed=image_work_seed,
-            ),
-        )
-    if d.hooks is None:
-        d.hooks = CapabilityHooks()
-    if d.vm is None:
-        d.vm = VMService(
-            d.store,
-            d.layout,
-            d.config,
-            d.runner,
-            logger.getChild("vm"),
-            d.net,
-            d.images,
-            d.ws,
-            d.hooks,
-        )
-    if d.pool is None:
-        d.pool = PoolService(d.vm, d.store, d.config, logger.getChild("pool"))
-        before_delete = getattr(d.images, "before_delete", None)  # a test's stub may lack it
-        if before_delete is not None:
-            before_delete.append(d.pool.drain)  # deleting an image drains its pool
-    d.vm.pool = d.pool
+        net = HostNetwork(config, runner, logger.getChild("net"), helper=helper)
+    own_images = images is None  # a preset stub is a test's: nothing is hooked into it
+    if images is None:
+        images = ImageService(store, layout, config, runner, logger.getChild("images"))
     # One SSH client (and its kept connections) for both services, so VMService can drop a
     # guest's connection whenever that VM stops.
-    if type(d.ws.ssh) is type(d.vm.ssh):
-        d.ws.ssh = d.vm.ssh
-    if d.forwards is None:
-        forwards = d.forwards = PortForwards(logger.getChild("portfwd"), d.net.netns)
+    if ssh is None:
+        ssh = GuestSSH()
+    hooks = CapabilityHooks()
+    forwards = PortForwards(logger.getChild("portfwd"), net.netns)
 
-        async def drop_port_forwards(vm: VMRecord) -> None:
-            await forwards.remove(vm.id)
+    # WorkspaceService holds no VMService: its two seams resolve the VM service when
+    # called, so construction order cannot cycle.
+    late: dict[str, Any] = {}
 
-        d.hooks.cleanup.append(drop_port_forwards)  # stop, kill, delete, a crashed VMM
-    if d.capabilities is None:
-        d.capabilities = [
-            WorkDiskCapability(
-                vm=d.vm, ws=d.ws, store=d.store, default_image_name=d.config.default_image
-            ),
-            DNSCapability(net=d.net),
-            NATCapability(vm=d.vm, net=d.net, logger=logger.getChild("nat")),
-        ]
-        for cap in d.capabilities:
-            cap.register(d.hooks)
+    def with_vm_lock_by_ref(ref: str) -> Any:
+        return late["vm"].with_vm_lock_by_ref(ref)
+
+    async def alive_checker(rec: VMRecord) -> bool:
+        return bool(await late["vm"].is_alive(rec))
+
+    if ws is None:
+        ws = WorkspaceService(
+            store,
+            layout,
+            config,
+            runner,
+            logger.getChild("workspace"),
+            WorkspaceSeams(with_vm_lock_by_ref=with_vm_lock_by_ref, alive_checker=alive_checker),
+            ssh,
+        )
+    if vm is None:
+        vm = VMService(
+            store,
+            layout,
+            config,
+            runner,
+            logger.getChild("vm"),
+            net,
+            images,
+            ws,
+            hooks,
+            ssh,
+            forwards,
+        )
+    late["vm"] = vm
+    if pool is None:
+        pool = PoolService(vm, store, config, logger.getChild("pool"))
+        if own_images:
+            images.before_delete.append(pool.drain)  # deleting an image drains its pool
+    vm.pool = pool
+
+    async def drop_port_forwards(rec: VMRecord) -> None:
+        await forwards.remove(rec.id)
+
+    hooks.cleanup.append(drop_port_forwards)  # stop, kill, delete, a crashed VMM
+    if capabilities is None:
+        capabilities = [WorkDiskCapability(ws=ws), DNSCapability(net=net), NATCapability(net=net)]
+    for cap in capabilities:
+        cap.register(hooks)
+    return Services(net, images, ws, vm, ssh, hooks, forwards, capabilities, pool)

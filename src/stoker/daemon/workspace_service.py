@@ -1,8 +1,7 @@
 """WorkspaceService: workspace.prepare / workspace.export, auth-key and git-identity sync.
 
 It holds no pointer to VMService. It receives function-typed seams at wiring time
-(`vm_resolver`, `alive_checker`, `with_vm_lock_by_ref`, `image_resolver`,
-`image_work_seed`) so it sees exactly the operations it needs.
+(`with_vm_lock_by_ref`, `alive_checker`) so it sees exactly the operations it needs.
 """
 
 from __future__ import annotations
@@ -16,27 +15,24 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from stoker.config import FILE_SYNC_MAX_BYTES, Config
 from stoker.daemon import workspace as ws
-from stoker.daemon.guestssh import GuestSSH, SSHTarget, ensure_keypair
+from stoker.daemon.guestssh import GuestSSHLike, SSHTarget, ensure_keypair
 from stoker.daemon.locks import LockSet
 from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
 from stoker.daemon.vm_disks import sync_work_disk
 from stoker.errors import Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
-from stoker.model.records import Image, VMRecord, VMState, Workspace
+from stoker.model.records import VMRecord, VMState, Workspace
+from stoker.model.wire import ChangedFile, RepoInfo, WorkspacePatch
 from stoker.runner import Runner
 from stoker.store import Store
 from stoker.store.db import now
 
-VMResolver = Callable[[str], Awaitable[VMRecord]]
 AliveChecker = Callable[[VMRecord], Awaitable[bool]]
 VMLockByRef = Callable[[str], AbstractAsyncContextManager[VMRecord]]
-ImageResolver = Callable[[str], Awaitable[Image]]
-ImageWorkSeed = Callable[[Image], Awaitable[str | None]]
 Progress = Callable[..., None]
 
 
@@ -90,11 +86,8 @@ def read_sync_file(host: str, guest: str, max_bytes: int = FILE_SYNC_MAX_BYTES) 
 class WorkspaceSeams:
     """The narrow view of other services that workspace operations need."""
 
-    vm_resolver: VMResolver
-    alive_checker: AliveChecker
-    with_vm_lock_by_ref: VMLockByRef
-    image_resolver: ImageResolver
-    image_work_seed: ImageWorkSeed
+    with_vm_lock_by_ref: VMLockByRef  # hold the VM's lock, yielding it as re-read
+    alive_checker: AliveChecker  # its VMM process is alive
 
 
 class WorkspaceService:
@@ -108,6 +101,7 @@ class WorkspaceService:
         runner: Runner,
         logger: logging.Logger,
         seams: WorkspaceSeams,
+        ssh: GuestSSHLike,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -117,7 +111,7 @@ class WorkspaceService:
         self.seams = seams
         self.workspace_locks = LockSet()
         self.ops: Registry[OpState] = Registry()
-        self.ssh = GuestSSH()  # test seam
+        self.ssh = ssh
         # The commit each VM's checkout was last prepared at, as the guest has it.
         self.bases: dict[str, str | None] = {}
 
@@ -152,19 +146,14 @@ class WorkspaceService:
     def _target(self, vm: VMRecord) -> SSHTarget:
         return SSHTarget.for_guest(vm.name, vm.guest_ip, self.layout)
 
-    async def inspect(self, path: str, include_untracked: bool, with_files: bool) -> dict[str, Any]:
+    async def inspect(self, path: str, include_untracked: bool, with_files: bool) -> RepoInfo:
         """Host-side preflight for `vm run PATH` (nothing created): the repo facts, and the
         file list for --dry-run."""
         info = await ws.inspect_repo(self.runner, Path(path))
-        out: dict[str, Any] = {
-            "root": str(info.root),
-            "head": info.head,
-            "branch": info.branch,
-            "origin": info.origin,
-        }
-        if with_files:
-            out["files"] = await ws.list_files(self.runner, info.root, include_untracked)
-        return out
+        files = (
+            await ws.list_files(self.runner, info.root, include_untracked) if with_files else None
+        )
+        return RepoInfo(str(info.root), info.head, info.branch, info.origin, files)
 
     async def _running_vm(self, ref: str) -> VMRecord:
         """Hold the VM lock only to validate state and snapshot the VM (seed lock rule)."""
@@ -262,7 +251,7 @@ class WorkspaceService:
         progress("done", f"{info.root} -> {vm.name}:{guest_path}")
         return rec
 
-    async def export(self, ref: str, base_commit: str | None) -> dict[str, Any]:
+    async def export(self, ref: str, base_commit: str | None) -> WorkspacePatch:
         """A binary-safe patch of everything changed in the guest checkout since the
         prepared commit (or `base_commit`). Never changes the guest repo."""
         vm = await self._running_vm(ref)
@@ -278,10 +267,10 @@ class WorkspaceService:
                 timeout=600,
             )
         result = ws.parse_export_output(r.exit_status, r.stdout, r.stderr)
-        return {
-            "name": vm.name,
-            "base": base,
-            "guest_path": vm.workspace.guest_path,
-            "patch_b64": base64.b64encode(result.patch).decode(),
-            "files": [{"status": s, "path": p} for s, p in result.files],
-        }
+        return WorkspacePatch(
+            name=vm.name,
+            base=base,
+            guest_path=vm.workspace.guest_path,
+            patch_b64=base64.b64encode(result.patch).decode(),
+            files=[ChangedFile(s, p) for s, p in result.files],
+        )

@@ -8,6 +8,7 @@ argv: HELPER_SOCKET BRIDGE CIDR
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ async def main() -> None:
         guest_dns=net.guest_dns.address,
         guest_dns_error=net.guest_dns_error,
         policy_ids=sorted(await net.policy_vm_ids()),
-        status_helper=net.status()["helper"],
+        status_helper=dataclasses.asdict(net.status()).get("helper"),
     )
     # Not the caller's: another name is refused even through the daemon's own code path.
     try:

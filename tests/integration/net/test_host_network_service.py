@@ -35,7 +35,7 @@ async def test_host_network_lifecycle(netns: str) -> None:
     net = HostNetwork(config, Runner(), LOG, netns=netns)
     await net.start()
     try:
-        assert net.status()["dns_listen"] is not None
+        assert net.status().dns_listen is not None
         assert "br-stoker" not in ns_links(netns)  # bridge comes on demand
         assert _taps(netns) == set()
 
@@ -53,8 +53,8 @@ async def test_host_network_lifecycle(netns: str) -> None:
 
         await net.apply_policy("vm-a", ip, tap, "06:53:ac:1e:00:02", "nat")
         assert await net.policy_vm_ids() == {"vm-a"}
-        assert net.status()["policies"] == {"vm-a": "nat"}
-        assert net.status()["guest_dns"] == "172.30.0.1:53"
+        assert net.status().policies == {"vm-a": "nat"}
+        assert net.status().guest_dns == "172.30.0.1:53"
         fwd = sh("ip", "netns", "exec", netns, "cat", "/proc/sys/net/ipv4/ip_forward")
         assert fwd.stdout.strip() == "1"
 
@@ -72,7 +72,7 @@ async def test_host_network_lifecycle(netns: str) -> None:
     assert _taps(netns) == {tap}
     assert await net.links.ports("br-stoker") == [tap]
     assert "stoker-vm:vm-a" in ns_nft(netns)
-    assert net.status()["dns_listen"] is None
+    assert net.status().dns_listen is None
 
     await net.remove_policy("vm-a")
     await net.remove_policy("vm-a")

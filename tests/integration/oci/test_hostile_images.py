@@ -24,7 +24,6 @@ from stoker.daemon.imagemgr import inject
 from stoker.daemon.imagemgr.safetree import TooLarge
 from stoker.daemon.oci import UnsafeLayer
 from stoker.daemon.oci.errors import LayerTooLarge
-from stoker.daemon.wiring import wire_services
 from stoker.layout import Layout
 from stoker.model.records import Kernel
 from stoker.store import Store
@@ -46,7 +45,6 @@ def _daemon(tmp_path: Path, **config: Any) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     assert d.store is not None
     kdir = tmp_path / "kern"
     kdir.mkdir()

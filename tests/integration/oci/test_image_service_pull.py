@@ -20,7 +20,6 @@ from stoker.daemon.imagemgr import ext4
 from stoker.daemon.imagemgr.workload import DEFAULT_PATH
 from stoker.daemon.vm_service import CreateRequest
 from stoker.daemon.vmm.standin import StandInDriver
-from stoker.daemon.wiring import wire_services
 from stoker.errors import Conflict, InvalidArgument, NotFound, StokerError
 from stoker.layout import Layout
 from stoker.model.records import Kernel
@@ -45,7 +44,6 @@ def daemon(tmp_path: Path) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     assert d.store is not None
     kdir = tmp_path / "kern"
     kdir.mkdir()

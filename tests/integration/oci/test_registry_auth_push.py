@@ -38,7 +38,6 @@ from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
 from stoker.daemon.oci import push as artifact
 from stoker.daemon.oci.auth import Credential
-from stoker.daemon.wiring import wire_services
 from stoker.errors import PermissionDenied, StokerError, Unavailable
 from stoker.layout import Layout
 from stoker.model.records import Kernel
@@ -156,7 +155,6 @@ def _daemon(root: Path, config: dict[str, Any] | None = None) -> Daemon:
         store=Store(layout.db_path),
         logger=logging.getLogger("stoker.test"),
     )
-    wire_services(d)
     return d
 
 

@@ -2,6 +2,7 @@
 
 from stoker.daemon.guestssh.client import (
     GuestSSH,
+    GuestSSHLike,
     SSHTarget,
     add_known_host,
     ensure_keypair,
@@ -11,6 +12,7 @@ from stoker.daemon.guestssh.client import (
 
 __all__ = [
     "GuestSSH",
+    "GuestSSHLike",
     "SSHTarget",
     "add_known_host",
     "ensure_keypair",

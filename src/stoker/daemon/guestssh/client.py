@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import asyncssh
 
@@ -148,6 +148,38 @@ class ExecResult:
 # stoker's own commands run in the system root of a VM with a workload root: its sshd
 # sends every other session into the workload (stoker-enter, docs/guest-boot.md).
 SYSTEM_ENV = {"STOKER_ROOT": "system"}
+
+
+class GuestSSHLike(Protocol):
+    """What the services need of guest SSH (`GuestSSH`; tests pass fakes). One instance
+    is daemon infrastructure, shared by VMService and WorkspaceService, so a VM that
+    stops has its kept connection dropped for both."""
+
+    async def run(
+        self,
+        t: SSHTarget,
+        command: str,
+        *,
+        input: bytes | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float | None = None,
+    ) -> ExecResult: ...
+
+    async def run_stream(
+        self,
+        t: SSHTarget,
+        command: str,
+        stdin: AsyncIterator[bytes],
+        *,
+        timeout: float = 3600.0,
+        on_stdout_line: Callable[[bytes], None] | None = None,
+    ) -> ExecResult: ...
+
+    async def wait_ready(self, t: SSHTarget, timeout: float, alive: object = None) -> float: ...
+
+    async def forget(self, t: SSHTarget) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class GuestSSH:
