@@ -24,13 +24,12 @@ import logging
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from benchlib import local_registry
 
 from stoker.config import parse_config
 from stoker.daemon.daemon import Daemon
@@ -42,37 +41,6 @@ from stoker.store.db import now
 
 MIB = 1 << 20
 DEFAULT_GOLDEN = Path("/var/cache/stoker-test/golden-image/debian-bookworm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    host = f"127.0.0.1:{free_port()}"
-    cfg = work / "registry.yml"
-    cfg.write_text(
-        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {work / 'storage'}\n"
-        f"http:\n  addr: {host}\n"
-    )
-    proc = subprocess.Popen(
-        ["docker-registry", "serve", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1).close()
-            return proc, host
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("docker-registry did not start")
 
 
 def synthetic(work: Path, size_mb: int) -> dict[str, Path]:
@@ -188,29 +156,31 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-push-", dir="/var/tmp"))
-    proc, host = start_registry(work)
     try:
-        files = golden(args.golden)
-        what = f"golden image {args.golden}"
-        if files is None:
-            files = synthetic(work / "src", args.size_mb)
-            what = f"synthetic {args.size_mb} MiB ext4"
-        apparent, on_disk = usage(list(files.values()))
-        print(f"image: {what}: {apparent / MIB:.0f} MiB apparent, {on_disk / MIB:.0f} MiB on disk")
-        for n in range(args.rounds):
-            r = await one_round(files, host, work, n)
-            total = r["push"] + r["pull"]
-            print(
-                f"round {n + 1}: push {r['push']:.2f}s + pull {r['pull']:.2f}s = {total:.2f}s "
-                f"({r['wire_mib']:.0f} MiB compressed on the wire) | cp --sparse {r['copy']:.2f}s"
-                f" | ratio {total / r['copy']:.1f}x (push alone {r['push'] / r['copy']:.1f}x, "
-                f"pull alone {r['pull'] / r['copy']:.1f}x) | pulled rootfs "
-                f"{r['rootfs_on_disk_mib']:.0f} of {r['rootfs_apparent_mib']:.0f} MiB on disk"
-            )
+        with local_registry(work / "registry") as host:
+            await rounds(args, work, host)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def rounds(args: argparse.Namespace, work: Path, host: str) -> None:
+    files = golden(args.golden)
+    what = f"golden image {args.golden}"
+    if files is None:
+        files = synthetic(work / "src", args.size_mb)
+        what = f"synthetic {args.size_mb} MiB ext4"
+    apparent, on_disk = usage(list(files.values()))
+    print(f"image: {what}: {apparent / MIB:.0f} MiB apparent, {on_disk / MIB:.0f} MiB on disk")
+    for n in range(args.rounds):
+        r = await one_round(files, host, work, n)
+        total = r["push"] + r["pull"]
+        print(
+            f"round {n + 1}: push {r['push']:.2f}s + pull {r['pull']:.2f}s = {total:.2f}s "
+            f"({r['wire_mib']:.0f} MiB compressed on the wire) | cp --sparse {r['copy']:.2f}s"
+            f" | ratio {total / r['copy']:.1f}x (push alone {r['push'] / r['copy']:.1f}x, "
+            f"pull alone {r['pull'] / r['copy']:.1f}x) | pulled rootfs "
+            f"{r['rootfs_on_disk_mib']:.0f} of {r['rootfs_apparent_mib']:.0f} MiB on disk"
+        )
 
 
 if __name__ == "__main__":
