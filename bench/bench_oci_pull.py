@@ -233,7 +233,8 @@ def main() -> int:
 
 
 def run_rounds(args: argparse.Namespace, base: Path) -> int:
-    with local_registry(base / "registry") as host:
+    with local_registry(base / "registry") as reg:
+        host = reg.host
         t0 = time.monotonic()
         tars = build_layers(args.size_mb)
         raw = sum(len(t) for t in tars)

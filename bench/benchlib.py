@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process with all its threads, its waited-for children): user + system CPU."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def free_port() -> int:
@@ -18,10 +28,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Registry:
+    host: str  # 127.0.0.1:PORT
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the registry process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def local_registry(work: Path) -> Iterator[str]:
+def local_registry(work: Path) -> Iterator[Registry]:
     """A `docker-registry` on 127.0.0.1 storing under `work` (log in work/registry.log),
-    stopped on exit; yields its host:port."""
+    stopped on exit."""
     host = f"127.0.0.1:{free_port()}"
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "registry.yml"
@@ -46,7 +67,7 @@ def local_registry(work: Path) -> Iterator[str]:
                         f"docker-registry did not start (see {work / 'registry.log'})"
                     ) from None
                 time.sleep(0.05)
-        yield host
+        yield Registry(host, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
