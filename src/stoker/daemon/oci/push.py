@@ -347,7 +347,7 @@ async def _start_upload(client: RegistryClient, what: str) -> str:
 
 
 async def _patch(
-    client: RegistryClient, location: str, offset: int, chunk: bytes, what: str
+    client: RegistryClient, location: str, offset: int, chunk: bytes | bytearray, what: str
 ) -> str:
     """PATCH one chunk at `offset`; the next Location."""
     resp = await client.request(
@@ -425,29 +425,35 @@ async def _upload_file(
     the digest (known at the end) is what the final PUT asks the registry to verify."""
     what = f"{ROLES[f.role][1]} blob"
     location = await _start_upload(client, what)
-    pipe = ThreadToLoop(asyncio.get_running_loop())
+    # The worker cuts the compressed stream into the PATCH bodies itself: one hand-over
+    # per UPLOAD_CHUNK, no copy on the loop's side; two in flight at most.
+    pipe = ThreadToLoop(asyncio.get_running_loop(), limit=2)
 
     def work() -> _Blob:
+        body = bytearray()
+
+        def emit(b: bytes) -> None:
+            nonlocal body
+            body += b
+            if len(body) >= UPLOAD_CHUNK:
+                pipe.put(body)
+                body = bytearray()
+
         try:
-            return _compress_into(f.path, f.role, pipe.put)
+            blob = _compress_into(f.path, f.role, emit)
+            if body:
+                pipe.put(body)
+            return blob
         finally:
             pipe.end()
 
     worker: asyncio.Future[_Blob] = asyncio.ensure_future(asyncio.to_thread(work))
     try:
-        buf = bytearray()
         sent = 0
-        while True:
-            b = await pipe.get()
-            if b is not None:
-                buf += b
-            if buf and (b is None or len(buf) >= UPLOAD_CHUNK):
-                location = await _patch(client, location, sent, bytes(buf), what)
-                sent += len(buf)
-                on_bytes(len(buf))
-                buf.clear()
-            if b is None:
-                break
+        while (chunk := await pipe.get()) is not None:
+            location = await _patch(client, location, sent, chunk, what)
+            sent += len(chunk)
+            on_bytes(len(chunk))
         blob = await asyncio.shield(worker)  # never cancelled under a running thread
         await _finish_upload(client, location, blob.digest, blob.size, sent, what)
         return blob

@@ -128,11 +128,11 @@ class ThreadToLoop:
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = 16) -> None:
         self.loop = loop
         self.limit = limit
-        self.items: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.items: asyncio.Queue[bytes | bytearray | None] = asyncio.Queue()
         self.room = threading.Semaphore(limit)
         self.abandoned = False
 
-    def put(self, b: bytes) -> None:  # worker thread
+    def put(self, b: bytes | bytearray) -> None:  # worker thread
         self.room.acquire()
         if self.abandoned:
             raise Abandoned
@@ -141,7 +141,7 @@ class ThreadToLoop:
     def end(self) -> None:  # worker thread
         self.loop.call_soon_threadsafe(self.items.put_nowait, None)
 
-    async def get(self) -> bytes | None:
+    async def get(self) -> bytes | bytearray | None:
         b = await self.items.get()
         self.room.release()
         return b
