@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -499,6 +500,33 @@ async def test_upload_failing_mid_stream_stops_the_compressor(pusher_daemon: Dae
                 60,
             )
         assert fake.manifests == {}
+    finally:
+        await fake.close()
+
+
+async def test_pull_failing_to_write_stops_and_leaves_nothing(
+    pusher_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write error (a full disk) in the unpacking thread ends the pull with that error,
+    not with a digest or size complaint, and leaves no staging directory or image."""
+    fake = await FakeRegistry().start()
+    try:
+        assert pusher_daemon.images is not None
+        ref = f"{fake.host}/team/env:1"
+        await pusher_daemon.images.push("team-env", ref, _noop, None)
+        d2 = _daemon(tmp_path / "full")
+        assert d2.images is not None and d2.layout is not None and d2.store is not None
+
+        def full(fd: int, data: Any, off: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(artifact.os, "pwrite", full)
+        with pytest.raises(OSError) as ei:
+            await d2.images.pull(ref, None, _noop, None)
+        monkeypatch.undo()
+        assert ei.value.errno == errno.ENOSPC
+        assert d2.store.list_images() == [] and list(d2.layout.staging_dir.iterdir()) == []
+        await d2.close()
     finally:
         await fake.close()
 

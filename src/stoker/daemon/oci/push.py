@@ -700,12 +700,20 @@ async def _download_sparse(
                         break
                     h.update(chunk)
                     on_bytes(len(chunk))
-                    if worker_error(worker) is None:
-                        await pipe.put(chunk, worker)  # else: keep hashing, stop feeding
+                    err = worker_error(worker)
+                    if err is None:
+                        await pipe.put(chunk, worker)
+                    elif not isinstance(err, UnsupportedImage | DigestMismatch):
+                        break  # no space, an I/O error: the rest of the blob is no use
+                    # else a bad stream: keep hashing, a corrupted transfer is the better
+                    # explanation when the digest does not match either
         except TruncatedTransfer as e:
             raise TruncatedBlob(
                 f"pulling {client.display}: blob {layer.digest} ended early: {e}; retry"
             ) from None
+        err = worker_error(worker)
+        if err is not None and not isinstance(err, UnsupportedImage | DigestMismatch):
+            raise err
         _check_blob(client, layer.digest, layer.size, n, h)
         pipe.close()
         await asyncio.shield(worker)  # never cancelled under a running thread
