@@ -1,7 +1,10 @@
 """Commands through the guest agent on real guests (QEMU/TCG): `vm exec`, `vm run -- CMD`,
-`vm ssh -- CMD`, the command-line rule, exit codes, signals, timeout, stdin, options.
+`vm ssh -- CMD`, the command-line rule, exit codes, signals, timeout, stdin, options; and
+ports on localhost (`vm port-forward`, `vm run -p`), reached by curl on the loopback of the
+test namespace.
 
-One VM (`x1`) is shared by the module's tests; `vm run --rm` boots one more of its own.
+One VM (`x1`) is shared by the module's tests (the last one, port forwarding, ends by
+stopping it); `vm run --rm -p` boots one more of its own.
 """
 
 from __future__ import annotations
