@@ -31,7 +31,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal, NoReturn, Protocol, cast
 from urllib.parse import urlsplit
@@ -560,24 +560,18 @@ async def fetch_bundle(
         p = dest_dir / name
         return p if os.path.lexists(p) else None
 
-    if kind == "image":
-        return BundleFiles(
-            kind=kind,
-            dir=dest_dir,
-            manifest=manifest,
-            sha256=sha256,
-            download_size=n,
-            unpacked_size=unpacked,
-            rootfs=dest_dir / "rootfs.ext4",
-            work_seed=opt("work-seed.ext4"),
-        )
-    return BundleFiles(
+    files = BundleFiles(
         kind=kind,
         dir=dest_dir,
         manifest=manifest,
         sha256=sha256,
         download_size=n,
         unpacked_size=unpacked,
+    )
+    if kind == "image":
+        return replace(files, rootfs=dest_dir / "rootfs.ext4", work_seed=opt("work-seed.ext4"))
+    return replace(
+        files,
         vmlinux=dest_dir / "vmlinux",
         bzimage=opt("bzImage"),
         initrd=opt("initrd.img"),
