@@ -24,8 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -35,37 +33,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from benchlib import local_registry
+
 from stoker.daemon.oci import build_ext4, ext4_size, pull_image
 from stoker.runner import Runner
 
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    host = f"127.0.0.1:{free_port()}"
-    cfg = work / "registry.yml"
-    cfg.write_text(
-        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {work / 'storage'}\n"
-        f"http:\n  addr: {host}\n"
-    )
-    log = open(work / "registry.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=log, stderr=log)
-    log.close()
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1).close()
-            return proc, host
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("docker-registry did not start")
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -253,10 +226,15 @@ def main() -> int:
             )
             return 2
     base = Path(tempfile.mkdtemp(prefix="stoker-bench-oci-", dir=args.workdir))
-    proc = None
     try:
-        (base / "registry").mkdir()
-        proc, host = start_registry(base / "registry")
+        return run_rounds(args, base)
+    finally:
+        drop(base)
+
+
+def run_rounds(args: argparse.Namespace, base: Path) -> int:
+    with local_registry(base / "registry") as reg:
+        host = reg.host
         t0 = time.monotonic()
         tars = build_layers(args.size_mb)
         raw = sum(len(t) for t in tars)
@@ -299,15 +277,6 @@ def main() -> int:
             f"{best_ours / best_base:.2f} ({'faster' if best_ours < best_base else 'slower'})"
         )
         return 0
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        drop(base)
 
 
 if __name__ == "__main__":

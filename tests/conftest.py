@@ -8,8 +8,16 @@ separate module.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from stoker.daemon.daemon import Daemon
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,3 +61,52 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
         subprocess.run(["userdel", "stoker-vmm"], capture_output=True, check=False)
         subprocess.run(["groupdel", "stoker-vmm"], capture_output=True, check=False)
+
+
+# --- fixtures both the unit and the integration tier use ---------------------------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh dir directly under /tmp: unix socket paths must stay under ~100 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+DaemonFactory = Callable[..., "Daemon"]
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
+    """Build Daemons by hand, the way the seed says tests do.
+
+    `factory(cls=Daemon, **preset)`: `preset` (stub services, a runner...) goes to
+    `Daemon(...)`, which builds everything else around it.
+    """
+    from stoker.config import parse_config
+    from stoker.daemon.daemon import Daemon
+    from stoker.layout import Layout
+    from stoker.store import Store
+
+    made: list[Daemon] = []
+
+    def factory(cls: type[Daemon] = Daemon, **preset: Any) -> Daemon:
+        root = short_tmp / f"d{len(made)}"
+        layout = Layout(
+            config_dir=root / "c",
+            state_dir=root / "s",
+            cache_dir=root / "k",
+            runtime_dir=root / "r",
+        )
+        layout.ensure()
+        d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        if d.store is not None:
+            d.store.close()

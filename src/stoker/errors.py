@@ -7,7 +7,8 @@ message should tell the user what to do next.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # no `typing` import at start-up
 
 if TYPE_CHECKING:
     from typing import ClassVar

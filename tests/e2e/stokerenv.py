@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,3 +160,43 @@ def destroy_env(e: StokerEnv) -> None:
     shutil.rmtree(e.root, ignore_errors=True)
     subprocess.run(["userdel", e.vmm_user], capture_output=True, check=False)
     subprocess.run(["groupdel", e.vmm_user], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def serving_host(
+    e: StokerEnv, tag: str, serve_dir: Path | None = None, ip: str = "192.0.2.2"
+) -> Iterator[str]:
+    """A test host (TEST-NET-1) in a namespace of its own, a veth to `e`'s namespace
+    (192.0.2.1 on stoker's side), with `python -m http.server` on IP:8080 serving
+    `serve_dir` (else its working directory); yields the URL. All of it is removed on exit.
+    `tag` (2-3 letters) names the namespace and the veth pair, unique per caller."""
+    host_ns = f"stoker-{tag}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", host_ns], check=True)
+    server = None
+    try:
+        subprocess.run(
+            ["ip", "link", "add", f"stk-{tag}0", "netns", e.netns, "type", "veth",
+             "peer", "name", f"stk-{tag}1", "netns", host_ns],
+            check=True,
+        )  # fmt: skip
+        e.in_ns("ip", "addr", "add", "192.0.2.1/24", "dev", f"stk-{tag}0")
+        e.in_ns("ip", "link", "set", f"stk-{tag}0", "up")
+        for cmd in (
+            ["ip", "addr", "add", f"{ip}/24", "dev", f"stk-{tag}1"],
+            ["ip", "link", "set", f"stk-{tag}1", "up"],
+            ["ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "netns", "exec", host_ns, *cmd], check=True)
+        where = ["-d", str(serve_dir)] if serve_dir is not None else []
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", host_ns, sys.executable, "-m", "http.server", "-b", ip,
+             *where, "8080"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        yield f"http://{ip}:8080"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", host_ns], check=False)

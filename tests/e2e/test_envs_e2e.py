@@ -13,16 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import secrets
 import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stokerenv import StokerEnv, destroy_env, make_env
+from stokerenv import StokerEnv, destroy_env, make_env, serving_host
 
 # Package builds and boots under TCG on a shared 2-core host: far past the 600 s default.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -178,62 +176,10 @@ def test_unknown_package_reports_apt_and_publishes_nothing(
 @pytest.fixture(scope="module")
 def test_host(env: StokerEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A test host at 192.0.2.2 (own namespace, veth to stoker's) serving a wheel."""
-    host_ns = f"stoker-eh-{secrets.token_hex(3)}"
     served = tmp_path_factory.mktemp("served")
     make_wheel(served)
-    subprocess.run(["ip", "netns", "add", host_ns], check=True)
-    server = None
-    try:
-        subprocess.run(
-            [
-                "ip",
-                "link",
-                "add",
-                "stk-eh0",
-                "netns",
-                env.netns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "stk-eh1",
-                "netns",
-                host_ns,
-            ],
-            check=True,
-        )
-        env.in_ns("ip", "addr", "add", "192.0.2.1/24", "dev", "stk-eh0")
-        env.in_ns("ip", "link", "set", "stk-eh0", "up")
-        for cmd in (
-            ["ip", "addr", "add", f"{HOST_IP}/24", "dev", "stk-eh1"],
-            ["ip", "link", "set", "stk-eh1", "up"],
-            ["ip", "link", "set", "lo", "up"],
-        ):
-            subprocess.run(["ip", "netns", "exec", host_ns, *cmd], check=True)
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                host_ns,
-                sys.executable,
-                "-m",
-                "http.server",
-                "-b",
-                HOST_IP,
-                "-d",
-                str(served),
-                "8080",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        yield f"http://{HOST_IP}:8080"
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "netns", "del", host_ns], check=False)
+    with serving_host(env, "eh", served, HOST_IP) as url:
+        yield url
 
 
 INSTALL_SH = """\

@@ -1,7 +1,10 @@
 """Commands through the guest agent on real guests (QEMU/TCG): `vm exec`, `vm run -- CMD`,
-`vm ssh -- CMD`, the command-line rule, exit codes, signals, timeout, stdin, options.
+`vm ssh -- CMD`, the command-line rule, exit codes, signals, timeout, stdin, options; and
+ports on localhost (`vm port-forward`, `vm run -p`), reached by curl on the loopback of the
+test namespace.
 
-One VM (`x1`) is shared by the module's tests; `vm run --rm` boots one more of its own.
+One VM (`x1`) is shared by the module's tests (the last one, port forwarding, ends by
+stopping it); `vm run --rm -p` boots one more of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,16 +73,57 @@ def run(
     )
 
 
-def test_run_rm_command_does_not_wait_for_sshd(env: StokerEnv) -> None:
+def curl(env: StokerEnv, url: str) -> subprocess.CompletedProcess[str]:
+    """curl on the loopback of the test namespace (where the CLI, the user, runs)."""
+    return env.in_ns("curl", "-sS", "--max-time", "10", url, check=False, timeout=30)
+
+
+# Serves one GET of /tmp/www in the guest, then exits (bounded: never blocks the command).
+ONE_SHOT_SERVER = (
+    "mkdir -p /tmp/www && echo published-by-run > /tmp/www/p.txt && cd /tmp/www && "
+    "timeout 120 python3 -c 'import http.server as h; "
+    'h.HTTPServer(("", 8000), h.SimpleHTTPRequestHandler).handle_request()\' '
+    ">/dev/null 2>&1"
+)
+
+
+def test_run_rm_command_does_not_wait_for_sshd_and_publishes_ports(env: StokerEnv) -> None:
+    """`vm run --rm -p`: the forward is up while the command runs, gone with the VM."""
     t0 = time.monotonic()
-    r = run(env, "vm", "run", "--rm", "--name", "r1", "--", "echo a > /tmp/x; cat /tmp/x; exit 3")
+    p = sh(
+        env,
+        "vm",
+        "run",
+        "--rm",
+        "--name",
+        "r1",
+        "-p",
+        "127.0.0.1:18081:8000",
+        "--",
+        f"{ONE_SHOT_SERVER}; echo a > /tmp/x; cat /tmp/x; exit 3",
+        stdin=subprocess.DEVNULL,
+    )
+    got = None
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:
+        c = curl(env, "http://127.0.0.1:18081/p.txt")
+        if c.returncode == 0:
+            got = c.stdout
+            break
+        time.sleep(1)
+    out, err = p.communicate(timeout=180)
     took = time.monotonic() - t0
-    assert r.returncode == 3, r.stderr
-    assert r.stdout == "a\n"
-    assert "SSH not waited for" in r.stderr, r.stderr
-    assert "running over SSH" not in r.stderr
-    assert "deleted r1" in r.stderr
-    print(f"vm run --rm -- CMD took {took:.1f}s")
+    assert got == "published-by-run\n", (got, err)
+    assert p.returncode == 3, err
+    assert out == "a\n"
+    assert "forwarding 127.0.0.1:18081 -> r1:8000" in err, err
+    assert "SSH not waited for" in err, err
+    assert "running over SSH" not in err
+    assert "deleted r1" in err
+    # The VM is gone, and its forward with it: nothing listens on the host port.
+    c = curl(env, "http://127.0.0.1:18081/p.txt")
+    assert c.returncode == 7, (c.returncode, c.stderr)  # curl: could not connect
+    print(f"vm run --rm -p -- CMD took {took:.1f}s")
 
 
 def test_exit_codes_and_the_one_argument_rule(env: StokerEnv, vm: str) -> None:
@@ -345,3 +390,103 @@ def test_the_sdk_example_runs_a_repos_tests(env: StokerEnv, tmp_path: Path) -> N
     assert "running-tests\nok\n" in r.stdout and "PASSED (exit 0)" in r.stdout
     left = [v["name"] for v in json.loads(env.run("vm", "list", "--json").stdout)]
     assert all(not n.startswith("sdk") for n in left) and len(left) <= 1  # only x1, if any
+
+
+def test_port_forward_to_a_guest_http_server_then_stop(env: StokerEnv, vm: str) -> None:
+    """`vm port-forward`: curl on the namespace's loopback reaches a server in the guest.
+
+    Last test on the shared VM: it ends by stopping it (forwards go with a stop).
+    """
+    r = run(
+        env,
+        "vm",
+        "ssh",
+        vm,
+        "--",
+        "mkdir -p /tmp/www && echo hello-through-the-forward > /tmp/www/index.html; "
+        "setsid nohup python3 -m http.server 8000 -d /tmp/www >/dev/null 2>&1 < /dev/null &",
+    )
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while not any(
+        p["port"] == 8000 for p in json.loads(env.run("vm", "ports", vm, "--json").stdout)
+    ):
+        assert time.monotonic() < deadline, "the guest's server on 8000 never listened"
+        time.sleep(1)
+    assert curl(env, "http://127.0.0.1:18080/").returncode == 7  # nothing forwarded yet
+
+    fwd = json.loads(env.run("vm", "port-forward", vm, "127.0.0.1:18080:8000", "--json").stdout)
+    assert [(f["listen"], f["guest_port"], f["namespace"]) for f in fwd] == [
+        ("127.0.0.1:18080", 8000, "daemon")
+    ]
+    for _ in range(3):  # more than one connection through the same forward
+        c = curl(env, "http://127.0.0.1:18080/index.html")
+        assert (c.returncode, c.stdout) == (0, "hello-through-the-forward\n"), c.stderr
+    # A bigger body (4 MiB, guest -> host) arrives whole.
+    r = run(
+        env,
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "head -c 4194304 /dev/urandom > /tmp/www/big; sha256sum /tmp/www/big",
+    )
+    want = r.stdout.split()[0]
+    c = env.in_ns(
+        "sh",
+        "-c",
+        "curl -sS --max-time 60 http://127.0.0.1:18080/big | sha256sum",
+        check=False,
+        timeout=90,
+    )
+    assert c.stdout.split()[:1] == [want], c.stderr
+    # Listed by `vm port-forward --list`, `vm ports` (on the guest port) and `vm show`.
+    listed = json.loads(env.run("vm", "port-forward", vm, "--list", "--json").stdout)
+    assert [f["host_port"] for f in listed] == [18080] and listed[0]["connections"] >= 4
+    ports = json.loads(env.run("vm", "ports", vm, "--json").stdout)
+    assert [p["forwarded_from"] for p in ports if p["port"] == 8000] == [["127.0.0.1:18080"]]
+    assert "<- 127.0.0.1:18080" in env.run("vm", "ports", vm).stdout
+    shown = json.loads(env.run("vm", "show", vm, "--json").stdout)
+    assert [f["listen"] for f in shown["port_forwards"]] == ["127.0.0.1:18080"]
+    assert "forward:    127.0.0.1:18080 -> 8000" in env.run("vm", "show", vm).stdout
+
+    # A host port already bound is refused: by stoker's own forward, by another program.
+    r = run(env, "vm", "port-forward", vm, "127.0.0.1:18080:8000")
+    assert r.returncode == 1 and "already in use (by stoker's forward to x1:8000)" in r.stderr
+    holder = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            env.netns,
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 18082)); "
+            "s.listen(); print('bound', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "bound\n"
+        r = run(env, "vm", "port-forward", vm, "127.0.0.1:18082:8000")
+        assert r.returncode == 1 and "already in use (by another program)" in r.stderr, r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [
+        f["host_port"]
+        for f in json.loads(env.run("vm", "port-forward", vm, "--list", "--json").stdout)
+    ] == [18080]
+
+    # Removing one forward frees its port; stopping the VM removes the rest.
+    env.run("vm", "port-forward", vm, "127.0.0.1:18083:8000")
+    assert curl(env, "http://127.0.0.1:18083/index.html").returncode == 0
+    r = env.run("vm", "port-forward", vm, "--remove", "18083")
+    assert "removed 127.0.0.1:18083" in r.stdout
+    assert curl(env, "http://127.0.0.1:18083/").returncode == 7
+    env.run("vm", "stop", vm)
+    assert curl(env, "http://127.0.0.1:18080/").returncode == 7
+    assert json.loads(env.run("vm", "show", vm, "--json").stdout)["port_forwards"] == []
+    r = run(env, "vm", "port-forward", vm, "127.0.0.1:18080:8000")
+    assert r.returncode == 1 and "x1 is stopped: ports forward only to a running VM" in r.stderr

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from stokerenv import StokerEnv, ns_pids
+from stokerenv import StokerEnv, ns_pids, serving_host
 
 pytestmark = pytest.mark.e2e
 
@@ -155,56 +154,11 @@ def test_agent_health_ports_and_stats(env: StokerEnv) -> None:
 
 
 def test_nat_only_with_flag(env: StokerEnv) -> None:
-    host_ns = f"stoker-th-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", host_ns], check=True)
-    server = None
-    try:
-        # A test host reachable from stoker's namespace over a veth pair (TEST-NET-1).
-        subprocess.run(
-            [
-                "ip",
-                "link",
-                "add",
-                "stk-th0",
-                "netns",
-                env.netns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "stk-th1",
-                "netns",
-                host_ns,
-            ],
-            check=True,
-        )
-        env.in_ns("ip", "addr", "add", "192.0.2.1/24", "dev", "stk-th0")
-        env.in_ns("ip", "link", "set", "stk-th0", "up")
-        for cmd in (
-            ["ip", "addr", "add", "192.0.2.2/24", "dev", "stk-th1"],
-            ["ip", "link", "set", "stk-th1", "up"],
-            ["ip", "link", "set", "lo", "up"],
-        ):
-            subprocess.run(["ip", "netns", "exec", host_ns, *cmd], check=True)
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                host_ns,
-                sys.executable,
-                "-m",
-                "http.server",
-                "-b",
-                "192.0.2.2",
-                "8080",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    # A test host reachable from stoker's namespace over a veth pair (TEST-NET-1).
+    with serving_host(env, "th") as url:
         env.run("vm", "create", "--name", "nat1", "--nat")
         env.run("vm", "create", "--name", "nonat")
-        probe = "curl -s -o /dev/null -w %{http_code} --max-time 5 http://192.0.2.2:8080/"
+        probe = f"curl -s -o /dev/null -w %{{http_code}} --max-time 5 {url}/"
         assert guest(env, "nat1", probe, check=False).strip() == "200"
         assert guest(env, "nonat", probe, check=False).strip() != "200"
         # kill -9 of the VMM: the daemon notices and says why.
@@ -222,11 +176,6 @@ def test_nat_only_with_flag(env: StokerEnv) -> None:
         tagged = set(re.findall(r"stoker-vm:([0-9a-f]+)", rules))
         listed = {v["id"] for v in json.loads(env.run("vm", "list", "--json").stdout)}
         assert not tagged & gone and tagged <= listed, rules
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "netns", "del", host_ns], check=False)
 
 
 def qemu_pids(e: StokerEnv) -> list[int]:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -149,16 +147,6 @@ class StokerEnv:
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A fresh dir directly under /tmp: unix socket paths must stay under ~100 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def stk(short_tmp: Path) -> Iterator[StokerEnv]:
     """Isolated environment for subprocesses; any stokerd started in it is stopped after."""
     env = dict(os.environ)
@@ -177,36 +165,6 @@ def stk(short_tmp: Path) -> Iterator[StokerEnv]:
         yield se
     finally:
         kill_daemon_of(layout)
-
-
-DaemonFactory = Callable[..., "Daemon"]
-
-
-@pytest.fixture
-def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
-    """Build Daemons by hand (seed style): `factory(cls=Daemon, **preset)`."""
-    from stoker.config import parse_config
-    from stoker.daemon.daemon import Daemon
-    from stoker.store import Store
-
-    made: list[Daemon] = []
-
-    def factory(cls: type[Daemon] = Daemon, **preset: Any) -> Daemon:
-        root = short_tmp / f"d{len(made)}"
-        layout = Layout(
-            config_dir=root / "c",
-            state_dir=root / "s",
-            cache_dir=root / "k",
-            runtime_dir=root / "r",
-        )
-        layout.ensure()
-        d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
-        made.append(d)
-        return d
-
-    yield factory
-    for d in made:
-        d.store.close()
 
 
 ServeFn = Callable[["Daemon"], Awaitable["RPCServer"]]

@@ -1,7 +1,7 @@
 """Exec through the real guest agent (a local process), reached by the host client.
 
 The agent serves a pty behind `FakeChardev` (QEMU's one-client virtio-serial chardev, see
-test_agent_channel.py) or its `--listen-unix` socket; the host side is the daemon's
+agentrig.py) or its `--listen-unix` socket; the host side is the daemon's
 `AgentClient.exec`. Processes run here, as the test's user.
 """
 
@@ -11,17 +11,16 @@ import asyncio
 import contextlib
 import os
 import resource
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import agentrig
 import pytest
-from test_agent_channel import FakeChardev, _stop, _wait_for
+from agentrig import FakeChardev, wait_for
+from agentrig import StartAgent as Start
 
 from stoker.daemon.agent import (
     AgentClient,
@@ -34,51 +33,12 @@ from stoker.daemon.agent import (
     UnixTransport,
     execchan,
 )
-from stoker.guest.agent import agent_script
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="stkexec", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-Start = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def start_agent(work: Path) -> Iterator[Start]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        log = open(work / f"agent{len(procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(agent_script()), "--no-vsock", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        procs.append(proc)
-        return proc
-
-    yield start
-    for p in procs:
-        _stop(p)
-
-
-@pytest.fixture
-def chardev(work: Path) -> Iterator[FakeChardev]:
-    c = FakeChardev(work)
-    try:
-        yield c
-    finally:
-        c.close()
+work = agentrig.work  # the rig's fixtures
+start_agent = agentrig.start_agent
+chardev = agentrig.chardev
 
 
 @pytest.fixture
@@ -96,7 +56,7 @@ async def serial(chardev: FakeChardev, start_agent: Start) -> AsyncIterator[Agen
 async def unix(work: Path, start_agent: Start) -> AsyncIterator[AgentClient]:
     sock = work / "agent.sock"
     start_agent("--no-serial", "--listen-unix", str(sock))
-    await _wait_for(sock)
+    await wait_for(sock)
     client = AgentClient(UnixTransport(sock), name="u")
     try:
         yield client
@@ -275,7 +235,7 @@ async def test_large_output_streams_in_bounded_memory(unix: AgentClient, work: P
 async def test_host_gone_mid_exec_kills_the_process(work: Path, start_agent: Start) -> None:
     sock = work / "agent.sock"
     start_agent("--no-serial", "--listen-unix", str(sock))
-    await _wait_for(sock)
+    await wait_for(sock)
     client = AgentClient(UnixTransport(sock))
     marker = work / "pid"
     s = await client.exec(sh(f"echo $$ > {marker}; sleep 60 & echo $! >> {marker}; wait"), 10)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -61,16 +59,6 @@ def kill_daemon_of(layout: Layout) -> None:
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A fresh dir directly under /tmp: unix socket paths must stay under ~100 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def isolated_env(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Iterator[Layout]:
     """HOME and every XDG dir point into a fresh short tmp dir; yields the user Layout."""
     env = {
@@ -90,40 +78,6 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Iterator[L
         yield layout
     finally:
         kill_daemon_of(layout)
-
-
-DaemonFactory = Callable[..., "Daemon"]
-
-
-@pytest.fixture
-def daemon_factory(short_tmp: Path) -> Iterator[DaemonFactory]:
-    """Build Daemons by hand, the way the seed says tests do.
-
-    `factory(cls=Daemon, **preset)`: `preset` (stub services, a runner...) goes to
-    `Daemon(...)`, which builds everything else around it.
-    """
-    from stoker.config import parse_config
-    from stoker.daemon.daemon import Daemon
-    from stoker.store import Store
-
-    made: list[Daemon] = []
-
-    def factory(cls: type[Daemon] = Daemon, **preset: Any) -> Daemon:
-        root = short_tmp / f"d{len(made)}"
-        layout = Layout(
-            config_dir=root / "c",
-            state_dir=root / "s",
-            cache_dir=root / "k",
-            runtime_dir=root / "r",
-        )
-        layout.ensure()
-        d = cls(layout=layout, config=parse_config({}), store=Store(layout.db_path), **preset)
-        made.append(d)
-        return d
-
-    yield factory
-    for d in made:
-        d.store.close()
 
 
 @dataclass
@@ -158,7 +112,7 @@ async def serve() -> AsyncIterator[ServeFn]:
 
 
 @pytest.fixture
-async def served(daemon_factory: DaemonFactory, serve: ServeFn) -> Served:
+async def served(daemon_factory: Callable[..., Daemon], serve: ServeFn) -> Served:
     """A plain hand-built Daemon, served."""
     return await serve(daemon_factory())
 

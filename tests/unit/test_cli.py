@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -315,3 +316,20 @@ def test_cli_import_stays_light() -> None:
     mods = set(r.stdout.split())
     heavy = {"pydantic", "asyncio", "sqlite3", "aiohttp", "asyncssh", "pyroute2", "stoker.daemon"}
     assert not heavy & mods, heavy & mods
+
+
+def test_vm_list_start_up_imports_no_typing_shutil_or_datetime(tmp_path: Path) -> None:
+    """The start-up budget (issue 15: < 3x a bare interpreter): `typing`, `shutil` (with
+    zlib, bz2, lzma: argparse's terminal width) and `datetime` stay off `vm list`'s path."""
+    code = (
+        "import sys; import stoker.cli.main as m\n"
+        "try:\n    m.main(['vm', 'list', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "s")}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert "usage: stoker vm list" in r.stdout, r.stderr
+    mods = set(r.stderr.split())
+    assert not {"typing", "shutil", "datetime", "zlib"} & mods, r.stderr

@@ -6,8 +6,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
+
+TYPE_CHECKING = False  # no `typing` import at start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def print_json(value: Any) -> None:
@@ -22,6 +24,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def age(ts: str | None) -> str:
     if not ts:
         return "-"
+    from datetime import UTC, datetime  # only when a timestamp is shown (start-up time)
+
     try:
         t = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     except ValueError:

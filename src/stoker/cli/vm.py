@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from stoker.cli.connect import client
 from stoker.cli.render import add_output_flags, age, err, print_json, size, structured, table
 from stoker.rpc.facade import TypedClient
 
+TYPE_CHECKING = False  # no `typing` import at start-up
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
     from stoker.rpc.shapes import ExecDone, FanResult, PortForwardInfo, SSHInfo
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 # Every `vm` subcommand (and alias): only the one a command line names is built, since
 # building all of them is most of a short command's start-up time.

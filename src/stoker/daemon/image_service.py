@@ -779,8 +779,8 @@ class ImageService:
                     ref,
                     files,
                     config,
-                    staging_dir=self.layout.staging_dir,
                     progress=progress,
+                    digest_cache=self.layout.cache_dir / "push-digests.json",
                     credential=credential,
                     insecure_registries=insecure,
                 )

@@ -9,12 +9,15 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from stoker.errors import PermissionDenied, StokerError, Unavailable, error_from_code
 from stoker.rpc.protocol import MAX_RESPONSE_LINE, encode
 
-ProgressFn = Callable[[dict[str, Any]], None]
+TYPE_CHECKING = False  # no `typing` import at start-up
+if TYPE_CHECKING:
+    from typing import Any
+
+ProgressFn = Callable[[dict[str, "Any"]], None]
 
 
 class DaemonNotRunning(Unavailable):

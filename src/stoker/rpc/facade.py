@@ -12,9 +12,10 @@ typed method yet.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
-
+TYPE_CHECKING = False  # no `typing` import at CLI start-up (bench_cli)
 if TYPE_CHECKING:
+    from typing import Any, cast
+
     from stoker.rpc.client import Client, ProgressFn
     from stoker.rpc.shapes import (
         AvailableKernel,
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
         Workspace,
         WorkspacePatch,
     )
+else:
+
+    def cast(_type: object, value: object) -> object:
+        return value
 
 
 # The groups have `list` methods, so annotations inside them name the builtin so.

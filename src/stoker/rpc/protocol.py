@@ -26,7 +26,10 @@ reconnects and resends, with backoff).
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False  # no `typing` import at start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_RESPONSE_LINE = 64 * 1024 * 1024

@@ -15,7 +15,9 @@ against real `docker-registry` processes on loopback:
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -341,10 +343,17 @@ async def test_registry_mirror_serves_the_pull(
 class FakeRegistry:
     """Enough of the v2 API for push/pull; behaviour switched per test."""
 
-    def __init__(self, *, refuse_manifest: bool = False, redirect_to: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        refuse_manifest: bool = False,
+        redirect_to: str | None = None,
+        fail_patch: bool = False,
+    ) -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.refuse_manifest = refuse_manifest
+        self.fail_patch = fail_patch
         self.redirect_to = redirect_to
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, bytes] = {}
@@ -376,6 +385,8 @@ class FakeRegistry:
                 self._uploads[uid] = bytearray()
                 return web.Response(status=202, headers={"Location": f"{path}{uid}"})
             if req.method == "PATCH":
+                if self.fail_patch:
+                    return web.json_response({"errors": [{"code": "UNKNOWN"}]}, status=500)
                 self._uploads[uid] += await req.read()
                 return web.Response(status=202, headers={"Location": path})
             if req.method == "PUT":
@@ -444,6 +455,80 @@ async def test_push_to_a_registry_refusing_the_media_type(pusher_daemon: Daemon)
         await fake.close()
 
 
+async def test_repush_asks_for_remembered_blobs_without_reading_the_files(
+    pusher_daemon: Daemon,
+) -> None:
+    """The blob each file made is remembered (keyed by the file's identity): a re-push
+    HEADs it and uploads nothing; a changed file, or a lost cache, is streamed again."""
+    fake = await FakeRegistry().start()
+    try:
+        src, layout = pusher_daemon.images, pusher_daemon.layout
+        assert src is not None and layout is not None
+        ref = f"{fake.host}/team/env:1"
+        first = await src.push("team-env", ref, _noop, None)
+        assert (first.uploaded, first.skipped) == (4, 0)
+        cache = layout.cache_dir / "push-digests.json"
+        assert len(json.loads(cache.read_text())) == 4
+        again = await src.push("team-env", ref, _noop, None)
+        assert (again.uploaded, again.skipped, again.digest) == (0, 4, first.digest)
+        # A file whose ctime moved is read again (same bytes: same blob, same manifest).
+        im = await src.get_image("team-env")
+        os.utime(im.rootfs)
+        third = await src.push("team-env", ref, _noop, None)
+        assert (third.uploaded, third.skipped, third.digest) == (1, 3, first.digest)
+        # A garbage cache is an empty one.
+        cache.write_text("not json")
+        fourth = await src.push("team-env", ref, _noop, None)
+        assert (fourth.uploaded, fourth.digest) == (4, first.digest)
+        # A remembered blob the registry lost is uploaded again.
+        fake.blobs.clear()
+        fifth = await src.push("team-env", ref, _noop, None)
+        assert (fifth.uploaded, fifth.digest) == (4, first.digest)
+    finally:
+        await fake.close()
+
+
+async def test_upload_failing_mid_stream_stops_the_compressor(pusher_daemon: Daemon) -> None:
+    fake = await FakeRegistry(fail_patch=True).start()
+    try:
+        assert pusher_daemon.images is not None
+        with pytest.raises(Unavailable, match=r"HTTP 500 while uploading the rootfs\.ext4 blob"):
+            await asyncio.wait_for(
+                pusher_daemon.images.push("team-env", f"{fake.host}/team/env:1", _noop, None),
+                60,
+            )
+        assert fake.manifests == {}
+    finally:
+        await fake.close()
+
+
+async def test_pull_failing_to_write_stops_and_leaves_nothing(
+    pusher_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write error (a full disk) in the unpacking thread ends the pull with that error,
+    not with a digest or size complaint, and leaves no staging directory or image."""
+    fake = await FakeRegistry().start()
+    try:
+        assert pusher_daemon.images is not None
+        ref = f"{fake.host}/team/env:1"
+        await pusher_daemon.images.push("team-env", ref, _noop, None)
+        d2 = _daemon(tmp_path / "full")
+        assert d2.images is not None and d2.layout is not None and d2.store is not None
+
+        def full(fd: int, data: Any, off: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(artifact.os, "pwrite", full)
+        with pytest.raises(OSError) as ei:
+            await d2.images.pull(ref, None, _noop, None)
+        monkeypatch.undo()
+        assert ei.value.errno == errno.ENOSPC
+        assert d2.store.list_images() == [] and list(d2.layout.staging_dir.iterdir()) == []
+        await d2.close()
+    finally:
+        await fake.close()
+
+
 async def test_blob_redirect_to_another_host_carries_no_authorization(
     pusher_daemon: Daemon, tmp_path: Path
 ) -> None:
@@ -490,6 +575,18 @@ async def test_corrupt_artifact_layer_is_refused_and_nothing_published(
             rootfs["digest"], rootfs["size"] = d, len(blob)
             fake.manifests["1"] = json.dumps(man).encode()
 
+        # 0. Bytes changed on the way (the manifest's digest no longer matches): the
+        # digest check speaks, not the decompressor the bad bytes were streamed into;
+        # the same for a blob cut short.
+        good = fake.blobs[rootfs["digest"]]
+        fake.blobs[rootfs["digest"]] = good[:1000] + bytes([good[1000] ^ 1]) + good[1001:]
+        with pytest.raises(artifact.DigestMismatch, match="blob content hashes to"):
+            await d2.images.pull(ref, None, _noop, None)
+        fake.blobs[rootfs["digest"]] = good[: len(good) // 2]
+        with pytest.raises(artifact.TruncatedBlob, match="shorter than the"):
+            await d2.images.pull(ref, None, _noop, None)
+        fake.blobs[rootfs["digest"]] = good
+        assert d2.store.list_images() == [] and list(d2.layout.staging_dir.iterdir()) == []
         # 1. Valid zstd, the blob's digest right, but not a sparse stream: refused.
         repoint(zstandard.ZstdCompressor().compress(b"\0" * size))
         with pytest.raises(artifact.UnsupportedImage, match="not a valid stoker sparse stream"):

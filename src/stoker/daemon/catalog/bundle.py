@@ -25,15 +25,13 @@ the corrupt archive it produces.
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import hashlib
 import json
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal, NoReturn, Protocol, cast
 from urllib.parse import urlsplit
@@ -54,6 +52,7 @@ from stoker.daemon.catalog.errors import (
 from stoker.daemon.catalog.tarstream import TarEntry, TarFormatError, TarReader
 from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.opstate.meter import DownloadMeter
+from stoker.daemon.opstate.pipe import Aborted, ThreadPipe, settle, worker_error
 from stoker.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -67,7 +66,6 @@ from stoker.model.names import validate_artifact_name
 Kind = Literal["image", "kernel"]
 
 CHUNK = 1 << 20
-PIPE_LIMIT = 8 << 20  # downloaded bytes waiting for the unpacker
 CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 120.0  # no byte for this long: the download is stuck
 MAX_WINDOW = 1 << 30  # zstd --long=30; larger windows would let a bundle claim GiBs of RAM
@@ -135,84 +133,7 @@ class BundleFiles:
     modules_dir: Path | None = None  # kernel, optional
 
 
-class _Aborted(Exception):
-    """The download side gave up; the unpacker stops at its next step."""
-
-
 _FORMAT_ERRORS = (CorruptBundle, InvalidBundle, UnsafeBundle)
-
-
-class _Pipe:
-    """Bytes handed from the event loop to the unpacking thread, with a bounded backlog."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = PIPE_LIMIT) -> None:
-        self._loop = loop
-        self._limit = limit
-        self._cond = threading.Condition()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
-        self._eof = False
-        self.aborted = False
-        self.head = b""  # the first bytes, to say "not zstd" rather than a zstd error
-        self._space = asyncio.Event()
-
-    # --- thread side ---
-
-    def read(self, n: int = -1) -> bytes:
-        """Blocking read for the decompressor: up to `n` bytes, b"" at the end."""
-        with self._cond:
-            while not self._chunks and not self._eof and not self.aborted:
-                self._cond.wait()
-            if self.aborted:
-                raise _Aborted()
-            if not self._chunks:
-                return b""
-            chunk = self._chunks[0]
-            if n < 0 or len(chunk) <= n:
-                self._chunks.popleft()
-                out = chunk
-            else:
-                out = chunk[:n]
-                self._chunks[0] = chunk[n:]
-            self._queued -= len(out)
-        if len(self.head) < 4:
-            self.head += out[: 4 - len(self.head)]
-        self._loop.call_soon_threadsafe(self._space.set)
-        return out
-
-    def wake_producer(self) -> None:
-        """Called by the thread as it exits, so a producer waiting for space notices."""
-        self._loop.call_soon_threadsafe(self._space.set)
-
-    # --- event-loop side ---
-
-    async def put(self, chunk: bytes, worker: asyncio.Future[Any]) -> None:
-        """Queue `chunk`, waiting while the backlog is full (unless the worker has ended)."""
-        while True:
-            self._space.clear()
-            with self._cond:
-                if self._queued < self._limit or self.aborted:
-                    self._chunks.append(chunk)
-                    self._queued += len(chunk)
-                    self._cond.notify()
-                    return
-            if worker.done():
-                return
-            await self._space.wait()
-
-    def close(self) -> None:
-        """No more data: the reader sees the end of the stream."""
-        with self._cond:
-            self._eof = True
-            self._cond.notify()
-
-    def abort(self) -> None:
-        """Make the reader raise at its next read (and the unpacker stop at its next step)."""
-        with self._cond:
-            self.aborted = True
-            self._chunks.clear()
-            self._queued = 0
-            self._cond.notify()
 
 
 def _clean_name(name: str) -> list[str] | None:
@@ -240,7 +161,7 @@ class _Unpacker:
         self,
         root: Path,
         kind: Kind,
-        pipe: _Pipe,
+        pipe: ThreadPipe,
         *,
         label: str,
         url: str,
@@ -296,7 +217,7 @@ class _Unpacker:
 
         def read(n: int) -> bytes:
             if self.pipe.aborted:
-                raise _Aborted()
+                raise Aborted()
             try:
                 out: bytes = reader.read(n)
             except zstandard.ZstdError as e:
@@ -422,7 +343,7 @@ class _Unpacker:
         try:
             while True:
                 if self.pipe.aborted:
-                    raise _Aborted()
+                    raise Aborted()
                 data = tar.read_data(CHUNK)
                 if not data:
                     break
@@ -555,25 +476,6 @@ def _write_sparse(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-async def _settle(worker: asyncio.Future[Any]) -> bool:
-    """Wait until the worker thread has really stopped; True if we were cancelled meanwhile."""
-    cancelled = False
-    while not worker.done():
-        try:
-            await asyncio.wait([worker])
-        except asyncio.CancelledError:
-            cancelled = True
-    if not worker.cancelled():
-        worker.exception()  # retrieved: the caller reports its own error
-    return cancelled
-
-
-def _worker_error(worker: asyncio.Future[Any]) -> BaseException | None:
-    if not worker.done() or worker.cancelled():
-        return None
-    return worker.exception()
-
-
 async def fetch_bundle(
     url: str,
     sha256: str,
@@ -658,24 +560,18 @@ async def fetch_bundle(
         p = dest_dir / name
         return p if os.path.lexists(p) else None
 
-    if kind == "image":
-        return BundleFiles(
-            kind=kind,
-            dir=dest_dir,
-            manifest=manifest,
-            sha256=sha256,
-            download_size=n,
-            unpacked_size=unpacked,
-            rootfs=dest_dir / "rootfs.ext4",
-            work_seed=opt("work-seed.ext4"),
-        )
-    return BundleFiles(
+    files = BundleFiles(
         kind=kind,
         dir=dest_dir,
         manifest=manifest,
         sha256=sha256,
         download_size=n,
         unpacked_size=unpacked,
+    )
+    if kind == "image":
+        return replace(files, rootfs=dest_dir / "rootfs.ext4", work_seed=opt("work-seed.ext4"))
+    return replace(
+        files,
         vmlinux=dest_dir / "vmlinux",
         bzimage=opt("bzImage"),
         initrd=opt("initrd.img"),
@@ -700,7 +596,7 @@ async def _download_and_unpack(
 ) -> tuple[BundleManifest, int, int]:
     """(manifest, bytes unpacked, bytes downloaded); the staging dir is filled on success."""
     loop = asyncio.get_running_loop()
-    pipe = _Pipe(loop)
+    pipe = ThreadPipe(loop)
     unpacker = _Unpacker(
         staging, kind, pipe, label=what, url=url, expect=expect, max_unpacked=max_unpacked
     )
@@ -739,7 +635,7 @@ async def _download_and_unpack(
                     h.update(chunk)
                     meter.add(len(chunk))
                     if feeding:
-                        err = _worker_error(worker)
+                        err = worker_error(worker)
                         if err is None:
                             await pipe.put(chunk, worker)
                         elif isinstance(err, _FORMAT_ERRORS):
@@ -766,7 +662,7 @@ async def _download_and_unpack(
             ) from None
         finally:
             await session.close()
-        err = _worker_error(worker)
+        err = worker_error(worker)
         if err is not None and not isinstance(err, _FORMAT_ERRORS):
             raise err
         if size is not None and n < size:
@@ -789,7 +685,7 @@ async def _download_and_unpack(
         return manifest, unpacked, n
     except BaseException as exc:
         pipe.abort()
-        cancelled_meanwhile = await _settle(worker)
+        cancelled_meanwhile = await settle(worker)
         if cancelled_meanwhile and not isinstance(exc, asyncio.CancelledError):
             raise asyncio.CancelledError() from exc
         raise

@@ -27,7 +27,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -417,16 +417,18 @@ def check_no_symlink(path: Path, within: Path | None = None) -> None:
 # --- iterative walks ---------------------------------------------------------------------
 
 
-def walk_lstat(root: Path) -> Iterator[os.stat_result]:
-    """lstat of `root` and of everything below it, depth first, without recursion.
+def _walk(fd: int) -> Generator[tuple[int, str, os.stat_result | None], None, None]:
+    """Everything below the directory open at `fd`, depth first, without recursion.
 
-    Symlinks are reported, never followed; directories are entered relative to their
-    parent's fd, so depth is bounded by nothing but the tree.
+    Yields `(dir_fd, name, lstat)` for each entry, and `(dir_fd, name, None)` once the
+    directory `name` has been left (`dir_fd` is then its parent's), so a caller may remove
+    it. Symlinks are reported, never followed; directories are entered relative to their
+    parent's fd, so depth is bounded by nothing but the tree. The walk owns `fd` and
+    closes whichever directory it holds when it ends.
     """
-    fd = os.open(root, _DIR_FLAGS)
+    entered: list[str] = []
+    pending: list[list[str]] = []
     try:
-        yield os.fstat(fd)
-        pending: list[list[str]] = []
         while True:
             subdirs: list[str] = []
             for name in os.listdir(fd):
@@ -434,18 +436,36 @@ def walk_lstat(root: Path) -> Iterator[os.stat_result]:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                yield st
+                yield fd, name, st
                 if stat.S_ISDIR(st.st_mode):
                     subdirs.append(name)
             pending.append(subdirs)
             while not pending[-1]:
                 pending.pop()
-                if not pending:
+                if not entered:
                     return
                 fd = _swap(fd, os.open("..", _DIR_FLAGS, dir_fd=fd))
-            fd = _swap(fd, os.open(pending[-1].pop(), _DIR_FLAGS, dir_fd=fd))
+                yield fd, entered.pop(), None
+            name = pending[-1].pop()
+            fd = _swap(fd, os.open(name, _DIR_FLAGS, dir_fd=fd))
+            entered.append(name)
     finally:
         os.close(fd)
+
+
+def walk_lstat(root: Path) -> Iterator[os.stat_result]:
+    """lstat of `root` and of everything below it, depth first, without recursion
+    (symlinks reported, never followed)."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        yield os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.closing(_walk(fd)) as walk:
+        for _, _, st in walk:
+            if st is not None:
+                yield st
 
 
 def rmtree(path: Path | str, *, ignore_errors: bool = False) -> None:
@@ -466,34 +486,10 @@ def _rmtree(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        names: list[str] = []
-        pending: list[list[str]] = []
-        while True:
-            subdirs: list[str] = []
-            for name in os.listdir(fd):
-                try:
-                    sub = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(sub.st_mode):
-                    subdirs.append(name)
-                else:
-                    os.unlink(name, dir_fd=fd)
-            pending.append(subdirs)
-            while not pending[-1]:
-                pending.pop()
-                if not names:
-                    os.close(fd)
-                    fd = -1
-                    os.rmdir(path)
-                    return
-                fd = _swap(fd, os.open("..", _DIR_FLAGS, dir_fd=fd))
-                os.rmdir(names.pop(), dir_fd=fd)
-            name = pending[-1].pop()
-            fd = _swap(fd, os.open(name, _DIR_FLAGS, dir_fd=fd))
-            names.append(name)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    with contextlib.closing(_walk(os.open(path, _DIR_FLAGS))) as walk:
+        for dir_fd, name, sub in walk:
+            if sub is None:
+                os.rmdir(name, dir_fd=dir_fd)  # left, and empty now
+            elif not stat.S_ISDIR(sub.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+    os.rmdir(path)

@@ -19,12 +19,16 @@ extents' bytes in order. Each layer carries `dev.stoker.size` (the file's size) 
 extents are written back at their offsets (holes stay holes). File names come from the
 media type, never from the registry, so a hostile artifact cannot name a path.
 
-Push compresses each file to a temporary blob (hashing it), skips blobs the registry has
-(HEAD), uploads the rest in chunks (POST, PATCH with Content-Range, PUT ?digest=: the
-registry verifies the digest), checks the stored digest, then PUTs the manifest and checks
-the digest the registry answers with. Pull (`pull_artifact`) recognises the config media
-type, downloads each blob verifying size and digest, and writes each file back from its
-sparse stream into a directory ready to publish: no conversion, no mkfs.
+Push streams each file through zstd (a worker thread reading and hashing it) straight into
+a chunked upload (POST, PATCH with Content-Range, PUT ?digest=: the registry verifies the
+digest), so compressing and uploading overlap and nothing is staged on disk; it checks the
+stored digest, then PUTs the manifest and checks the digest the registry answers with. The
+blobs a file made before are remembered (`digest_cache`, keyed by the file's identity and
+change time): a blob the registry already has (HEAD) is then skipped without reading the
+file. Pull (`pull_artifact`) recognises the config media type and streams each blob into a
+worker thread that decompresses it and writes the file back from its sparse stream, while
+the download goes on; the blob's size and digest are checked when it ends, before anything
+is published (a failure removes the directory): no conversion, no mkfs.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +57,7 @@ from stoker.daemon.oci.errors import DigestMismatch, TruncatedBlob, UnsupportedI
 from stoker.daemon.oci.manifest import MAX_CONFIG_BYTES, OCI_MANIFEST
 from stoker.daemon.oci.reference import Reference, parse_reference
 from stoker.daemon.oci.registry import (
+    BLOB_CHUNK,
     CONNECT_TIMEOUT,
     MANIFEST_TIMEOUT,
     READ_TIMEOUT,
@@ -58,6 +65,8 @@ from stoker.daemon.oci.registry import (
     TruncatedTransfer,
     open_client,
 )
+from stoker.daemon.opstate.meter import DownloadMeter
+from stoker.daemon.opstate.pipe import ThreadPipe, ThreadToLoop, settle, worker_error
 from stoker.errors import InvalidArgument, StokerError, Unavailable
 
 ARTIFACT_TYPE = "application/vnd.stoker.image.v1"
@@ -96,7 +105,6 @@ class ArtifactFile:
 @dataclass
 class _Blob:
     role: str
-    path: Path  # the compressed temporary file
     digest: str
     size: int
     raw_size: int
@@ -159,28 +167,29 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _compress(src: Path, dst: Path, role: str) -> _Blob:
-    """zstd the sparse stream of `src` into `dst`, hashing both sides (runs in a thread)."""
+def _compress_into(src: Path, role: str, emit: Callable[[bytes], object]) -> _Blob:
+    """zstd the sparse stream of `src`, handing each compressed piece to `emit` and hashing
+    both sides (runs in a worker thread)."""
     raw_h, out_h = hashlib.sha256(), hashlib.sha256()
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
     comp = cctx.compressobj()
     size = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+
+    def out(b: bytes) -> None:
+        nonlocal size
+        if b:
+            out_h.update(b)
+            size += len(b)
+            emit(b)
+
+    with open(src, "rb") as fin:
         fd = fin.fileno()
         file_size = os.fstat(fd).st_size
         extents = data_extents(fd, file_size)
         header = json.dumps({"size": file_size, "extents": extents}).encode()
-
-        def put(b: bytes) -> None:
-            nonlocal size
-            raw_h.update(b)
-            out = comp.compress(b)
-            if out:
-                out_h.update(out)
-                size += len(out)
-                fout.write(out)
-
-        put(SPARSE_MAGIC + len(header).to_bytes(8, "big") + header)
+        head = SPARSE_MAGIC + len(header).to_bytes(8, "big") + header
+        raw_h.update(head)
+        out(comp.compress(head))
         for off, length in extents:
             left = length
             while left > 0:
@@ -188,19 +197,82 @@ def _compress(src: Path, dst: Path, role: str) -> _Blob:
                 if not chunk:
                     raise StokerError(f"{src} shrank while it was being pushed: retry")
                 left -= len(chunk)
-                put(chunk)
-        tail = comp.flush()
-        out_h.update(tail)
-        size += len(tail)
-        fout.write(tail)
+                raw_h.update(chunk)
+                out(comp.compress(chunk))
+        out(comp.flush())
     return _Blob(
         role=role,
-        path=dst,
         digest="sha256:" + out_h.hexdigest(),
         size=size,
         raw_size=file_size,
         raw_sha256=raw_h.hexdigest(),
     )
+
+
+def _compress(src: Path, dst: Path, role: str) -> _Blob:
+    """The blob of `src` written to the file `dst` (tests make hostile artifacts with it)."""
+    with open(dst, "wb") as f:
+        return _compress_into(src, role, f.write)
+
+
+class DigestCache:
+    """The blob each pushed file made, keyed by the file's path and identity (device,
+    inode, size, mtime and ctime), so a re-push can ask the registry for the blob without
+    reading the file again. Images are immutable once published; any change to a file
+    changes its ctime and misses. A missing or unreadable cache is an empty one."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(path.read_bytes())
+                if isinstance(doc, dict):
+                    self.entries = {k: v for k, v in doc.items() if isinstance(v, dict)}
+
+    @staticmethod
+    def _key(p: Path) -> str:
+        st = os.stat(p)
+        return (
+            f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+            f"zstd{ZSTD_LEVEL}"
+        )
+
+    def get(self, p: Path, role: str) -> _Blob | None:
+        ent = self.entries.get(str(p))
+        try:
+            if ent is None or ent.get("key") != self._key(p):
+                return None
+            blob = _Blob(
+                role=role,
+                digest=str(ent["digest"]),
+                size=int(ent["size"]),
+                raw_size=int(ent["raw_size"]),
+                raw_sha256=str(ent["raw_sha256"]),
+            )
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        ok = blob.digest.startswith("sha256:") and len(blob.digest) == 71 and blob.size >= 0
+        return blob if ok and len(blob.raw_sha256) == 64 else None
+
+    def put(self, p: Path, key: str, blob: _Blob) -> None:
+        self.entries[str(p)] = {
+            "key": key,
+            "digest": blob.digest,
+            "size": blob.size,
+            "raw_size": blob.raw_size,
+            "raw_sha256": blob.raw_sha256,
+        }
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        live = {k: v for k, v in self.entries.items() if os.path.exists(k)}
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(live, sort_keys=True))
+            os.replace(tmp, self.path)
 
 
 def _refusal(client: RegistryClient, status: int, body: bytes, what: str) -> StokerError:
@@ -252,63 +324,65 @@ async def _blob_exists(client: RegistryClient, digest: str, size: int) -> bool:
         resp.release()
 
 
-async def _upload(
-    client: RegistryClient,
-    blob_path: Path,
-    digest: str,
-    size: int,
-    what: str,
-    on_bytes: Callable[[int], None],
-) -> None:
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
-    )
-    action = f"uploading the {what}"
+def _upload_timeout() -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+
+
+async def _start_upload(client: RegistryClient, what: str) -> str:
+    """POST an upload session; its Location."""
     resp = await client.request(
         "POST",
         f"{client.base}/v2/{client.ref.repository}/blobs/uploads/",
         {"Content-Length": "0"},
-        timeout,
-        action,
+        _upload_timeout(),
+        f"uploading the {what}",
         data=b"",
     )
     try:
         if resp.status != 202 or "Location" not in resp.headers:
             raise _refusal(client, resp.status, await _read_body(resp), what)
-        location = urljoin(client.base + "/", resp.headers["Location"])
+        return urljoin(client.base + "/", resp.headers["Location"])
     finally:
         resp.release()
-    offset = 0
-    with open(blob_path, "rb") as f:
-        while chunk := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
-            end = offset + len(chunk) - 1
-            resp = await client.request(
-                "PATCH",
-                location,
-                {
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{offset}-{end}",
-                    "Content-Length": str(len(chunk)),
-                },
-                timeout,
-                action,
-                data=chunk,
-            )
-            try:
-                if resp.status != 202 or "Location" not in resp.headers:
-                    raise _refusal(client, resp.status, await _read_body(resp), what)
-                location = urljoin(location, resp.headers["Location"])
-            finally:
-                resp.release()
-            offset += len(chunk)
-            on_bytes(len(chunk))
+
+
+async def _patch(
+    client: RegistryClient, location: str, offset: int, chunk: bytes | bytearray, what: str
+) -> str:
+    """PATCH one chunk at `offset`; the next Location."""
+    resp = await client.request(
+        "PATCH",
+        location,
+        {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+            "Content-Length": str(len(chunk)),
+        },
+        _upload_timeout(),
+        f"uploading the {what}",
+        data=chunk,
+    )
+    try:
+        if resp.status != 202 or "Location" not in resp.headers:
+            raise _refusal(client, resp.status, await _read_body(resp), what)
+        return urljoin(location, resp.headers["Location"])
+    finally:
+        resp.release()
+
+
+async def _finish_upload(
+    client: RegistryClient, location: str, digest: str, size: int, sent: int, what: str
+) -> None:
+    """PUT ?digest=: the registry checks the digest; then check what it says it stored."""
+    if sent != size:
+        raise TruncatedBlob(f"pushing {client.display}: the {what} changed while uploading")
     sep = "&" if "?" in location else "?"
     resp = await client.request(
         "PUT",
         location + sep + urlencode({"digest": digest}),
         {"Content-Length": "0", "Content-Type": "application/octet-stream"},
-        timeout,
-        action,
+        _upload_timeout(),
+        f"uploading the {what}",
         data=b"",
     )
     try:
@@ -330,8 +404,64 @@ async def _upload(
             f"pushing {client.display}: registry {client.host} stored the {what} as {served}, "
             f"not {digest}: retry the push"
         )
-    if offset != size:
-        raise TruncatedBlob(f"pushing {client.display}: the {what} changed while uploading")
+
+
+async def _upload(
+    client: RegistryClient,
+    data: bytes,
+    digest: str,
+    what: str,
+) -> None:
+    """A small blob (the config) in one chunk."""
+    location = await _start_upload(client, what)
+    location = await _patch(client, location, 0, data, what)
+    await _finish_upload(client, location, digest, len(data), len(data), what)
+
+
+async def _upload_file(
+    client: RegistryClient, f: ArtifactFile, on_bytes: Callable[[int], None]
+) -> _Blob:
+    """Compress `f` in a worker thread while its blob is uploaded in UPLOAD_CHUNK pieces;
+    the digest (known at the end) is what the final PUT asks the registry to verify."""
+    what = f"{ROLES[f.role][1]} blob"
+    location = await _start_upload(client, what)
+    # The worker cuts the compressed stream into the PATCH bodies itself: one hand-over
+    # per UPLOAD_CHUNK, no copy on the loop's side; two in flight at most.
+    pipe = ThreadToLoop(asyncio.get_running_loop(), limit=2)
+
+    def work() -> _Blob:
+        body = bytearray()
+
+        def emit(b: bytes) -> None:
+            nonlocal body
+            body += b
+            if len(body) >= UPLOAD_CHUNK:
+                pipe.put(body)
+                body = bytearray()
+
+        try:
+            blob = _compress_into(f.path, f.role, emit)
+            if body:
+                pipe.put(body)
+            return blob
+        finally:
+            pipe.end()
+
+    worker: asyncio.Future[_Blob] = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        sent = 0
+        while (chunk := await pipe.get()) is not None:
+            location = await _patch(client, location, sent, chunk, what)
+            sent += len(chunk)
+            on_bytes(len(chunk))
+        blob = await asyncio.shield(worker)  # never cancelled under a running thread
+        await _finish_upload(client, location, blob.digest, blob.size, sent, what)
+        return blob
+    except BaseException as exc:
+        pipe.abandon()
+        if await settle(worker) and not isinstance(exc, asyncio.CancelledError):
+            raise asyncio.CancelledError() from exc
+        raise
 
 
 async def push_artifact(
@@ -339,13 +469,15 @@ async def push_artifact(
     files: list[ArtifactFile],
     config: dict[str, Any],
     *,
-    staging_dir: Path,
     progress: Progress | None = None,
     credential: Credential | None = None,
     insecure_registries: set[str] | None = None,
     session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+    digest_cache: Path | None = None,
 ) -> PushResult:
-    """Publish `files` + `config` as a stoker artifact at `ref` (a tag)."""
+    """Publish `files` + `config` as a stoker artifact at `ref` (a tag).
+
+    `digest_cache` is a file remembering the blob each file made (see DigestCache)."""
     started = time.monotonic()
     reference = parse_reference(ref)
     if reference.digest is not None:
@@ -356,8 +488,6 @@ async def push_artifact(
     roles = [f.role for f in files]
     if "rootfs" not in roles or not ({"vmlinux", "bzimage"} & set(roles)):
         raise InvalidArgument(f"pushing {ref}: an artifact needs a rootfs and a kernel")
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="push-", dir=staging_dir))
     session = session_factory() if session_factory is not None else _session()
     try:
         client = await open_client(
@@ -369,40 +499,31 @@ async def push_artifact(
             actions="pull,push",
             verb="pushing",
         )
+        cache = DigestCache(digest_cache)
+        on_bytes = DownloadMeter(progress, None, stage="upload").add  # compressed: no total
         blobs: list[_Blob] = []
-        for f in files:
-            if progress is not None:
-                progress("compress", f"compressing {ROLES[f.role][1]}")
-            blobs.append(await asyncio.to_thread(_compress, f.path, work / f.role, f.role))
-        total = sum(b.size for b in blobs)
-        done = 0
-        last = 0.0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done, last
-            done += n
-            now = time.monotonic()
-            if progress is not None and now - last >= 0.5:
-                last = now
-                progress("upload", f"{done >> 20}/{total >> 20} MiB", done=done, total=total)
-
         uploaded = skipped = 0
-        for b in blobs:
-            what = f"{ROLES[b.role][1]} blob {b.digest[:19]}"
-            if await _blob_exists(client, b.digest, b.size):
+        for f in files:
+            known = cache.get(f.path, f.role)
+            if known is not None and await _blob_exists(client, known.digest, known.size):
+                blobs.append(known)
                 skipped += 1
-                on_bytes(b.size)
+                on_bytes(known.size)
                 continue
-            await _upload(client, b.path, b.digest, b.size, what, on_bytes)
+            if progress is not None:
+                progress("upload", f"compressing and uploading {ROLES[f.role][1]}")
+            key = DigestCache._key(f.path)
+            blob = await _upload_file(client, f, on_bytes)
+            if DigestCache._key(f.path) == key:
+                cache.put(f.path, key, blob)
+            blobs.append(blob)
             uploaded += 1
+        cache.save()
+        total = sum(b.size for b in blobs)
         cfg_bytes = json.dumps(config, sort_keys=True).encode()
         cfg_digest = "sha256:" + hashlib.sha256(cfg_bytes).hexdigest()
-        cfg_path = work / "config.json"
-        cfg_path.write_bytes(cfg_bytes)
         if not await _blob_exists(client, cfg_digest, len(cfg_bytes)):
-            await _upload(
-                client, cfg_path, cfg_digest, len(cfg_bytes), "config blob", lambda n: None
-            )
+            await _upload(client, cfg_bytes, cfg_digest, "config blob")
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -457,7 +578,6 @@ async def push_artifact(
         )
     finally:
         await session.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- pull ------------------------------------------------------------------------------
@@ -546,6 +666,65 @@ async def _download(
         raise TruncatedBlob(
             f"pulling {client.display}: blob {digest} ended early: {e}; retry"
         ) from None
+    _check_blob(client, digest, size, n, h)
+
+
+async def _download_sparse(
+    client: RegistryClient,
+    layer: _Layer,
+    dst: Path,
+    label: str,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Stream a layer's blob into a worker thread that writes `dst` back from it while the
+    download goes on. The blob's size and sha256 are checked when it ends, before the
+    worker's verdict is taken (a corrupted transfer is reported as such, not as the bad
+    stream it makes); the caller publishes nothing from a failed call."""
+    pipe = ThreadPipe(asyncio.get_running_loop())
+
+    def work() -> None:
+        try:
+            _write_sparse(pipe, dst, layer, label)
+        finally:
+            pipe.wake_producer()
+
+    worker: asyncio.Future[None] = asyncio.ensure_future(asyncio.to_thread(work))
+    h = hashlib.sha256()
+    n = 0
+    try:
+        try:
+            async with client.blob(layer.digest) as chunks:
+                async for chunk in chunks:
+                    n += len(chunk)
+                    if n > layer.size:
+                        break
+                    h.update(chunk)
+                    on_bytes(len(chunk))
+                    err = worker_error(worker)
+                    if err is None:
+                        await pipe.put(chunk, worker)
+                    elif not isinstance(err, UnsupportedImage | DigestMismatch):
+                        break  # no space, an I/O error: the rest of the blob is no use
+                    # else a bad stream: keep hashing, a corrupted transfer is the better
+                    # explanation when the digest does not match either
+        except TruncatedTransfer as e:
+            raise TruncatedBlob(
+                f"pulling {client.display}: blob {layer.digest} ended early: {e}; retry"
+            ) from None
+        err = worker_error(worker)
+        if err is not None and not isinstance(err, UnsupportedImage | DigestMismatch):
+            raise err
+        _check_blob(client, layer.digest, layer.size, n, h)
+        pipe.close()
+        await asyncio.shield(worker)  # never cancelled under a running thread
+    except BaseException as exc:
+        pipe.abort()
+        if await settle(worker) and not isinstance(exc, asyncio.CancelledError):
+            raise asyncio.CancelledError() from exc
+        raise
+
+
+def _check_blob(client: RegistryClient, digest: str, size: int, n: int, h: Any) -> None:
     if n != size:
         raise TruncatedBlob(
             f"pulling {client.display}: blob {digest} is {'longer' if n > size else 'shorter'} "
@@ -559,22 +738,62 @@ async def _download(
         )
 
 
-class _Reader:
-    """Exact reads from a zstd stream, hashing everything read."""
-
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
-        self.h = hashlib.sha256()
-
-    def read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            b = self.reader.read(min(n - len(out), IO_CHUNK))
-            if not b:
+def _read_exact(reader: Any, n: int) -> bytes:
+    """Up to `n` bytes from a zstd stream reader: fewer only at its end."""
+    b: bytes = reader.read(n)
+    if 0 < len(b) < n:
+        parts = [b]
+        got = len(b)
+        while got < n:
+            more = reader.read(n - got)
+            if not more:
                 break
-            out += b
-        self.h.update(out)
-        return bytes(out)
+            parts.append(more)
+            got += len(more)
+        b = b"".join(parts)
+    return b
+
+
+class _HashWriter(threading.Thread):
+    """Hashes the decompressed stream in order and writes its extents at their offsets,
+    on a thread of its own: decompressing and hashing + writing then use two cores.
+
+    `put(None, b)` hashes bytes that are not file data (the header). After a failure it
+    drains the queue until `finish()`, so the producer never blocks on it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="artifact-writer", daemon=True)
+        self.fd = fd
+        self.h = hashlib.sha256()
+        self.q: queue.Queue[tuple[int | None, bytes] | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                off, b = item
+                self.h.update(b)
+                if off is not None:
+                    view = memoryview(b)
+                    while view:
+                        n = os.pwrite(self.fd, view, off)
+                        view, off = view[n:], off + n
+        except BaseException as e:
+            self.error = e
+            while self.q.get() is not None:
+                pass
+
+    def put(self, off: int | None, b: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((off, b))
+
+    def finish(self) -> None:
+        """End the stream and wait for the thread; raises what it failed with."""
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _parse_extents(header: bytes, size: int) -> list[tuple[int, int]]:
@@ -601,45 +820,56 @@ def _parse_extents(header: bytes, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _decompress_sparse(src: Path, dst: Path, layer: _Layer, label: str) -> None:
-    """Write `dst` back from the zstd sparse stream in `src`; check header and hash."""
+def _write_sparse(src: Any, dst: Path, layer: _Layer, label: str) -> None:
+    """Write `dst` back from the zstd sparse stream read from `src` (anything with
+    `read(n)`); check header and hash. Runs in a worker thread."""
     name = ROLES[layer.role][1]
     bad = f"pulling {label}: {name} is not a valid stoker sparse stream"
     dctx = zstandard.ZstdDecompressor()
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            r = _Reader(dctx.stream_reader(fin))
-            head = r.read(len(SPARSE_MAGIC) + 8)
-            if len(head) != len(SPARSE_MAGIC) + 8 or not head.startswith(SPARSE_MAGIC):
-                raise UnsupportedImage(f"{bad} (no header): re-push the image")
-            hlen = int.from_bytes(head[len(SPARSE_MAGIC) :], "big")
-            if hlen > MAX_SPARSE_HEADER:
-                raise UnsupportedImage(f"{bad} (a {hlen}-byte header): refusing it")
+    with open(dst, "wb") as fout:
+        writer = _HashWriter(fout.fileno())
+        writer.start()
+        try:
             try:
-                extents = _parse_extents(r.read(hlen), layer.raw_size)
-            except ValueError as e:
-                raise UnsupportedImage(f"{bad} ({e}): re-push the image") from None
-            fd = fout.fileno()
-            for off, length in extents:
-                done = 0
-                while done < length:
-                    chunk = r.read(min(length - done, IO_CHUNK))
-                    if not chunk:
-                        raise UnsupportedImage(f"{bad} (it ends inside an extent)")
-                    os.pwrite(fd, chunk, off + done)
-                    done += len(chunk)
-            if r.reader.read(1):
-                raise UnsupportedImage(f"{bad} (bytes after its last extent): refusing it")
-            os.ftruncate(fd, layer.raw_size)
-    except zstandard.ZstdError as e:
-        raise UnsupportedImage(
-            f"pulling {label}: {name} is not valid zstd ({e}): re-push"
-        ) from None
-    if r.h.hexdigest() != layer.raw_sha256:
+                r = dctx.stream_reader(src, read_size=BLOB_CHUNK)
+                head = _read_exact(r, len(SPARSE_MAGIC) + 8)
+                if len(head) != len(SPARSE_MAGIC) + 8 or not head.startswith(SPARSE_MAGIC):
+                    raise UnsupportedImage(f"{bad} (no header): re-push the image")
+                hlen = int.from_bytes(head[len(SPARSE_MAGIC) :], "big")
+                if hlen > MAX_SPARSE_HEADER:
+                    raise UnsupportedImage(f"{bad} (a {hlen}-byte header): refusing it")
+                header = _read_exact(r, hlen)
+                writer.put(None, head + header)
+                try:
+                    extents = _parse_extents(header, layer.raw_size)
+                except ValueError as e:
+                    raise UnsupportedImage(f"{bad} ({e}): re-push the image") from None
+                for off, length in extents:
+                    done = 0
+                    while done < length:
+                        chunk = _read_exact(r, min(length - done, IO_CHUNK))
+                        if not chunk:
+                            raise UnsupportedImage(f"{bad} (it ends inside an extent)")
+                        writer.put(off + done, chunk)
+                        done += len(chunk)
+                if r.read(1):
+                    raise UnsupportedImage(f"{bad} (bytes after its last extent): refusing it")
+            except zstandard.ZstdError as e:
+                raise UnsupportedImage(
+                    f"pulling {label}: {name} is not valid zstd ({e}): re-push"
+                ) from None
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                writer.finish()  # its own error, if any, is secondary
+            raise
+        writer.finish()
+        os.ftruncate(fout.fileno(), layer.raw_size)
+        os.fsync(fout.fileno())  # published next: on disk first, as bundles and blobs are
+    got = writer.h.hexdigest()
+    if got != layer.raw_sha256:
         raise DigestMismatch(
-            f"pulling {label}: {name} decompressed to content hashing to sha256:"
-            f"{r.h.hexdigest()}, not the sha256:{layer.raw_sha256} the artifact promises: "
-            "re-push the image"
+            f"pulling {label}: {name} decompressed to content hashing to sha256:{got}, not "
+            f"the sha256:{layer.raw_sha256} the artifact promises: re-push the image"
         )
 
 
@@ -678,17 +908,7 @@ async def pull_artifact(
         work = Path(tempfile.mkdtemp(prefix="artifact-", dir=staging_dir))
         try:
             total = csize + sum(x.size for x in layers)
-            done = 0
-            last = 0.0
-
-            def on_bytes(k: int) -> None:
-                nonlocal done, last
-                done += k
-                now = time.monotonic()
-                if progress is not None and now - last >= 0.5:
-                    last = now
-                    progress("download", f"{done >> 20}/{total >> 20} MiB", done=done, total=total)
-
+            on_bytes = DownloadMeter(progress, total).add
             cfg_path = work / ".config.json"
             await _download(client, cdigest, csize, cfg_path, on_bytes)
             try:
@@ -704,13 +924,8 @@ async def pull_artifact(
             for layer in layers:
                 name = ROLES[layer.role][1]
                 if progress is not None:
-                    progress("download", f"fetching {name}")
-                tmp = work / f".{layer.role}.zst"
-                await _download(client, layer.digest, layer.size, tmp, on_bytes)
-                if progress is not None:
-                    progress("unpack", f"decompressing {name}")
-                await asyncio.to_thread(_decompress_sparse, tmp, work / name, layer, ref)
-                tmp.unlink()
+                    progress("download", f"fetching and unpacking {name}")
+                await _download_sparse(client, layer, work / name, ref, on_bytes)
                 out.files[layer.role] = work / name
             out.download_size = total
             return out

@@ -20,10 +20,15 @@ class DownloadMeter:
     "12 MiB" when the total is not known) with `done` and `total` fields, throttled."""
 
     def __init__(
-        self, progress: Progress | None, total: int | None, interval: float = PROGRESS_INTERVAL
+        self,
+        progress: Progress | None,
+        total: int | None,
+        interval: float = PROGRESS_INTERVAL,
+        stage: str = "download",
     ) -> None:
         self.progress = progress
         self.total = total
+        self.stage = stage
         self.interval = interval
         self.done = 0
         self._last = float("-inf")  # the first bytes are reported at once
@@ -35,5 +40,5 @@ class DownloadMeter:
             self._last = now
             of = f"/{self.total // _MIB}" if self.total else ""
             self.progress(
-                "download", f"{self.done // _MIB}{of} MiB", done=self.done, total=self.total
+                self.stage, f"{self.done // _MIB}{of} MiB", done=self.done, total=self.total
             )
