@@ -25,7 +25,7 @@ from stoker.daemon.portfwd import PortForwards
 from stoker.daemon.vm_service import CreateRequest, VMService
 from stoker.daemon.wiring import wire_services
 from stoker.daemon.workspace_service import WorkspaceService
-from stoker.errors import ConfigError, MethodNotFound
+from stoker.errors import ConfigError, InvalidArgument, MethodNotFound
 from stoker.layout import Layout
 from stoker.rpc.jsonable import to_jsonable
 from stoker.rpc.protocol import PROTOCOL_VERSION
@@ -192,7 +192,28 @@ class Daemon:
             return await images.pull_kernel(p.name, ctx.progress)
 
         async def vm_create(p: api.CreateVM, ctx: RequestContext) -> Any:
-            req = CreateRequest(**p.model_dump())
+            args = p.model_dump()
+            snap = args.pop("from_snapshot")
+            if snap is not None:
+                from stoker.daemon import vm_fork
+
+                given = [
+                    f"--{k.replace('_mib', '').replace('_', '-')}"
+                    for k in ("image", "vcpu", "memory_mib", "disk_size", "net", "ttl")
+                    if args[k] is not None
+                ] + [f"--{k.replace('_', '-')}" for k in ("nat", "no_start") if args[k]]
+                if given:
+                    raise InvalidArgument(
+                        f"--from-snapshot takes the snapshot's image, shape and network: "
+                        f"drop {', '.join(given)}"
+                    )
+                rec = await vm_fork.create_from_snapshot(
+                    vm, snap, p.name, ctx.progress, ready=p.ready
+                )
+                out = rec.to_dict()
+                out["timings"] = vm.last_timings.get(rec.id)
+                return out
+            req = CreateRequest(**args)
             rec = await vm.create_vm(req, ctx.progress)
             out = rec.to_dict()
             out["timings"] = vm.last_timings.get(rec.id)
@@ -214,6 +235,16 @@ class Daemon:
 
             rec = await snapshot_service.start_from_snapshot(vm, p.ref, p.name, ctx.progress)
             return rec.to_dict()
+
+        async def vm_fork(p: api.ForkVM, ctx: RequestContext) -> Any:
+            from stoker.daemon import vm_fork as forks
+
+            rec = await forks.fork_vm(
+                vm, p.ref, p.name, ctx.progress, snapshot=p.snapshot, ready=p.ready
+            )
+            out = rec.to_dict()
+            out["timings"] = vm.last_timings.get(rec.id)
+            return out
 
         async def vm_snapshot_list(p: api.SnapshotList, ctx: RequestContext) -> Any:
             from stoker.daemon import snapshot_service
@@ -374,6 +405,7 @@ class Daemon:
             "vm.workspace.prepare": Method(api.WorkspacePrepare, ws_prepare),
             "vm.workspace.export": Method(api.WorkspaceExport, ws_export),
             "vm.snapshot": Method(api.SnapshotCreate, vm_snapshot),
+            "vm.fork": Method(api.ForkVM, vm_fork),
             "vm.snapshot.list": Method(api.SnapshotList, vm_snapshot_list),
             "vm.start_from_snapshot": Method(api.SnapshotRef, vm_start_from_snapshot),
             "vm.snapshot.delete": Method(api.SnapshotRef, vm_snapshot_delete),

@@ -346,7 +346,8 @@ class VMService:
     ) -> VMRecord:
         """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
         client never leaves a half-started VM or kills a VMM already spawned. `spawn`
-        replaces `driver.start(cfg)` (a restore from a snapshot)."""
+        replaces `driver.start(cfg)` (a restore from a snapshot: the disks are then left as
+        they are, the restored guest has them mounted from its saved memory)."""
         return await run_to_end(self._start_flow(vm, progress, ready, spawn))
 
     async def _start_flow(
@@ -375,10 +376,13 @@ class VMService:
                 # What the start acquires (tap, NAT, VMM) is named by the VM's teardown
                 # identity before it is used: the undo is the one teardown stop uses too.
                 revert.add(lambda: self._teardown_or_raise(vm))
-                progress("prepare", "syncing keys, git identity and files onto the work disk")
-                await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
-                for hook in self.hooks.prepare_host:
-                    await hook(vm)
+                if spawn is None:
+                    # Not behind a restored guest: it has the work disk mounted from its
+                    # saved memory, and a host-side write under it would corrupt it.
+                    progress("prepare", "syncing keys, git identity and files onto the work disk")
+                    await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
+                    for hook in self.hooks.prepare_host:
+                        await hook(vm)
                 progress("network", f"bridge {self.config.bridge_name}, tap, {vm.guest_ip}")
                 await self.net.ensure_bridge()
                 tap = await self.net.acquire_tap()
@@ -889,6 +893,11 @@ class VMService:
         """At daemon start: keep VMs whose VMM is alive (handles adopted), mark dead ones
         stopped and tear down what they left (tap, NAT rules), reap orphan taps and NAT
         rules, and republish DNS for the running ones."""
+        from stoker.daemon import vm_fork
+
+        # A fork the daemon did not finish goes whole; a source it left paused runs again.
+        await vm_fork.reap_half_forks(self)
+        await vm_fork.resume_paused_sources(self)
         in_use_taps: set[str] = set()
         live_ids: set[str] = set()
         for vm in self.store.list_vms():
