@@ -266,8 +266,10 @@ async def _fork(
             machine_id=uuid.uuid4().hex,
             entropy=os.urandom(64),
         )
-        boot = _restore_with_identity(svc, vm, state, recorded, ident, progress)
+        timing: dict[str, float] = {}
+        boot = _restore_with_identity(svc, vm, state, recorded, ident, progress, timing)
         out = await svc._start_locked(vm, progress, ready=ready, spawn=boot)
+        svc.last_timings[vm.id] = {**svc.last_timings.get(vm.id, {}), **timing}
         state.unlink(missing_ok=True)
         (vm_dir / FORKING_MARK).unlink()
         revert.success()
@@ -282,6 +284,7 @@ def _restore_with_identity(
     recorded: dict[str, Any],
     ident: GuestIdentity,
     progress: Progress,
+    timing: dict[str, float],
 ) -> Callable[[Any, MachineConfig], Awaitable[VMMHandle]]:
     async def boot(drv: Any, cfg: MachineConfig) -> VMMHandle:
         if not hasattr(drv, "restore") or not hasattr(drv, "set_link"):
@@ -325,7 +328,7 @@ def _restore_with_identity(
             with contextlib.suppress(Exception):
                 await drv.kill(handle)
             raise
-        svc.last_timings[vm.id] = {"restore_identity_s": round(time.monotonic() - t0, 3)}
+        timing["restore_identity_s"] = round(time.monotonic() - t0, 3)
         return handle
 
     return boot
