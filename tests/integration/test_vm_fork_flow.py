@@ -245,6 +245,10 @@ async def test_refusals_leave_nothing(rig: tuple[Live, ForkVMM]) -> None:
 
     with pytest.raises(AlreadyExists, match="already exists"):
         await vm_fork.fork_vm(lv.vm, "src", "src", _noop)
+    lv.vm._driver_cache = PeerVMM(lv.peer, lv.d.store)  # a VMM that cannot snapshot
+    with pytest.raises(Conflict, match="cannot fork VMs yet"):
+        await vm_fork.fork_vm(lv.vm, "src", "fv", _noop)
+    lv.vm._driver_cache = vmm
     vmm.version = "standin 2.0"
     with pytest.raises(Conflict, match=r"standin 2\.0"):
         await vm_fork.fork_from_snapshot(lv.vm, "src", "tpl", "fx", _noop)

@@ -66,6 +66,12 @@ AGENT_WAIT = 60.0  # seconds a restored guest's agent gets to answer
 Fill = Callable[[Path], Awaitable[tuple[Path, dict[str, Any]]]]
 
 
+def _can_fork(svc: VMService) -> None:
+    drv: Any = svc._driver()
+    if not all(hasattr(drv, m) for m in ("save_state", "restore", "set_link", "binary_version")):
+        raise Conflict(f"the {drv.label} driver cannot fork VMs yet (QEMU can)")
+
+
 def _free_name(svc: VMService, name: str) -> str:
     validate_name(name)
     if any(v.name == name for v in svc.store.list_vms()):
@@ -86,6 +92,7 @@ async def fork_vm(
 ) -> VMRecord:
     """`vm fork NAME --name NEW [--snapshot SNAP]`: from a fresh snapshot of the running
     VM (taken into NEW's directory, not kept), or from NAME's existing snapshot SNAP."""
+    _can_fork(svc)
     _free_name(svc, new_name)
     source = svc.resolve(ref)
     if source.name == new_name:
