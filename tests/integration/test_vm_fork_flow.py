@@ -301,3 +301,35 @@ async def test_reconcile_deletes_an_unfinished_fork_and_resumes_a_paused_source(
     with pytest.raises(StokerError):
         await task
     assert [v.name for v in lv.d.store.list_vms()] == ["src"]
+
+
+async def test_vm_create_from_snapshot_refuses_sizing_flags_and_a_bad_reference(
+    rig: tuple[Live, ForkVMM],
+) -> None:
+    from types import SimpleNamespace
+
+    from stoker.daemon import api
+    from stoker.errors import Ambiguous, InvalidArgument, NotFound
+
+    lv, _ = rig
+    await lv.vm.create_vm(req(name="src"), _noop)
+    await snapshot_service.snapshot_vm(lv.vm, "src", "tpl", _noop)
+    create = lv.d.methods()["vm.create"]
+    ctx = SimpleNamespace(progress=_noop)
+    before = len(lv.d.store.list_vms())
+    p = api.CreateVM(name="n1", from_snapshot="src/tpl", memory_mib=512, nat=True)
+    with pytest.raises(InvalidArgument, match="drop --memory, --nat"):
+        await create.handler(p, ctx)
+    with pytest.raises(NotFound, match="no snapshot named 'nope'"):
+        await create.handler(api.CreateVM(name="n1", from_snapshot="src/nope"), ctx)
+    with pytest.raises(NotFound, match="no VM has a snapshot named 'nope'"):
+        await create.handler(api.CreateVM(name="n1", from_snapshot="nope"), ctx)
+    with pytest.raises(InvalidArgument, match="needs the new VM's --name"):
+        await create.handler(api.CreateVM(from_snapshot="src/tpl"), ctx)
+    assert len(lv.d.store.list_vms()) == before
+    # A bare name works while one VM has it; two make it ambiguous.
+    out = await create.handler(api.CreateVM(name="n1", from_snapshot="tpl"), ctx)
+    assert out["name"] == "n1" and out["timings"]["restore_identity_s"] >= 0
+    await snapshot_service.snapshot_vm(lv.vm, "n1", "tpl", _noop)
+    with pytest.raises(Ambiguous, match="n1/tpl"):
+        await create.handler(api.CreateVM(name="n2", from_snapshot="tpl"), ctx)
