@@ -83,7 +83,8 @@ def main() -> int:
                 rows[kind].append((t_cmd, t_use, inner, skew(e, name)))
                 print(
                     f"fork ({kind:8}) {name}: command {t_cmd:.2f}s, exec answers {t_use:.2f}s, "
-                    f"restore+identity {inner:.2f}s, clock offset {rows[kind][-1][3]:.3f}s",
+                    f"restore+identity {inner:.2f}s, clock offset {rows[kind][-1][3]:.3f}s; "
+                    f"daemon timings {timings}",
                     flush=True,
                 )
                 e.run("vm", "delete", name)

@@ -261,7 +261,9 @@ async def _fork(
         add_known_host(svc.layout.known_hosts, hosts, pub)
         revert.add(lambda: remove_known_host(svc.layout.known_hosts, hosts), "known_hosts")
 
+        t_fill = time.monotonic()
         state, recorded = await fill(vm_dir)
+        timing: dict[str, float] = {"disks_s": round(time.monotonic() - t_fill, 3)}
         # The restored guest's shape is the snapshot's, whatever the source has now.
         vm.spec.vcpu = int(recorded.get("vcpu", vm.spec.vcpu))
         vm.spec.memory_mib = int(recorded.get("memory_mib", vm.spec.memory_mib))
@@ -273,7 +275,6 @@ async def _fork(
             machine_id=uuid.uuid4().hex,
             entropy=os.urandom(64),
         )
-        timing: dict[str, float] = {}
         boot = _restore_with_identity(svc, vm, state, recorded, ident, progress, timing)
         out = await svc._start_locked(vm, progress, ready=ready, spawn=boot)
         svc.last_timings[vm.id] = {**svc.last_timings.get(vm.id, {}), **timing}
@@ -310,6 +311,7 @@ def _restore_with_identity(
         progress("restore", "restoring the snapshot's memory with the NIC's link down")
         t0 = time.monotonic()
         handle: VMMHandle = await drv.restore(cfg, state, link_down=True)
+        timing["restore_s"] = round(time.monotonic() - t0, 3)
         try:
             agent = _agent_for_handle(svc, vm, drv, handle)
             deadline = time.monotonic() + AGENT_WAIT
@@ -327,7 +329,9 @@ def _restore_with_identity(
                     "set a clone's identity: rebuild the image, snapshot again, then fork"
                 )
             progress("identity", "RNG reseed, clock, host key, machine-id, hostname, network")
+            t_id = time.monotonic()
             done = await agent.set_identity(ident, timeout=IDENTITY_TIMEOUT)
+            timing["identity_s"] = round(time.monotonic() - t_id, 3)
             await drv.set_link(handle, up=True)
             progress("identity", f"guest identity set ({', '.join(done)}); link up")
         except BaseException:
