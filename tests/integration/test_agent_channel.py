@@ -38,6 +38,7 @@ from stoker.daemon.agent import (
     UnixTransport,
     cpu_percent,
 )
+from stoker.guest.agent.stoker_agent import AGENT_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ async def test_healthz_over_a_pty_bridged_by_socat(
     start_agent("--serial", str(work / "port"))
     client = AgentClient(SerialTransport(work / "host.sock"), name="local")
     h = await client.healthz(10)
-    assert h.ok and h.agent_version == "1.1" and h.can_exec
+    assert h.ok and h.agent_version == AGENT_VERSION and h.can_exec
     assert h.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert h.hostname == socket.gethostname()
     assert abs(h.uptime_s - float(Path("/proc/uptime").read_text().split()[0])) < 5

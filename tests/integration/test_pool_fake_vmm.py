@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agent_channel import FakeChardev, _stop
+from agentrig import FakeChardev
+from agentrig import stop as _stop
 from test_vm_lifecycle_fake_vmm import (
     FakeSSH,
     _cancel_stray_tasks,

@@ -150,3 +150,49 @@ async def test_a_full_disk_during_save_leaves_no_state_and_the_guest_running(tmp
             await drv.kill(h)
     finally:
         subprocess.run(["umount", full], check=True)
+
+
+async def test_a_fork_restore_keeps_the_saved_mac_until_the_guest_sets_one_and_the_link_down(
+    tmp: Path,
+) -> None:
+    """With a NIC (a tap in a namespace of the test's own): `restore(link_down=True)` puts
+    the link down before the guest runs and `set_link` brings it up; the NIC's MAC after
+    the load is the saved device's, not the new `-device` line's (why a fork's guest sets
+    its MAC itself, docs/ARCHITECTURE.md "Forks")."""
+    require(shutil.which(QEMU), f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a network namespace and taps)")
+    import secrets
+
+    ns = f"stoker-q-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for tap in ("stkqa", "stkqb"):
+            subprocess.run(["ip", "-n", ns, "tuntap", "add", tap, "mode", "tap"], check=True)
+        drv = QemuDriver(Runner(), accel="tcg", ready_timeout=30)
+        a = machine(tmp / "a")
+        a.tap, a.netns, a.mac = "stkqa", ns, "06:53:ac:1e:00:0a"
+        src = await drv.start(a)
+        state = tmp / "state.bin"
+        try:
+            await drv.save_state(src, state)
+        finally:
+            await drv.kill(src)
+        b = machine(tmp / "b")
+        b.tap, b.netns, b.mac = "stkqb", ns, "06:53:ac:1e:00:0b"
+        dst = await drv.restore(b, state, link_down=True)
+        try:
+            assert dst.api_socket is not None
+            async with QMPClient(dst.api_socket) as c:
+                assert (await c.execute("query-status"))["status"] == "running"
+                nic = (await c.execute("query-rx-filter"))[0]
+                assert nic["main-mac"] == "06:53:ac:1e:00:0a"
+            await drv.set_link(dst, up=True)
+            await drv.set_link(dst, up=False)
+            with pytest.raises(CommandFailed, match="not found"):
+                async with QMPClient(dst.api_socket) as c:
+                    await c.execute("set_link", {"name": "nosuch", "up": True})
+        finally:
+            await drv.kill(dst)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -74,6 +74,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "stoker vm snapshot list web",
         "stoker vm snapshot delete web before-upgrade",
     ),
+    "vm fork": (
+        "stoker vm fork web --name web2",
+        "stoker vm fork web --name web3 --snapshot before-upgrade",
+    ),
     "vm prune": ("stoker vm prune", "stoker vm prune -f"),
     "vm logs": ("stoker vm logs web", "stoker vm logs -f web"),
     "vm ssh": (

@@ -28,6 +28,7 @@ SUBCOMMANDS = frozenset(
         "cp",
         "commit",
         "snapshot",
+        "fork",
     }
 )  # fmt: skip
 
@@ -62,9 +63,30 @@ def register(sub: Any, only: str | None = None) -> None:
         add_sizing(p)
         add_ttl(p)
         p.add_argument("--no-start", action="store_true", help="create the disks only")
+        p.add_argument(
+            "--from-snapshot",
+            metavar="VM/SNAP",
+            help="a new VM from snapshot SNAP of VM (its memory, disks copied, an identity "
+            "of its own); SNAP alone when one VM has a snapshot of that name",
+        )
         add_publish_flag(p)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=vm_create)
+
+    if want("fork"):
+        p = vsub.add_parser(
+            "fork",
+            help="a new VM from a running VM's memory and disks, with an identity of its own",
+        )
+        p.add_argument("source", metavar="NAME", help="the VM to fork")
+        p.add_argument("--name", required=True, metavar="NEW", help="the new VM's name")
+        p.add_argument(
+            "--snapshot",
+            metavar="SNAP",
+            help="fork NAME's snapshot SNAP (NAME may be stopped) instead of a fresh one",
+        )
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=vm_fork)
 
     if want("port-forward"):
         p = vsub.add_parser(
@@ -344,10 +366,13 @@ def vm_create(args: argparse.Namespace) -> int:
         from stoker.cli.render import UsageError
 
         raise UsageError(str(e)) from None
+    params = {**sizing_params(args), "no_start": args.no_start, **ttl}
+    if args.from_snapshot is not None:
+        if not args.name:
+            raise InvalidArgument("--from-snapshot needs the new VM's --name")
+        params["from_snapshot"] = args.from_snapshot
     with client(args) as c:
-        v = call_with_progress(
-            c, "vm.create", {**sizing_params(args), "no_start": args.no_start, **ttl}, args.json
-        )
+        v = call_with_progress(c, "vm.create", params, args.json)
         v["port_forwards"] = _publish_or_delete(args, c, v["name"])
     if args.json:
         print_json(v)
@@ -356,6 +381,20 @@ def vm_create(args: argparse.Namespace) -> int:
         print(f"{v['name']} {state} · {v['guest_ip']} · {v['dns_name']}")
         if not args.no_start:
             print(f"connect: stoker vm ssh {v['name']}")
+    return 0
+
+
+def vm_fork(args: argparse.Namespace) -> int:
+    from stoker.cli.progress import call_with_progress
+
+    params = {"ref": args.source, "name": args.name, "snapshot": args.snapshot}
+    with client(args) as c:
+        v = call_with_progress(c, "vm.fork", params, args.json)
+    if args.json:
+        print_json(v)
+    else:
+        print(f"{v['name']} forked from {args.source} · {v['guest_ip']} · {v['dns_name']}")
+        print(f"connect: stoker vm ssh {v['name']}")
     return 0
 
 

@@ -63,6 +63,7 @@ class CreateVM(Params):
     no_start: bool = False
     ready: Literal["ssh", "agent"] = "ssh"  # "agent": running once the agent can exec
     ttl: float | int | None = None  # seconds from now; the VM is deleted then
+    from_snapshot: str | None = None  # VM/SNAP (or a SNAP only one VM has): a fork of it
 
 
 class SetVM(Params):
@@ -223,6 +224,13 @@ class SnapshotCreate(Params):
 class SnapshotRef(Params):
     ref: str
     name: str
+
+
+class ForkVM(Params):
+    ref: str  # the VM to fork
+    name: str  # the new VM
+    snapshot: str | None = None  # one of ref's snapshots instead of a fresh one
+    ready: Literal["ssh", "agent"] = "ssh"
 
 
 class SnapshotList(Params):

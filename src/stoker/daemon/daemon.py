@@ -241,6 +241,7 @@ class Daemon:
             "vm.list": route(api.ListParams, vm.list_vms),
             "vm.show": route(api.VMRef, vm.show),
             "vm.create": route(api.CreateVM, vm.create),
+            "vm.fork": route(api.ForkVM, vm.fork),
             "vm.start": route(api.VMRefs, vm.start_vms),
             "vm.restart": route(api.VMRefs, vm.restart_vms),
             "vm.stop": route(api.VMRefs, vm.stop_vms),

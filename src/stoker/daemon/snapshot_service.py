@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 SNAPSHOTS_DIR = "snapshots"
 STATE_FILE = "state.bin"
+# In a VM's directory while its guest is paused for a save: a daemon killed then leaves the
+# guest paused, and reconcile resumes every running VM that has it.
+PAUSED_MARK = "PAUSED-FOR-SNAPSHOT"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
@@ -133,16 +136,22 @@ async def _take(
     part = final.with_name(f".{final.name}.partial")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True, mode=0o700)
+    mark = Path(vm.vm_dir) / PAUSED_MARK
     try:
         progress("save", "pausing the guest, saving device state and memory")
-        size = int(await driver.save_state(handle, part / STATE_FILE))
+        mark.touch()
         try:
-            progress("disks", "copying the writable disks (sparse)")
-            for d in cfg.disks:
-                if not d.read_only:
-                    size += await asyncio.to_thread(copy_sparse, d.path, part / d.path.name)
+            # save_state runs the guest again itself when it fails.
+            size = int(await driver.save_state(handle, part / STATE_FILE))
+            try:
+                progress("disks", "copying the writable disks (sparse)")
+                for d in cfg.disks:
+                    if not d.read_only:
+                        size += await asyncio.to_thread(copy_sparse, d.path, part / d.path.name)
+            finally:
+                await driver.resume(handle)
         finally:
-            await driver.resume(handle)
+            mark.unlink(missing_ok=True)
         part.rename(final)
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)

@@ -463,7 +463,8 @@ class VMService:
     ) -> VMRecord:
         """The start flow; caller holds vm_locks[vm.id]. Runs shielded: a disconnecting
         client never leaves a half-started VM or kills a VMM already spawned. `spawn`
-        replaces `driver.start(cfg)` (a restore from a snapshot)."""
+        replaces `driver.start(cfg)` (a restore from a snapshot: the disks are then left as
+        they are, the restored guest has them mounted from its saved memory)."""
         return await run_to_end(self._start_flow(vm, progress, ready, spawn))
 
     async def _start_flow(
@@ -492,10 +493,13 @@ class VMService:
                 # What the start acquires (tap, NAT, VMM) is named by the VM's teardown
                 # identity before it is used: the undo is the one teardown stop uses too.
                 revert.add(lambda: self._teardown_or_raise(vm))
-                progress("prepare", "syncing keys, git identity and files onto the work disk")
-                await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
-                for hook in self.hooks.prepare_host:
-                    await hook(vm)
+                if spawn is None:
+                    # Not behind a restored guest: it has the work disk mounted from its
+                    # saved memory, and a host-side write under it would corrupt it.
+                    progress("prepare", "syncing keys, git identity and files onto the work disk")
+                    await grow_work_disk(self.runner, vm_dir / WORKDISK, vm.spec.disk_size)
+                    for hook in self.hooks.prepare_host:
+                        await hook(vm)
                 progress("network", f"bridge {self.config.bridge_name}, tap, {vm.guest_ip}")
                 await self.net.ensure_bridge()
                 tap = await self.net.acquire_tap()
@@ -959,8 +963,35 @@ class VMService:
         return VMShown(rec, self.forwards.for_vm(rec.id))
 
     async def create(self, p: CreateVM, progress: Progress) -> VMCreated:
-        """`vm create`: the record and how long each boot stage took."""
-        rec = await self.create_vm(CreateRequest(**p.model_dump()), progress)
+        """`vm create`: the record and how long each boot stage took. With
+        `from_snapshot`, a fork of that snapshot (its image, shape and network)."""
+        args = p.model_dump()
+        snap = args.pop("from_snapshot")
+        if snap is not None:
+            from stoker.daemon import vm_fork
+
+            given = [
+                f"--{k.replace('_mib', '').replace('_', '-')}"
+                for k in ("image", "vcpu", "memory_mib", "disk_size", "net", "ttl")
+                if args[k] is not None
+            ] + [f"--{k.replace('_', '-')}" for k in ("nat", "no_start") if args[k]]
+            if given:
+                raise InvalidArgument(
+                    "--from-snapshot takes the snapshot's image, shape and network: "
+                    f"drop {', '.join(given)}"
+                )
+            rec = await vm_fork.create_from_snapshot(self, snap, p.name, progress, ready=p.ready)
+        else:
+            rec = await self.create_vm(CreateRequest(**args), progress)
+        return VMCreated(rec, self.last_timings.get(rec.id))
+
+    async def fork(
+        self, ref: str, name: str, snapshot: str | None, ready: str, progress: Progress
+    ) -> VMCreated:
+        """`vm fork`: a new VM from a snapshot of `ref` (a fresh one unless `snapshot`)."""
+        from stoker.daemon import vm_fork
+
+        rec = await vm_fork.fork_vm(self, ref, name, progress, snapshot=snapshot, ready=ready)
         return VMCreated(rec, self.last_timings.get(rec.id))
 
     async def set(self, p: SetVM) -> VMRecord:
@@ -1152,6 +1183,11 @@ class VMService:
         """At daemon start: keep VMs whose VMM is alive (handles adopted), mark dead ones
         stopped and tear down what they left (tap, NAT rules), reap orphan taps and NAT
         rules, and republish DNS for the running ones."""
+        from stoker.daemon import vm_fork
+
+        # A fork the daemon did not finish goes whole; a source it left paused runs again.
+        await vm_fork.reap_half_forks(self)
+        await vm_fork.resume_paused_sources(self)
         in_use_taps: set[str] = set()
         live_ids: set[str] = set()
         for vm in self.store.list_all_vms():

@@ -736,6 +736,41 @@ def cpu_percent(prev: GuestStats, cur: GuestStats) -> float | None:
 # --- the client -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GuestIdentity:
+    """What a restored clone gets through the agent's `identity` frame."""
+
+    hostname: str
+    ip: str
+    prefix: int
+    gateway: str
+    mac: str
+    dns: tuple[str, ...]
+    host_key: str  # OpenSSH private key text (host-generated)
+    host_key_pub: str
+    machine_id: str  # 32 hex digits
+    entropy: bytes  # host randomness for the guest kernel's pool
+
+    def frame(self) -> dict[str, Any]:
+        import base64
+        import time
+
+        return {
+            "t": "identity",
+            "hostname": self.hostname,
+            "ip": self.ip,
+            "prefix": self.prefix,
+            "gateway": self.gateway,
+            "mac": self.mac,
+            "dns": list(self.dns),
+            "host_key": self.host_key,
+            "host_key_pub": self.host_key_pub,
+            "machine_id": self.machine_id,
+            "entropy": base64.b64encode(self.entropy).decode("ascii"),
+            "time": time.time(),  # last: the guest sets its clock from it on arrival
+        }
+
+
 class AgentClient:
     """Asks one VM's guest agent for health, listening ports and stats.
 
@@ -852,6 +887,34 @@ class AgentClient:
                 session.kill()
             raise
         return session
+
+    async def set_identity(self, ident: GuestIdentity, timeout: float = 30.0) -> list[str]:
+        """Give a restored clone its own identity (the agent's `identity` frame; see
+        docs/protocol.md). Returns the steps the agent completed; raises AgentError with
+        the agent's message when it refused or failed part-way."""
+        where = self.transport.describe()
+        try:
+            async with asyncio.timeout(timeout):
+                ch = await self.transport.exec_channel()
+                msg = await ch.call(ident.frame())
+        except TimeoutError:
+            raise AgentTimeout(
+                f"the guest agent of {self._who()} did not apply the identity within "
+                f"{timeout:g}s ({where}); see {self._logs_hint()}"
+            ) from None
+        except AgentError as e:
+            raise type(e)(f"guest agent of {self._who()}: {e.message}") from None
+        except (OSError, _EOF) as e:
+            raise AgentUnavailable(
+                f"the guest agent channel of {self._who()} failed ({where}): {e}"
+            ) from None
+        done = [str(d) for d in msg.get("done") or [] if isinstance(d, str)][:16]
+        if msg.get("ok") is not True:
+            err = str(msg.get("error") or "no reason given")[:500]
+            raise AgentProtocolError(
+                f"the guest agent of {self._who()} could not apply the new identity: {err}"
+            )
+        return done
 
     async def alive(self, timeout: float = 2.0) -> bool:
         """True when /healthz answers ok in time; never raises an AgentError."""

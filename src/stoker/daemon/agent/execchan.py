@@ -114,6 +114,7 @@ class FrameChannel:
         self._on_close = on_close
         self.sessions: dict[str, ExecSession] = {}
         self._waiters: dict[str, tuple[asyncio.Future[AgentResponse], int, int]] = {}
+        self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._skipped = 0
         self._killed: dict[str, None] = {}
         self._ping_seq = 0
@@ -154,6 +155,22 @@ class FrameChannel:
             return await fut
         finally:
             self._waiters.pop(rid, None)
+
+    # -- one-shot frames answered by a `result` frame (identity) --
+
+    async def call(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send `frame` (its `t` and fields; the id is added) and wait for the agent's
+        `result` frame of that id. An agent that does not know the frame type answers an
+        `error` frame for the id, which fails the call with that message."""
+        cid = secrets.token_hex(8)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls[cid] = fut
+        try:
+            self.send({**frame, "id": cid})
+            await self.drain()
+            return await fut
+        finally:
+            self._calls.pop(cid, None)
 
     # -- execs --
 
@@ -252,6 +269,15 @@ class FrameChannel:
         eid = msg.get("id")
         if not isinstance(eid, str):
             return t == "error"
+        call = self._calls.get(eid)
+        if call is not None:
+            if not call.done():
+                if t == "result":
+                    call.set_result(msg)
+                else:
+                    err = str(msg.get("error") or f"unexpected {t!r} frame")[:300]
+                    call.set_exception(AgentProtocolError(f"the guest agent refused: {err}"))
+            return True
         s = self.sessions.get(eid)
         if s is None:
             if t in ("started", "out", "stdin_ack") and eid not in self._killed:
@@ -306,6 +332,11 @@ class FrameChannel:
             if not fut.done():
                 fut.set_exception(_EOF())
         self._waiters.clear()
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(
+                    AgentUnavailable(f"the agent channel ({self.where}) closed ({reason})")
+                )
         if self._pinger is not asyncio.current_task():
             self._pinger.cancel()
         if self._on_close is not None:

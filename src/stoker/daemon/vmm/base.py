@@ -382,6 +382,7 @@ class ProcessVMM(abc.ABC):
     name: ClassVar[str]
     label: ClassVar[str]  # how messages name the VMM ("QEMU", "Firecracker")
     supports_snapshots: ClassVar[bool] = False  # save_state/resume/restore are real
+    supports_fork: ClassVar[bool] = False  # restore(link_down=True) and set_link are real
 
     def __init__(self, runner: Runner, exe_hint: str, logger: logging.Logger) -> None:
         self.runner = runner
@@ -426,10 +427,18 @@ class ProcessVMM(abc.ABC):
         """Run a guest paused by `save_state`."""
         raise self._no_snapshots()
 
-    async def restore(self, cfg: MachineConfig, state: Path) -> VMMHandle:
+    async def restore(
+        self, cfg: MachineConfig, state: Path, *, link_down: bool = False
+    ) -> VMMHandle:
         """A fresh VMM for `cfg` running the guest saved at `state` (its writable disks
-        must be the copies taken with it). Nothing is left behind on failure."""
+        must be the copies taken with it). With `link_down` (forks; `supports_fork`) the
+        NIC's link is down before the guest runs, until `set_link`. Nothing is left behind
+        on failure."""
         raise self._no_snapshots()
+
+    async def set_link(self, handle: VMMHandle, *, up: bool) -> None:
+        """The guest NIC's link up or down (a fork gets its identity with it down)."""
+        raise Conflict(f"the {self.label} driver cannot fork VMs yet (QEMU can)")
 
     async def vmm_version(self, handle: VMMHandle) -> str:
         """The running VMM's version, as a snapshot records it."""

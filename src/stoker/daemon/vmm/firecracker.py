@@ -828,7 +828,9 @@ class FirecrackerDriver(ProcessVMM):
             r = resume_request()
             await api.request(r.method, r.path, r.body, r.hint)
 
-    async def restore(self, cfg: MachineConfig, state: Path) -> VMMHandle:
+    async def restore(
+        self, cfg: MachineConfig, state: Path, *, link_down: bool = False
+    ) -> VMMHandle:
         """A fresh Firecracker (in a fresh jail when jailed) running the guest saved at
         `state` and `memory_path(state)`, attached to `cfg`'s tap. On any failure the new
         process, its jail and its sockets are gone and the error names the snapshot."""

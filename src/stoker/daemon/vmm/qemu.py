@@ -442,6 +442,7 @@ class QemuDriver(ProcessVMM):
     name = "qemu"
     label = "QEMU"
     supports_snapshots = True
+    supports_fork = True
 
     def __init__(
         self,
@@ -725,17 +726,32 @@ class QemuDriver(ProcessVMM):
         async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
             await c.execute("cont")
 
-    async def restore(self, cfg: MachineConfig, state: Path) -> VMMHandle:
+    async def restore(
+        self, cfg: MachineConfig, state: Path, *, link_down: bool = False
+    ) -> VMMHandle:
         """A QEMU for `cfg` running the guest saved in `state` (its disks must be the ones
-        copied when it was saved). Kills the new QEMU on any failure."""
+        copied when it was saved). With `link_down` the NIC's link is down before the
+        guest runs (a clone must not send a frame with its source's identity; `set_link`
+        brings it up). Kills the new QEMU on any failure."""
         handle = await self.start(cfg, incoming=True)
         try:
             await self.load_state(handle, state)
+            if link_down and cfg.tap:
+                # After the load: virtio-net infers the link from the migrated status.
+                await self.set_link(handle, up=False)
             await self.resume(handle)
         except BaseException:
             await self._abort(handle)
             raise
         return handle
+
+    async def set_link(self, handle: VMMHandle, *, up: bool) -> None:
+        """The NIC's link (QMP `set_link`): down, QEMU passes no frame either way and the
+        guest sees no carrier."""
+        if not handle.api_socket:
+            raise Unavailable("this QEMU handle has no QMP socket")
+        async with QMPClient(handle.api_socket, timeout=self.qmp_timeout) as c:
+            await c.execute("set_link", {"name": "net0", "up": up})
 
     async def vmm_version(self, handle: VMMHandle) -> str:
         """The running QEMU's version (QMP query-version), as a snapshot records it."""
