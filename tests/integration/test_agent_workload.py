@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_channel import _stop, _wait_for
+from agentrig import stop as _stop
+from agentrig import wait_for as _wait_for
 
 from stoker.daemon.agent import AgentClient, ExecRefused, ExecSpec, ExitStatus, UnixTransport
 from stoker.guest.agent import agent_script
