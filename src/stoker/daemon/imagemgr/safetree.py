@@ -315,9 +315,17 @@ class SafeTree:
                     raise InvalidArgument(
                         f"{guest_path} is a directory in {self.root}: cannot make a link there"
                     )
-                os.unlink(name, dir_fd=dfd)
-            os.symlink(target, name, dir_fd=dfd)
-            self._own(name, dfd)
+            # Made under a temporary name and renamed over: the link is always a new
+            # inode (owners.OwnerLedger tells the layers' inodes from stoker's by number).
+            tmp = f".{name[:200]}.stoker-{secrets.token_hex(6)}"
+            os.symlink(target, tmp, dir_fd=dfd)
+            try:
+                self._own(tmp, dfd)
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
         finally:
             os.close(dfd)
 
