@@ -24,7 +24,7 @@ import pytest
 from ocitestlib import Entry, make_tar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
-from _nonroot import NonRootUser, make_user, nonroot_python  # noqa: E402
+from _nonroot import NonRootUser, make_user, nonroot_python
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ INJECT = 'etc/q" uid 0 "'
 def _layers() -> list[list[Entry]]:
     one = [
         Entry("bin", "dir"),
-        Entry("bin/ping", data=b"\x7fELF ping", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
+        Entry("bin/ping", data=b"\x7fELF", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
         Entry("etc", "dir"),
         Entry("etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42),
         Entry("etc/secret", data=b"gone in layer two\n", mode=0o000),
@@ -183,9 +183,7 @@ def test_the_unprivileged_image_matches_the_root_built_one_inode_for_inode(
         want = tree(root_dir / image)
         got = tree(user_dir / image)
         assert sorted(got) == sorted(want), image
-        diff = {
-            p: (got[p][1:], want[p][1:]) for p in want if got[p][1:] != want[p][1:]
-        }
+        diff = {p: (got[p][1:], want[p][1:]) for p in want if got[p][1:] != want[p][1:]}
         assert diff == {}, f"{image}: (unprivileged, root) differ: {diff}"
         # Nothing in the image belongs to the user that built it.
         assert all(v[2] != user.uid and v[3] != user.gid for v in got.values())

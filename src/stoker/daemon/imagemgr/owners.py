@@ -47,6 +47,7 @@ STANDIN = 0o400
 FIXUP_TIMEOUT = 1800.0
 # debugfs reads its command file with fgets(BUFSIZ = 8192): keep well inside one buffer.
 MAX_LINE = 8000
+MAX_NAME = 3900  # two names (ea_set) and the words around them fit MAX_LINE
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 _BANNER = re.compile(r"^debugfs \d")
@@ -154,7 +155,12 @@ def _quote(text: str) -> bytes:
             "cannot set its owner in the image (debugfs reads commands line by line); "
             "refusing it"
         )
-    return b'"' + text.encode("utf-8", "surrogateescape").replace(b'"', b'""') + b'"'
+    quoted = b'"' + text.encode("utf-8", "surrogateescape").replace(b'"', b'""') + b'"'
+    if len(quoted) > MAX_NAME:
+        raise UnquotableName(
+            f"a path of {len(quoted)} bytes is too long for debugfs's command line: refusing it"
+        )
+    return quoted
 
 
 def _line(*words: bytes) -> bytes:
