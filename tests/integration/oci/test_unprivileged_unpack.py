@@ -32,6 +32,13 @@ HERE = Path(__file__).resolve().parent
 # v2 file capabilities, effective, permitted = cap_net_raw (13): what ping carries.
 CAP_NET_RAW = "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 INJECT = 'etc/q" uid 0 "'
+# systemd's /var/log/journal ACL (posix_acl_xattr v2): user::rwx group::r-x group:adm:r-x
+# mask::r-x other::r-x. Applied on disk it would rewrite a stand-in's mode.
+_ALL = "\udcff" * 4
+ACL = (
+    f"\x02\x00\x00\x00\x01\x00\x07\x00{_ALL}\x04\x00\x05\x00{_ALL}"
+    f"\x08\x00\x05\x00\x04\x00\x00\x00\x10\x00\x05\x00{_ALL}\x20\x00\x05\x00{_ALL}"
+)
 
 
 def _layers() -> list[list[Entry]]:
@@ -55,6 +62,14 @@ def _layers() -> list[list[Entry]]:
         Entry("var", "dir"),
         Entry("var/mail", "dir", mode=0o2775, gid=8),
         Entry("tmp", "dir", mode=0o1777),
+        Entry("var/log", "dir"),
+        Entry(
+            "var/log/journal",
+            "dir",
+            mode=0o2755,
+            gid=999,
+            xattrs={"system.posix_acl_access": ACL, "system.posix_acl_default": ACL},
+        ),
         Entry("dev", "dir"),
         Entry("dev/null", "char", mode=0o666, major=1, minor=3),
         Entry("dev/sda", "block", mode=0o660, gid=6, major=8, minor=0),
@@ -229,6 +244,11 @@ def test_devices_fifos_and_file_capabilities_arrive(builds: tuple[Path, Path]) -
     for d in builds:
         got = xattr(d / "rootfs.ext4", "/bin/ping", "security.capability")
         assert "01 00 00 02 00 20 00 00" in got, f"{d.name}: {got}"
+    # The ACLs arrive, the same as root's, and the mode with them.
+    assert t["/var/log/journal"][1:] == (0o042755, 0, 999)
+    for name in ("system.posix_acl_access", "system.posix_acl_default"):
+        got, want = (xattr(d / "rootfs.ext4", "/var/log/journal", name) for d in builds[::-1])
+        assert got == want and "08 00 05 00 04 00 00 00" in got, (got, want)  # group:adm:r-x
 
 
 def test_hostile_names_land_as_themselves_and_inject_nothing(builds: tuple[Path, Path]) -> None:

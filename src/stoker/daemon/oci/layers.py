@@ -693,8 +693,8 @@ class LayerApplier:
         self._utime(path, m)
 
     def _xattrs(self, target: str | int, m: tarfile.TarInfo) -> None:
-        """Set `m`'s xattrs; the ones refused for want of privilege (security.capability,
-        trusted.*) are kept in `_denied_xattrs` for the ledger when not root."""
+        """Set `m`'s xattrs; when not root only user.* ones, the others are kept in
+        `_denied_xattrs` for the ledger."""
         self._denied_xattrs = []
         for key, value in m.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
@@ -702,16 +702,18 @@ class LayerApplier:
             name = key[len("SCHILY.xattr.") :]
             # tarfile decodes PAX values as UTF-8 with surrogateescape; undo that.
             raw = value.encode("utf-8", "surrogateescape")
+            if self.ledger is not None and not name.startswith("user."):
+                # Not root: only user.* on disk. A POSIX ACL would rewrite the stand-in's
+                # mode (and be rewritten by it); security.capability and trusted.* need
+                # privilege. The fix-up sets them in the image, after the mode.
+                self._denied_xattrs.append((name, raw))
+                continue
             try:
                 if isinstance(target, int):
                     os.setxattr(target, name, raw)
                 else:
                     os.setxattr(target, name, raw, follow_symlinks=False)
             except OSError as e:
-                if e.errno == errno.EPERM and self.ledger is not None:
-                    if not name.startswith("user."):
-                        self._denied_xattrs.append((name, raw))
-                    continue
                 # Unsupported namespaces (e.g. user.* on a device node) are not fatal.
                 if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EINVAL):
                     raise
