@@ -36,8 +36,8 @@ ROOT_GOLDEN = CACHE / "golden-image" / "debian-bookworm"
 APT_CACHE = CACHE / "apt"
 SUB_FIRST, SUB_COUNT = 300000, 65536
 # Where mmdebstrap's unshare mode itself differs from its root mode (not the fix-up):
-# apt hands its partial dirs to _apt when it runs as (namespaced) root.
-MODE_DIFFERENCES = {"/var/cache/apt/archives/partial", "/var/lib/apt/lists/partial"}
+# apt hands its lists/partial dir to _apt when it runs as (namespaced) root.
+MODE_DIFFERENCES = {"/var/lib/apt/lists/partial"}
 
 
 def _strip_subids(name: str) -> None:
