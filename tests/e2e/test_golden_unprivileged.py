@@ -36,8 +36,10 @@ ROOT_GOLDEN = CACHE / "golden-image" / "debian-bookworm"
 APT_CACHE = CACHE / "apt"
 SUB_FIRST, SUB_COUNT = 300000, 65536
 # Where mmdebstrap's unshare mode itself differs from its root mode (not the fix-up):
-# apt hands its lists/partial dir to _apt when it runs as (namespaced) root.
-MODE_DIFFERENCES = {"/var/lib/apt/lists/partial"}
+# apt (re)makes its partial dirs owned by _apt (42) in unshare mode, root-owned in root
+# mode: what the tar says, reproduced faithfully. (The archives dir itself would carry the
+# builder's uid from sync-in: a customize hook chowns it, and this test checks it.)
+MODE_DIFFERENCES = {"/var/cache/apt/archives/partial", "/var/lib/apt/lists/partial"}
 
 
 def _strip_subids(name: str) -> None:
