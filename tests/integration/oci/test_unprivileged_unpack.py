@@ -47,6 +47,8 @@ def _layers() -> list[list[Entry]]:
         Entry("bin/ping", data=b"\x7fELF", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
         Entry("etc", "dir"),
         Entry("etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42),
+        Entry("etc/tagged", data=b"t", mode=0o444, xattrs={"user.stoker.test": "kept"}),
+        Entry("etc/tagged.d", "dir", mode=0o555, xattrs={"user.stoker.test": "dir"}),
         Entry("etc/secret", data=b"gone in layer two\n", mode=0o000),
         Entry("etc/nothing-readable", data=b"x", mode=0o000, uid=7, gid=7),
         Entry('etc/we"ird', data=b"q", uid=123, gid=321),
@@ -244,6 +246,11 @@ def test_devices_fifos_and_file_capabilities_arrive(builds: tuple[Path, Path]) -
     for d in builds:
         got = xattr(d / "rootfs.ext4", "/bin/ping", "security.capability")
         assert "01 00 00 02 00 20 00 00" in got, f"{d.name}: {got}"
+    for d in builds:
+        got = xattr(d / "rootfs.ext4", "/etc/tagged", "user.stoker.test")
+        assert "kept" in got, f"{d.name}: {got}"
+        assert "dir" in xattr(d / "rootfs.ext4", "/etc/tagged.d", "user.stoker.test")
+    assert t["/etc/tagged"][1:] == (0o100444, 0, 0)
     # The ACLs arrive, the same as root's, and the mode with them.
     assert t["/var/log/journal"][1:] == (0o042755, 0, 999)
     for name in ("system.posix_acl_access", "system.posix_acl_default"):

@@ -614,8 +614,9 @@ class LayerApplier:
             os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
             self._xattrs(path, m)
         else:
-            os.chmod(path, standin_mode(stat.S_IFDIR))
+            # user.* xattrs need write permission on the inode: before the stand-in mode.
             self._xattrs(path, m)
+            os.chmod(path, standin_mode(stat.S_IFDIR))
             self._record(path, m, stat.S_IFDIR)
         self._dir_times[relstr] = int(m.mtime * 1_000_000_000)
 
@@ -644,8 +645,8 @@ class LayerApplier:
                 os.fchmod(fd, m.mode & 0o7777)
                 self._xattrs(fd, m)
             else:
+                self._xattrs(fd, m)  # while still 0600: user.* needs write permission
                 os.fchmod(fd, standin_mode(stat.S_IFREG))
-                self._xattrs(fd, m)
                 self._record(fd, m, stat.S_IFREG)
             ns = int(m.mtime * 1_000_000_000)
             os.utime(fd, ns=(ns, ns))
@@ -687,8 +688,8 @@ class LayerApplier:
             os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
             self._xattrs(path, m)
         else:
+            self._xattrs(path, m)  # while still 0600: user.* needs write permission
             os.chmod(path, standin_mode(kind))
-            self._xattrs(path, m)
             self._record(path, m, kind, rdev)
         self._utime(path, m)
 
