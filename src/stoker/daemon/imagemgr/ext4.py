@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stoker.daemon.imagemgr.owners import OwnerLedger, ext4_fixup
+from stoker.daemon.imagemgr.owners import OwnerSource, ext4_fixup
 from stoker.daemon.imagemgr.safetree import check_no_symlink, walk_lstat
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
@@ -112,7 +112,7 @@ async def build_from_dir(
     journal: bool = True,
     reserved_percent: int = 0,
     within: Path | None = None,
-    ledger: OwnerLedger | None = None,
+    ledger: OwnerSource | None = None,
 ) -> None:
     """Create the sparse ext4 image `out` holding a copy of the tree `src`.
 

@@ -38,6 +38,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from stoker.errors import CommandFailed, InvalidArgument
 from stoker.runner import Runner
@@ -115,6 +116,27 @@ class OwnerLedger:
         return hit[1]
 
 
+class OwnerSource(Protocol):
+    """What `fixup_commands` asks: the metadata `rel` must have in the image, or None."""
+
+    def lookup(self, rel: str, st: os.stat_result) -> Meta | None: ...
+
+
+@dataclass
+class PathOwners:
+    """Metadata by path, read from ext4 images (`vm commit`: `debugfs ls -p` of the base
+    and the upper dir), for a tree `debugfs rdump` wrote as a user that is not root. A
+    path applies while its type on disk is the recorded one."""
+
+    by_path: dict[str, Meta] = field(default_factory=dict)
+
+    def lookup(self, rel: str, st: os.stat_result) -> Meta | None:
+        meta = self.by_path.get(rel)
+        if meta is None or stat.S_IFMT(st.st_mode) != meta.kind:
+            return None
+        return meta
+
+
 def _matches(meta: Meta, st: os.stat_result) -> bool:
     return stat.S_IFMT(st.st_mode) == meta.standin_kind() and (
         meta.kind == stat.S_IFLNK or stat.S_IMODE(st.st_mode) == meta.standin_mode()
@@ -173,7 +195,7 @@ def _line(*words: bytes) -> bytes:
 
 
 def fixup_commands(
-    ledger: OwnerLedger, tree: Path, src: Path | None = None, *, xattr_dir: Path | None = None
+    ledger: OwnerSource, tree: Path, src: Path | None = None, *, xattr_dir: Path | None = None
 ) -> list[bytes]:
     """The debugfs lines that give the ext4 built from `src` (default `tree`, or a
     directory inside it) the owners, modes and devices `ledger` recorded for `tree`.
@@ -233,7 +255,7 @@ def fixup_commands(
 
 
 async def ext4_fixup(
-    runner: Runner, image: Path, ledger: OwnerLedger, tree: Path, src: Path | None = None
+    runner: Runner, image: Path, ledger: OwnerSource, tree: Path, src: Path | None = None
 ) -> int:
     """Apply `fixup_commands` to the ext4 `image` in one debugfs run; -> commands run.
 
