@@ -22,6 +22,9 @@ metadata in the image (`ext4_fixup`):
 - everything without a record is 0:0 with its disk mode (directories the unpack had to
   make, stoker's injected files), as a root daemon would have made them.
 
+`vm commit` (`commit.py`) reads the owners from the disks' listings instead and hands the
+fix-up a `PathOwners` (path -> metadata); both are an `OwnerSource`.
+
 debugfs commands are lines of space-separated words; `_quote` puts a name in double quotes
 and doubles any quote inside (debugfs's `ss` parser reads `""` as one quote), so a name
 cannot end its word early. A name with a newline or carriage return (debugfs reads its
