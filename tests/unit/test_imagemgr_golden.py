@@ -326,13 +326,46 @@ def test_incomplete_or_foreign_builds_are_not_reused(tmp_path: Path) -> None:
     assert golden.read_manifest(tmp_path / "nothing") is None
 
 
-async def test_building_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+async def test_building_without_root_needs_a_subid_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 54321)
+    monkeypatch.setattr(golden.shutil, "which", lambda t: f"/usr/bin/{t}")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    monkeypatch.setattr(golden, "SUBID_DIR", etc)
     runner = RecordingRunner()
-    with pytest.raises(PermissionDenied, match="needs root"):
+    with pytest.raises(PermissionDenied, match=r"needs a range of 65536 ids for 54321 in .*subuid"):
         await golden.build_golden(runner, tmp_path / "out", apt_dir=apt_dir(tmp_path))
     assert runner.calls == []
     assert not (tmp_path / "out").exists()
+    (etc / "subuid").write_text("54321:100000:65536\n")
+    (etc / "subgid").write_text("other:100000:65536\n54321:200000:1000\n")
+    with pytest.raises(PermissionDenied, match="subgid"):
+        golden.check_unshare_mode()
+    (etc / "subgid").write_text("54321:200000:65536\n")
+    golden.check_unshare_mode()  # enough
+
+
+def test_building_without_root_needs_newuidmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 54321)
+    monkeypatch.setattr(golden.shutil, "which", lambda t: None if t == "newuidmap" else t)
+    with pytest.raises(PermissionDenied, match="needs newuidmap: install the package uidmap"):
+        golden.check_unshare_mode()
+
+
+def test_mmdebstrap_argv_unshare_mode(tmp_path: Path) -> None:
+    spec = golden.golden_spec("bookworm", None, apt_dir(tmp_path))
+    argv = golden._mmdebstrap_argv(
+        spec, tmp_path / "t.tar", tmp_path / "log", tmp_path / "cache", unshare=True
+    )
+    assert argv[0] == "mmdebstrap" and "unshare" not in argv
+    assert "--mode=unshare" in argv and "--format=tar" in argv
+    assert argv[-1 - len(spec.sources)] == str(tmp_path / "t.tar")
+    chown = argv.index('--customize-hook=chown -R 0:0 "$1/var/cache/apt/archives"')
+    assert chown > argv.index(
+        f"--customize-hook=sync-out /var/cache/apt/archives {tmp_path / 'cache'}"
+    )
 
 
 def test_postprocess_writes_stay_inside_the_tree(tmp_path: Path) -> None:

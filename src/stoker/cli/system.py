@@ -5,7 +5,9 @@ install (as root):
   made when missing; or `--owner USER`: the daemon runs as USER and only USER (and root)
   may use it;
 - the daemon's system user (`--user`, default `stoker`; not with `--owner`), in that
-  group and in `kvm` when the host has it;
+  group and in `kvm` when the host has it, with a range of 65536 ids in /etc/subuid and
+  /etc/subgid unless it has one (a golden build as that user runs mmdebstrap's unshare
+  mode, which maps the image's users there);
 - the units `stokerd.service` (User=, Group=, ExecStart= naming this interpreter) and
   `stoker-helper.service` (root), the helper's config (the daemon's uid owns the bridge,
   `tap-stk-*` taps and the `stoker` tables) and `socket_group` / `helper_socket` in the
@@ -206,6 +208,7 @@ class _Undo:
         self.files: list[str] = []
         self.dirs: list[str] = []
         self.config_keys: list[str] = []
+        self.subids: list[Any] = []  # [user, first, count] added to /etc/subuid, subgid
 
     def manifest(self, **kw: Any) -> dict[str, Any]:
         return {
@@ -214,10 +217,12 @@ class _Undo:
             "files": self.files,
             "dirs": self.dirs,
             "config_keys": self.config_keys,
+            "subids": self.subids,
             **kw,
         }
 
     def rollback(self) -> None:
+        _del_subids(self.subids)
         for f in reversed(self.files):
             Path(f).unlink(missing_ok=True)
         for d in reversed(self.dirs):
@@ -226,6 +231,50 @@ class _Undo:
             _run("userdel", u)
         for g in reversed(self.groups):
             _run("groupdel", g)
+
+
+SUBID_COUNT = 65536
+SUBID_FLOOR = 100000
+
+
+def _subid_lines(etc: Path = Path("/etc")) -> dict[str, list[tuple[str, int, int]]]:
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for name in ("subuid", "subgid"):
+        rows: list[tuple[str, int, int]] = []
+        try:
+            text = (etc / name).read_text()
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            f = line.strip().split(":")
+            if len(f) == 3 and f[1].isdigit() and f[2].isdigit():
+                rows.append((f[0], int(f[1]), int(f[2])))
+        out[name] = rows
+    return out
+
+
+def _free_subids(user: str, uid: int) -> int | None:
+    """First id of a free range of SUBID_COUNT in both files, or None when `user` already
+    has one (mmdebstrap's unshare mode, the golden build of a daemon that is not root)."""
+    files = _subid_lines()
+    if all(
+        any(u in (user, str(uid)) and n >= SUBID_COUNT for u, _, n in rows)
+        for rows in files.values()
+    ):
+        return None
+    taken = sorted((a, a + n) for rows in files.values() for _, a, n in rows)
+    first = SUBID_FLOOR
+    for a, b in taken:
+        if a < first + SUBID_COUNT and b > first:
+            first = b
+    return first
+
+
+def _del_subids(subids: list[Any]) -> None:
+    if len(subids) == 3:
+        user, first, count = subids
+        span = f"{first}-{first + count - 1}"
+        _run("usermod", "--del-subuids", span, "--del-subgids", span, str(user))
 
 
 def _write(path: Path, text: str, undo: _Undo, mode: int = 0o644) -> None:
@@ -353,6 +402,11 @@ def system_install(args: argparse.Namespace) -> int:
         assert pw is not None
         if _group("kvm") is not None:
             _run("usermod", "-aG", "kvm", user)
+        first = _free_subids(user, pw.pw_uid)
+        if first is not None:
+            span = f"{first}-{first + SUBID_COUNT - 1}"
+            _must("usermod", "--add-subuids", span, "--add-subgids", span, user)
+            undo.subids = [user, first, SUBID_COUNT]
         daemon_group = group or _group_name(pw.pw_gid)
         _check_python(python, pw.pw_uid, pw.pw_gid, env)
         from stoker.helper.config import render
@@ -453,6 +507,7 @@ def system_uninstall(args: argparse.Namespace) -> int:
         config.write_text("".join(kept))
     elif str(config) in info.get("files", []):
         config.unlink(missing_ok=True)
+    _del_subids(info.get("subids", []))
     for d in reversed(info.get("dirs", [])):
         p = Path(d)
         if args.purge or (p.name == "stoker" and p.parent.name == "run"):

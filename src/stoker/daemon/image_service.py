@@ -23,7 +23,7 @@ from stoker.daemon.opstate import Registry
 from stoker.daemon.opstate.registry import OpState
 from stoker.daemon.opstate.singleflight import SingleFlight
 from stoker.daemon.revert import Reverter
-from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PermissionDenied
+from stoker.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from stoker.layout import Layout
 from stoker.model.names import validate_artifact_name
 from stoker.model.records import Image, Kernel
@@ -551,17 +551,6 @@ class ImageService:
                     return await self._install_artifact(art, image_name, progress)
                 finally:
                     art.discard()
-            if os.geteuid() != 0:
-                # The tree -> ext4 path copies each file's owner from the unpacked tree,
-                # and a daemon that is not root can own files only as itself.
-                raise PermissionDenied(
-                    f"cannot pull {ref} as a plain OCI image: stokerd runs as uid "
-                    f"{os.geteuid()}, not root, so every file of its layers would belong "
-                    "to that uid in the guest instead of its real owner. Pull it with a "
-                    "root stokerd, or push it from one as a stoker image (`stoker image "
-                    "push`) and pull that, or use a catalog image (`stoker image pull "
-                    "debian-bookworm`)"
-                )
             kernel = self.default_kernel()
             pulled = await oci.pull_image(
                 ref,
@@ -617,9 +606,15 @@ class ImageService:
                     None,
                     label="stoker-work",
                     within=pulled.rootfs,
+                    ledger=pulled.ledger,
                 )
+                # A daemon that is not root unpacked with a ledger of the real owners.
                 built = await oci.build_ext4(
-                    pulled.rootfs, staging / "rootfs.ext4", runner=self.runner, what=ref
+                    pulled.rootfs,
+                    staging / "rootfs.ext4",
+                    runner=self.runner,
+                    what=ref,
+                    ledger=pulled.ledger,
                 )
                 im = Image(
                     name=image_name,

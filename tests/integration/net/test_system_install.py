@@ -87,6 +87,11 @@ def test_system_install_daemon_as_system_user_cli_as_group_member(
         units = root / "etc/systemd/system"
         cfg = (root / "etc/stoker/config.toml").read_text()
         assert f'socket_group = "{group}"' in cfg and BRIDGE in cfg
+        # A sub-id range for mmdebstrap's unshare mode (golden builds as this user).
+        for f in ("/etc/subuid", "/etc/subgid"):
+            mine = [ln for ln in Path(f).read_text().splitlines() if ln.startswith(user + ":")]
+            assert len(mine) == 1 and mine[0].endswith(":65536"), (f, mine)
+            assert int(mine[0].split(":")[1]) >= 100000
 
         # A second install is refused and changes nothing.
         again = _stoker(root, "system", "install", "--root", str(root), "--no-systemd")
@@ -160,6 +165,8 @@ def test_system_install_daemon_as_system_user_cli_as_group_member(
 
         with pytest.raises(KeyError):
             pwd.getpwnam(user)
+        for f in ("/etc/subuid", "/etc/subgid"):
+            assert not any(ln.startswith(user + ":") for ln in Path(f).read_text().splitlines())
         with pytest.raises(KeyError):
             grp.getgrnam(group)
         assert not (units / "stokerd.service").exists()
@@ -176,6 +183,10 @@ def test_system_install_daemon_as_system_user_cli_as_group_member(
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
         subprocess.run(["rm", "-rf", str(root)], check=False)
+        for f in ("/etc/subuid", "/etc/subgid"):
+            lines = Path(f).read_text().splitlines(keepends=True)
+            if any(ln.startswith(user + ":") for ln in lines):
+                Path(f).write_text("".join(ln for ln in lines if not ln.startswith(user + ":")))
     assert BRIDGE not in ns_links(ns)
 
 

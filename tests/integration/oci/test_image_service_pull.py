@@ -285,19 +285,41 @@ async def test_bad_workload_config_is_refused_and_publishes_nothing(
     assert list(daemon.layout.staging_dir.iterdir()) == []
 
 
-async def test_a_non_root_daemon_refuses_a_plain_oci_pull_and_leaves_nothing(
+async def test_a_non_root_daemon_pulls_a_plain_oci_image_with_the_layers_owners(
     daemon: Daemon, pusher: Pusher, proxy: RegistryProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Unpacked as a plain user, every file would belong to that user in the guest."""
+    """The service wires the unprivileged path (ledger + debugfs fix-up) into both disks.
+
+    `geteuid` is faked, so nothing on disk is chowned and every owner, mode and device in
+    the images comes from the fix-up; tests/integration/oci/test_unprivileged_unpack.py
+    runs the same path as a real plain user.
+    """
     from stoker.daemon import image_service
 
     images = daemon.images
     assert images is not None and daemon.layout is not None
-    await pusher.image("team/app", "v2", layers(True))
+    extra = [
+        Entry("usr/bin", "dir"),
+        Entry("usr/bin/tool", data=b"\x7fELF", mode=0o4750, uid=0, gid=1234),
+        Entry("dev", "dir"),
+        Entry("dev/null", "char", mode=0o666, major=1, minor=3),
+        Entry("root/.ssh", "dir", mode=0o700, uid=1000, gid=1000),
+    ]
+    await pusher.image("team/app", "v2", [*layers(True), make_layer(extra)])
     monkeypatch.setattr(image_service.os, "geteuid", lambda: 4321)
-    with pytest.raises(StokerError, match="stokerd runs as uid 4321, not root") as e:
-        await images.pull(f"{proxy.host}/team/app:v2", None, _noop)
-    assert e.value.code == "permission_denied"
-    assert await images.list_images() == []
-    assert list(daemon.layout.images_dir.iterdir()) == []
+    im = await images.pull(f"{proxy.host}/team/app:v2", None, _noop)
+    monkeypatch.undo()
+    rootfs, seed, run = Path(im.rootfs), Path(im.work_seed or ""), Runner()
+    tool = await ext4.stat_path(run, rootfs, "/usr/bin/tool")
+    assert tool is not None and (tool.mode, tool.uid, tool.gid) == (0o4750, 0, 1234)
+    sh = await ext4.stat_path(run, rootfs, "/bin/sh")
+    assert sh is not None and (sh.mode, sh.uid) == (0o755, 0)  # 0400 stand-in on disk
+    null = await ext4.stat_path(run, rootfs, "/dev/null")
+    assert null is not None and (null.kind, null.mode) == ("character special", 0o666)
+    init = await ext4.stat_path(run, rootfs, "/usr/lib/stoker/overlay-init")
+    assert init is not None and (init.mode, init.uid) == (0o755, 0)
+    ssh = await ext4.stat_path(run, seed, "/.ssh")
+    assert ssh is not None and (ssh.mode, ssh.uid, ssh.gid) == (0o700, 1000, 1000)
+    profile = await ext4.stat_path(run, seed, "/.profile")
+    assert profile is not None and profile.mode == 0o644
     assert list(daemon.layout.staging_dir.iterdir()) == []

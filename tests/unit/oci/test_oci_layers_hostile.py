@@ -12,12 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from stoker.daemon.imagemgr.owners import OwnerLedger
 from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.oci import LayerApplier, UnsafeLayer
 from stoker.daemon.oci.errors import LayerTooLarge
 from stoker.daemon.oci.layers import tree_usage
 
 pytestmark = pytest.mark.unit
+
+_LEDGER: list[bool] = [False]
+
+
+@pytest.fixture(autouse=True, params=["as-root", "ledger"])
+def unpack_mode(request: pytest.FixtureRequest) -> None:
+    """Every hostile layer also goes through the unprivileged mode (stand-ins + ledger)."""
+    _LEDGER[0] = request.param == "ledger"
 
 
 def _info(name: str, kind: str = "f", data: bytes = b"") -> tuple[tarfile.TarInfo, bytes]:
@@ -42,7 +51,12 @@ def tar(*members: tuple[tarfile.TarInfo, bytes], fmt: int = tarfile.PAX_FORMAT) 
 def apply(tmp: Path, *layers: bytes, max_layer_size: int | None = None, **kw: int | None) -> Path:
     root = tmp / "root"
     a = LayerApplier(
-        root, label="test/ref", allow_devices=True, max_layer_size=max_layer_size, **kw
+        root,
+        label="test/ref",
+        allow_devices=True,
+        max_layer_size=max_layer_size,
+        ledger=OwnerLedger() if _LEDGER[0] else None,
+        **kw,
     )
     for i, blob in enumerate(layers):
         p = tmp / f"layer{i}"

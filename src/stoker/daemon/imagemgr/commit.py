@@ -16,6 +16,11 @@ A VM's `/` is an overlay inside the guest: lower = the image's `rootfs.ext4`, up
 
 The work disk (the guest's /root) is committed the same way, minus excluded paths.
 File xattrs (e.g. file capabilities) are not carried over: rdump does not copy them.
+
+A daemon that is not root: rdump cannot chown (its complaints about that are expected),
+so the tree is made owner-accessible on disk (set-id bits dropped) and every entry's mode,
+uid and gid from the listings (upper over base) are set in the new image by the debugfs
+fix-up of `owners.py` (`PathOwners`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stoker.daemon.imagemgr import ext4
+from stoker.daemon.imagemgr.owners import Meta, PathOwners, walk_paths
 from stoker.errors import CommandFailed
 from stoker.runner import Runner
 
@@ -63,6 +69,9 @@ class UpperListing:
     whiteouts: set[str] = field(default_factory=set)
     opaque: set[str] = field(default_factory=set)
     special_modes: dict[str, int] = field(default_factory=dict)
+    # Every entry: (mode with type bits, uid, gid); what a daemon that is not root sets
+    # in the committed image (rdump cannot chown for it).
+    meta: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     dirs: int = 0
     entries: int = 0
 
@@ -83,12 +92,17 @@ async def _debugfs_batch(runner: Runner, image: Path, commands: list[str]) -> st
 
 _OPAQUE = re.compile(r'trusted\.overlay\.opaque \(\d+\) = "y"')
 # "/ino/mode/uid/gid/name/size/" per entry ("ls -p").
-_LS_ENTRY = re.compile(r"^/(\d+)/(\d+)/(\d+)/(\d+)/(.*)/(\d*)/$")
+_LS_ENTRY = re.compile(r"^/(\d+)/(\d+)/(-?\d+)/(-?\d+)/(.*)/(\d*)/$")
 
 
 def parse_ls_p(text: str) -> list[tuple[int, str]]:
     """(mode, name) of each entry in `debugfs ls -p` output, without . and .."""
-    out: list[tuple[int, str]] = []
+    return [(mode, name) for mode, _, _, name in parse_ls_p_owners(text)]
+
+
+def parse_ls_p_owners(text: str) -> list[tuple[int, int, int, str]]:
+    """(mode, uid, gid, name) of each entry in `debugfs ls -p` output, without . and .."""
+    out: list[tuple[int, int, int, str]] = []
     for line in text.splitlines():
         m = _LS_ENTRY.match(line)
         if m is None:
@@ -96,7 +110,9 @@ def parse_ls_p(text: str) -> list[tuple[int, str]]:
         name = m.group(5)
         if name in (".", "..", "") or "/" in name:
             continue
-        out.append((int(m.group(2), 8), name))
+        # debugfs prints ids as signed 32-bit numbers.
+        uid, gid = int(m.group(3)) & 0xFFFFFFFF, int(m.group(4)) & 0xFFFFFFFF
+        out.append((int(m.group(2), 8), uid, gid, name))
     return out
 
 
@@ -133,9 +149,10 @@ async def scan_tree(
             opaque = overlay and rel and _OPAQUE.search(sections[per * i + 1])
             if opaque:
                 listing.opaque.add(rel)
-            for mode, name in parse_ls_p(ls_text):
+            for mode, uid, gid, name in parse_ls_p_owners(ls_text):
                 child = f"{rel}/{name}" if rel else name
                 listing.entries += 1
+                listing.meta[child] = (mode, uid, gid)
                 if mode & 0o7000 and not stat.S_ISLNK(mode):
                     listing.special_modes[child] = stat.S_IMODE(mode)
                 if stat.S_ISDIR(mode):
@@ -185,6 +202,10 @@ async def rdump(runner: Runner, image: Path, src: str, dest: Path) -> None:
         check=False,
     )
     bad = [ln for ln in res.err.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
+    if os.geteuid() != 0:
+        # A plain user cannot chown: the owners are set in the new image instead
+        # (`_owners`, from the listing).
+        bad = [ln for ln in bad if "Operation not permitted while changing ownership" not in ln]
     if res.returncode != 0 or bad:
         raise CommandFailed(
             f"could not read {src} out of {image}: "
@@ -256,6 +277,33 @@ def _parent(rel: str) -> str:
     return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
 
+def _owners(*listings: tuple[UpperListing, Iterable[str]]) -> PathOwners:
+    """Path -> metadata for a daemon that is not root; later listings win (the upper
+    over the base), except below their excluded paths."""
+    out = PathOwners()
+    for listing, excludes in listings:
+        excl = tuple(excludes)
+        for rel, (mode, uid, gid) in listing.meta.items():
+            if not _excluded(rel, excl):
+                out.by_path[rel] = Meta(stat.S_IFMT(mode), stat.S_IMODE(mode), uid, gid)
+    return out
+
+
+def make_owner_accessible(tree: Path) -> None:
+    """Give the owner (us) read/write/search on every directory and read on every file of
+    an rdump'ed tree: the merge renames into its directories and mkfs must read it all.
+    The real modes are set in the image from the listing. Never through a symlink."""
+    for rel, st in walk_paths(tree):
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o400
+        mode = stat.S_IMODE(st.st_mode)
+        # rdump as a plain user keeps set-id bits on files it now owns: drop them on disk.
+        new = (mode | want) & ~0o6000
+        if new != mode:
+            os.chmod(tree / rel, new)  # not a symlink (skipped above)
+
+
 @dataclass(frozen=True)
 class CommitResult:
     rootfs: Path
@@ -301,14 +349,23 @@ async def commit_root(
     overlay_copy.unlink()
     import asyncio
 
-    await asyncio.to_thread(restore_special_modes, tree, base_listing.special_modes)
-    await asyncio.to_thread(restore_special_modes, upper / "upper", listing.special_modes)
+    owners: PathOwners | None = None
+    if os.geteuid() == 0:
+        await asyncio.to_thread(restore_special_modes, tree, base_listing.special_modes)
+        await asyncio.to_thread(restore_special_modes, upper / "upper", listing.special_modes)
+    else:
+        # Not root: everything is ours on disk; owners and modes go into the image after.
+        owners = _owners((base_listing, ()), (listing, PER_VM_PATHS))
+        await asyncio.to_thread(make_owner_accessible, tree)
+        await asyncio.to_thread(make_owner_accessible, upper / "upper")
     await asyncio.to_thread(_remove, tree / "lost+found")
     changes = await asyncio.to_thread(merge_upper, upper / "upper", tree, listing, PER_VM_PATHS)
     report("commit", f"{changes} changed paths, {len(listing.whiteouts)} deleted; building ext4")
     out_dir.mkdir(parents=True, exist_ok=True)
     rootfs = out_dir / "rootfs.ext4"
-    await ext4.build_from_dir(runner, tree, rootfs, label="stoker-root", journal=False)
+    await ext4.build_from_dir(
+        runner, tree, rootfs, label="stoker-root", journal=False, within=tree, ledger=owners
+    )
     await asyncio.to_thread(shutil.rmtree, tree, True)
     seed: Path | None = None
     if work_disk is not None:
@@ -331,7 +388,12 @@ async def commit_work_disk(
     listing = await scan_tree(runner, copy, "/", overlay=False)
     await rdump(runner, copy, "/", home)
     copy.unlink()
-    await asyncio.to_thread(restore_special_modes, home, listing.special_modes)
+    owners: PathOwners | None = None
+    if os.geteuid() == 0:
+        await asyncio.to_thread(restore_special_modes, home, listing.special_modes)
+    else:
+        owners = _owners((listing, ()))
+        await asyncio.to_thread(make_owner_accessible, home)
 
     def prune() -> None:
         for e in (*excludes, "lost+found"):
@@ -346,4 +408,6 @@ async def commit_work_disk(
                 _remove(p)
 
     await asyncio.to_thread(prune)
-    await ext4.build_from_dir(runner, home, out, None, label="stoker-work")
+    await ext4.build_from_dir(
+        runner, home, out, None, label="stoker-work", within=home, ledger=owners
+    )

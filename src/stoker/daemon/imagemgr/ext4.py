@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.daemon.imagemgr.owners import OwnerSource, ext4_fixup
 from stoker.daemon.imagemgr.safetree import check_no_symlink, walk_lstat
 from stoker.errors import CommandFailed, InvalidArgument, NotFound
 from stoker.runner import Runner
@@ -111,6 +112,7 @@ async def build_from_dir(
     journal: bool = True,
     reserved_percent: int = 0,
     within: Path | None = None,
+    ledger: OwnerSource | None = None,
 ) -> None:
     """Create the sparse ext4 image `out` holding a copy of the tree `src`.
 
@@ -123,6 +125,9 @@ async def build_from_dir(
     mkfs follows `src` itself on the host, so a `src` that is a symlink, or that passes
     through one below `within` (the untrusted tree it was taken from), is refused: an
     image's /root linked to a host directory would otherwise be copied into the image.
+
+    `ledger` (with `within`: the tree it was recorded for, `src` inside it) sets the
+    owners, modes and devices an unprivileged unpack recorded (`owners.ext4_fixup`).
     """
     check_no_symlink(src, within)
     if not src.is_dir():
@@ -167,6 +172,8 @@ async def build_from_dir(
         os.close(fd)
         fd = -1
         await runner.run([*argv, str(tmp)], timeout=MKFS_TIMEOUT)
+        if ledger is not None:
+            await ext4_fixup(runner, tmp, ledger, within or src, src)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:

@@ -2,6 +2,8 @@
 
 `build_golden` runs mmdebstrap (root mode, into a directory) inside a private mount and
 PID namespace, so a cancelled build takes every apt/dpkg process and every mount with it.
+A daemon that is not root uses mmdebstrap's unshare mode instead, writing a tar that is
+unpacked with an `OwnerLedger` (see `build_golden`).
 The tree then gets its kernel moved out, stoker's guest files injected, and becomes
 `rootfs.ext4` (the read-only base), `work-seed.ext4` (its /root) and `kernel/`
 (`vmlinuz`, `initrd.img`) via `mkfs.ext4 -d`. Everything happens in a staging directory
@@ -35,8 +37,10 @@ import zstandard
 
 from stoker.daemon.imagemgr import ext4, initramfs
 from stoker.daemon.imagemgr.inject import guest_files_digest, inject_guest_files
+from stoker.daemon.imagemgr.owners import OwnerLedger
 from stoker.daemon.imagemgr.publish import publish_dir
 from stoker.daemon.imagemgr.safetree import SafeTree, rmtree
+from stoker.daemon.oci.layers import LayerApplier
 from stoker.errors import CommandFailed, InvalidArgument, PermissionDenied, StokerError
 from stoker.runner import Runner
 
@@ -499,8 +503,12 @@ def _hook_write(path: str, lines: Iterable[str]) -> str:
 
 
 def _mmdebstrap_argv(
-    spec: GoldenSpec, tree: Path, logfile: Path, cache_dir: Path | None
+    spec: GoldenSpec, tree: Path, logfile: Path, cache_dir: Path | None, *, unshare: bool = False
 ) -> list[str]:
+    """mmdebstrap's argv. Root: root mode into the directory `tree`, inside a private
+    mount + PID namespace. Not root (`unshare`): unshare mode (its own user namespace,
+    the caller's /etc/subuid range as the tree's uids) writing the tar `tree`, whose
+    members carry the in-namespace owners as numbers."""
     essential_hook = " && ".join(
         [
             'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"',
@@ -511,9 +519,10 @@ def _mmdebstrap_argv(
             _hook_write("/usr/share/initramfs-tools/modules.d/stoker.conf", INITRAMFS_MODULES),
         ]
     )
-    argv = [
-        # A private mount + PID namespace: killing `unshare` (a cancelled build) kills
-        # mmdebstrap and every apt/dpkg below it, and its mounts vanish with them.
+    # A private mount + PID namespace: killing `unshare` (a cancelled build) kills
+    # mmdebstrap and every apt/dpkg below it, and its mounts vanish with them. Unshare
+    # mode makes its own namespaces (an unprivileged caller could not make these).
+    wrapper = [
         "unshare",
         "--mount",
         "--propagation",
@@ -522,9 +531,12 @@ def _mmdebstrap_argv(
         "--fork",
         "--kill-child",
         "--mount-proc",
+    ]
+    mode = ["--mode=unshare", "--format=tar"] if unshare else ["--mode=root", "--format=directory"]
+    argv = [
+        *([] if unshare else wrapper),
         "mmdebstrap",
-        "--mode=root",
-        "--format=directory",
+        *mode,
         f"--variant={spec.variant}",
         f"--architectures={spec.arch}",
         "--verbose",
@@ -547,6 +559,9 @@ def _mmdebstrap_argv(
             '--customize-hook=chroot "$1" apt-get -q autoclean',
             f"--customize-hook=sync-out /var/cache/apt/archives {c}",
         ]
+        if unshare:
+            # sync-in copied the cache with its outer owner (the daemon's uid) as a number.
+            argv.append('--customize-hook=chown -R 0:0 "$1/var/cache/apt/archives"')
     return [*argv, spec.suite, str(tree), *spec.sources]
 
 
@@ -709,6 +724,56 @@ def _no_progress(stage: str, detail: str) -> None:
     pass
 
 
+def _subid_ranges(path: Path, user: str, uid: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            f = line.strip().split(":")
+            if len(f) == 3 and f[0] in (user, str(uid)) and f[1].isdigit() and f[2].isdigit():
+                out.append((int(f[1]), int(f[2])))
+    return out
+
+
+SUBID_DIR = Path("/etc")  # where subuid and subgid live (tests point it elsewhere)
+
+
+def check_unshare_mode(etc: Path | None = None) -> None:
+    """Refuse, saying what to do, when mmdebstrap's unshare mode cannot work for us."""
+    import pwd
+
+    etc = SUBID_DIR if etc is None else etc
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    for tool in ("newuidmap", "newgidmap", "mmdebstrap"):
+        if shutil.which(tool) is None:
+            pkg = "mmdebstrap" if tool == "mmdebstrap" else "uidmap"
+            raise PermissionDenied(
+                f"building a golden image as uid {uid} (not root) needs {tool}: install "
+                f"the package {pkg} (scripts/setup does), or run stokerd as root"
+            )
+    for name in ("subuid", "subgid"):
+        if not any(n >= 65536 for _, n in _subid_ranges(etc / name, user, uid)):
+            raise PermissionDenied(
+                f"building a golden image as {user} (uid {uid}, not root) needs a range of "
+                f"65536 ids for {user} in {etc / name} (mmdebstrap's unshare mode maps the "
+                f"image's users there): `stoker system install` adds one; by hand: "
+                f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+            )
+
+
+def _unpack_tar(tarball: Path, tree: Path) -> OwnerLedger:
+    """Blocking: mmdebstrap's tar -> `tree` with stand-ins, owners in the ledger."""
+    applier = LayerApplier(tree, label="the golden build", ledger=OwnerLedger())
+    applier.apply(tarball, digest="mmdebstrap")
+    applier.finish()
+    tarball.unlink()
+    assert applier.ledger is not None
+    return applier.ledger
+
+
 async def build_golden(
     runner: Runner,
     out_dir: Path,
@@ -727,8 +792,13 @@ async def build_golden(
     build is returned at once (`reused=True`) unless `force`. `mirror` None means the
     host's apt sources, else the official mirror. `cache_dir` keeps downloaded .debs
     between builds. `progress(stage, detail)` is called from the event loop thread.
-    Needs root (mmdebstrap's root mode keeps file owners; unshare). `extra_packages` adds
-    Debian packages to stoker's list (derived images, `daemon/imagemgr/derived.py`).
+    As root, mmdebstrap's root mode writes a directory with the real owners. Not root,
+    its unshare mode (needs `newuidmap`/`newgidmap` and a /etc/subuid + /etc/subgid range
+    of 65536 ids for the caller; `stoker system install` adds one) writes a tar, which is
+    unpacked like an OCI layer with an `OwnerLedger` (`owners.py`): the post-processing
+    runs on stand-ins and both ext4 images get the tar's owners, modes and devices from
+    the debugfs fix-up. `extra_packages` adds Debian packages to stoker's list (derived
+    images, `daemon/imagemgr/derived.py`).
     """
     report = progress or _no_progress
     spec = golden_spec(suite, mirror, apt_dir, extra_packages)
@@ -737,11 +807,9 @@ async def build_golden(
     if existing is not None and existing.spec_hash == digest and not force:
         report("done", f"up to date ({digest[:12]})")
         return existing
-    if os.geteuid() != 0:
-        raise PermissionDenied(
-            "building a golden image needs root (mmdebstrap root mode keeps file owners): "
-            "run stokerd as root, or pull a prebuilt image with `stoker image pull`"
-        )
+    unprivileged = os.geteuid() != 0
+    if unprivileged:
+        check_unshare_mode()
     if cache_dir is not None:
         if re.search(r"\s", str(cache_dir)):
             raise InvalidArgument(f"apt cache dir {cache_dir!r} must not contain whitespace")
@@ -751,12 +819,15 @@ async def build_golden(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
         tree = staging / "tree"
+        tarball = staging / "rootfs.tar"
         final = staging / "out"
         final.mkdir()
         logfile = staging / "mmdebstrap.log"
         report("bootstrap", f"mmdebstrap {spec.suite} from {spec.sources[0].split()[1]}")
         tail = _LogTail(logfile, report)
-        argv = _mmdebstrap_argv(spec, tree, logfile, cache_dir)
+        argv = _mmdebstrap_argv(
+            spec, tarball if unprivileged else tree, logfile, cache_dir, unshare=unprivileged
+        )
         task = asyncio.create_task(runner.run(argv, timeout=BOOTSTRAP_TIMEOUT))
         try:
             while not task.done():
@@ -776,6 +847,10 @@ async def build_golden(
                 with contextlib.suppress(BaseException):
                     await task
 
+        ledger: OwnerLedger | None = None
+        if unprivileged:
+            report("unpack", "unpacking the tree (owners kept for the ext4 images)")
+            ledger = await asyncio.to_thread(_unpack_tar, tarball, tree)
         report("kernel", "moving the kernel out, injecting stoker's guest files")
         version, packages = await asyncio.to_thread(_postprocess, tree, final / KERNEL_DIR)
 
@@ -787,10 +862,19 @@ async def build_golden(
             WORK_SEED_SIZE,
             label="stoker-work",
             within=tree,
+            ledger=ledger,
         )
         report("rootfs", "building rootfs.ext4")
         # The base is only ever mounted read-only: a journal would be dead weight.
-        await ext4.build_from_dir(runner, tree, final / ROOTFS, label="stoker-root", journal=False)
+        await ext4.build_from_dir(
+            runner,
+            tree,
+            final / ROOTFS,
+            label="stoker-root",
+            journal=False,
+            within=tree,
+            ledger=ledger,
+        )
 
         manifest = {
             "kind": "golden",

@@ -310,14 +310,21 @@ class SafeTree:
                 st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 st = None
-            if st is not None:
-                if stat.S_ISDIR(st.st_mode):
-                    raise InvalidArgument(
-                        f"{guest_path} is a directory in {self.root}: cannot make a link there"
-                    )
-                os.unlink(name, dir_fd=dfd)
-            os.symlink(target, name, dir_fd=dfd)
-            self._own(name, dfd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(
+                    f"{guest_path} is a directory in {self.root}: cannot make a link there"
+                )
+            # Made under a temporary name and renamed over: the link is always a new
+            # inode (owners.OwnerLedger tells the layers' inodes from stoker's by number).
+            tmp = f".{name[:200]}.stoker-{secrets.token_hex(6)}"
+            os.symlink(target, tmp, dir_fd=dfd)
+            try:
+                self._own(tmp, dfd)
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
         finally:
             os.close(dfd)
 

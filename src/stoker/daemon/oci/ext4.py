@@ -1,7 +1,8 @@
 """Build an ext4 image from a directory tree without mounting anything (`mkfs.ext4 -d`).
 
 mke2fs copies owners, modes (setuid included), mtimes, xattrs, symlinks, hardlinks and
-device nodes from the source tree, so a tree unpacked as root arrives intact. The image is
+device nodes from the source tree, so a tree unpacked as root arrives intact; a tree
+unpacked by another user comes with an `OwnerLedger` whose metadata is set afterwards. The image is
 written to a temporary name next to `dest` and renamed into place only when mkfs succeeded.
 """
 
@@ -16,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.daemon.imagemgr.owners import OwnerLedger, ext4_fixup
 from stoker.daemon.imagemgr.safetree import check_no_symlink
 from stoker.daemon.oci.errors import NoSpace
 from stoker.daemon.oci.layers import tree_usage
@@ -56,11 +58,14 @@ async def build_ext4(
     what: str | None = None,
     minimum: int = MIN_SIZE,
     timeout: float = MKFS_TIMEOUT,
+    ledger: OwnerLedger | None = None,
 ) -> Ext4Image:
     """Make `dest` an ext4 image holding the tree at `root` (size = content x 1.5, >= 1 GiB).
 
     `what` names the image in error messages (defaults to `dest`). On any failure,
-    including cancellation, nothing is left at `dest` or next to it.
+    including cancellation, nothing is left at `dest` or next to it. With `ledger` (a
+    tree unpacked by a user that is not root) the owners, modes and devices it recorded
+    are set in the image before it is renamed into place (`owners.ext4_fixup`).
     """
     name = what or str(dest)
     # mkfs follows `root` itself on the host: never hand it a symlink.
@@ -90,6 +95,8 @@ async def build_ext4(
     argv += ["-d", str(root), str(tmp), f"{size // 1024}k"]
     try:
         await runner.run(argv, timeout=timeout)
+        if ledger is not None:
+            await ext4_fixup(runner, tmp, ledger, root)
         os.replace(tmp, dest)
     except CommandFailed as e:
         with contextlib.suppress(FileNotFoundError):

@@ -15,10 +15,13 @@ following symlinks out of the tree:
 - the final component is never followed: an existing symlink there is replaced, and
   files are created with O_EXCL | O_NOFOLLOW;
 - hardlink targets must be existing non-directories inside the tree;
-- character and block devices are created only when allowed (root, by default).
+- character and block devices are created only when allowed (by default they are).
 
 Owners, modes (setuid/setgid/sticky included), mtimes, xattrs, symlinks and hardlinks
-are preserved so `mkfs.ext4 -d` can carry them into the image.
+are preserved so `mkfs.ext4 -d` can carry them into the image. Run by a user that is not
+root, the applier cannot chown or mknod: it keeps the real owner, mode, device numbers
+(and the xattrs it may not set) in an `OwnerLedger` and leaves stand-ins on disk (see
+`imagemgr/owners.py`); `owners.ext4_fixup` then sets them in the built image.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import IO, Any, NoReturn, cast
 
 import zstandard
 
+from stoker.daemon.imagemgr.owners import Meta, OwnerLedger, standin_mode
 from stoker.daemon.imagemgr.safetree import rmtree, walk_lstat
 from stoker.daemon.oci.errors import (
     LayerTooLarge,
@@ -99,12 +103,14 @@ def resolve_dirs(
     create: bool,
     clamp: bool = False,
     known: Sequence[str] | None = None,
+    on_mkdir: Callable[[str], None] | None = None,
 ) -> list[str] | None:
     """Resolve `parts` as a chain of directories inside `root`; return the real components.
 
     Symlinks are followed as if `root` were `/`. A relative target that climbs above the
     root raises `_Escape` (or stops at the root with `clamp`). Missing directories are
-    created (0755, owned by the caller) with `create`, else None is returned. `known` is
+    created (0755, owned by the caller; `on_mkdir(path)` is told) with `create`, else None
+    is returned. `known` is
     the already-resolved form of `parts[:-1]`: only the last component is then looked at
     (so a layer of deeply nested entries costs O(depth) per entry, not O(depth^2)).
     """
@@ -133,6 +139,8 @@ def resolve_dirs(
             if not create:
                 return None
             os.mkdir(p, 0o755)
+            if on_mkdir is not None:
+                on_mkdir(p)
             resolved.append(c)
             continue
         if stat.S_ISDIR(st.st_mode):
@@ -284,15 +292,19 @@ class LayerApplier:
         cancel: threading.Event | None = None,
         max_layer_size: int | None = None,
         max_path: int | None = MAX_TREE_PATH,
+        ledger: OwnerLedger | None = None,
     ) -> None:
+        """`ledger` forces the unprivileged mode (stand-ins + ledger) even as root."""
         self.root = Path(root)
         self.max_layer_size = max_layer_size
         self.max_path = max_path
         self._root = str(self.root)
         self.label = label
-        self.allow_devices = os.geteuid() == 0 if allow_devices is None else allow_devices
+        self.allow_devices = True if allow_devices is None else allow_devices
         self.cancel = cancel or threading.Event()
-        self._as_root = os.geteuid() == 0
+        self._as_root = os.geteuid() == 0 if ledger is None else False
+        # Not root: owners, modes and devices go to the ledger (None as root).
+        self.ledger: OwnerLedger | None = None if self._as_root else (ledger or OwnerLedger())
         self._dir_cache: dict[tuple[str, ...], list[str]] = {}
         self._dir_times: dict[str, int] = {}
         self._written: set[str] = set()
@@ -300,6 +312,7 @@ class LayerApplier:
         self._layer = ""
         self._entry = ""
         self._buf = memoryview(bytearray(COPY_CHUNK))
+        self._denied_xattrs: list[tuple[str, bytes]] = []
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
 
@@ -330,6 +343,11 @@ class LayerApplier:
         mt = m.mtime
         if not isinstance(mt, int | float) or not math.isfinite(mt) or abs(mt) >= _MAX_MTIME:
             self._unsafe(f"has an invalid mtime {mt!r}")
+        if self.ledger is not None and any(c in m.name for c in "\n\r"):
+            self._unsafe(
+                "has a newline or carriage return in its name, which a stokerd that is "
+                "not root cannot carry into the image"
+            )
         if m.ischr() or m.isblk():
             for what, num in (("major", m.devmajor), ("minor", m.devminor)):
                 if not isinstance(num, int) or not 0 <= num < 1 << 32:
@@ -352,7 +370,9 @@ class LayerApplier:
             return hit
         known = self._dir_cache.get(key[:-1]) if key else None
         try:
-            resolved = resolve_dirs(self._root, parts, create=create, known=known)
+            resolved = resolve_dirs(
+                self._root, parts, create=create, known=known, on_mkdir=self._on_mkdir
+            )
         except _Escape as e:
             self._unsafe(
                 f"would be written through symlink {e.link!r}, which points outside the image root"
@@ -364,6 +384,20 @@ class LayerApplier:
         if resolved is not None:
             self._dir_cache[key] = resolved
         return resolved
+
+    def _on_mkdir(self, path: str) -> None:
+        # A new inode: whatever a reused inode number was recorded as no longer holds.
+        if self.ledger is not None:
+            self.ledger.forget(os.lstat(path).st_ino)
+
+    def _record(self, target: str | int, m: tarfile.TarInfo, kind: int, rdev: int = 0) -> None:
+        """Keep `m`'s owner and mode for the new inode at `target` (not root)."""
+        assert self.ledger is not None
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+        self.ledger.record(
+            st.st_ino,
+            Meta(kind, m.mode & 0o7777, m.uid, m.gid, rdev, tuple(self._denied_xattrs)),
+        )
 
     def _host(self, rel: list[str]) -> str:
         return "/".join([self._root, *rel]) if rel else self._root
@@ -440,6 +474,8 @@ class LayerApplier:
                 os.utime(fd, ns=(ns, ns))
             finally:
                 os.close(fd)
+        if self.ledger is not None:
+            self.ledger.freeze(self.root)
 
     def _open_real_dir(self, parts: list[str]) -> int | None:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -493,6 +529,9 @@ class LayerApplier:
             os.symlink(m.linkname, path)
             self._chown(path, m)
             self._utime(path, m)
+            if self.ledger is not None:
+                self._denied_xattrs = []
+                self._record(path, m, stat.S_IFLNK)
         elif m.islnk():
             self._make_hardlink(m, path)
         elif m.ischr() or m.isblk():
@@ -500,12 +539,19 @@ class LayerApplier:
                 self._unsafe("is a device node, and device nodes are not allowed here")
             self._clear(path)
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
-            self._meta(path, m)
+            rdev = os.makedev(m.devmajor, m.devminor)
+            if self.ledger is None:
+                os.mknod(path, kind | 0o600, rdev)
+                self._meta(path, m)
+            else:
+                # Not root: an empty file stands in; the fix-up makes the node in the image.
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                os.close(fd)
+                self._meta(path, m, kind, rdev)
         elif m.isfifo():
             self._clear(path)
             os.mkfifo(path, 0o600)
-            self._meta(path, m)
+            self._meta(path, m, stat.S_IFIFO)
         else:
             raise UnsupportedImage(
                 f"pulling {self.label}: layer {self._layer} entry {m.name!r} has unsupported "
@@ -564,8 +610,14 @@ class LayerApplier:
         if not is_dir:
             os.mkdir(path, 0o700)
         self._chown(path, m)
-        os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
-        self._xattrs(path, m)
+        if self.ledger is None:
+            os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
+            self._xattrs(path, m)
+        else:
+            # user.* xattrs need write permission on the inode: before the stand-in mode.
+            self._xattrs(path, m)
+            os.chmod(path, standin_mode(stat.S_IFDIR))
+            self._record(path, m, stat.S_IFDIR)
         self._dir_times[relstr] = int(m.mtime * 1_000_000_000)
 
     def _make_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
@@ -589,8 +641,13 @@ class LayerApplier:
             if self._as_root:
                 os.fchown(fd, m.uid, m.gid)
             # chmod after chown: chown clears setuid/setgid.
-            os.fchmod(fd, m.mode & 0o7777)
-            self._xattrs(fd, m)
+            if self.ledger is None:
+                os.fchmod(fd, m.mode & 0o7777)
+                self._xattrs(fd, m)
+            else:
+                self._xattrs(fd, m)  # while still 0600: user.* needs write permission
+                os.fchmod(fd, standin_mode(stat.S_IFREG))
+                self._record(fd, m, stat.S_IFREG)
             ns = int(m.mtime * 1_000_000_000)
             os.utime(fd, ns=(ns, ns))
         finally:
@@ -625,19 +682,33 @@ class LayerApplier:
         ns = int(m.mtime * 1_000_000_000)
         os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
-    def _meta(self, path: str, m: tarfile.TarInfo) -> None:
+    def _meta(self, path: str, m: tarfile.TarInfo, kind: int = 0, rdev: int = 0) -> None:
         self._chown(path, m)
-        os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
-        self._xattrs(path, m)
+        if self.ledger is None:
+            os.chmod(path, m.mode & 0o7777)  # never a symlink: we just made it
+            self._xattrs(path, m)
+        else:
+            self._xattrs(path, m)  # while still 0600: user.* needs write permission
+            os.chmod(path, standin_mode(kind))
+            self._record(path, m, kind, rdev)
         self._utime(path, m)
 
     def _xattrs(self, target: str | int, m: tarfile.TarInfo) -> None:
+        """Set `m`'s xattrs; when not root only user.* ones, the others are kept in
+        `_denied_xattrs` for the ledger."""
+        self._denied_xattrs = []
         for key, value in m.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
                 continue
             name = key[len("SCHILY.xattr.") :]
             # tarfile decodes PAX values as UTF-8 with surrogateescape; undo that.
             raw = value.encode("utf-8", "surrogateescape")
+            if self.ledger is not None and not name.startswith("user."):
+                # Not root: only user.* on disk. A POSIX ACL would rewrite the stand-in's
+                # mode (and be rewritten by it); security.capability and trusted.* need
+                # privilege. The fix-up sets them in the image, after the mode.
+                self._denied_xattrs.append((name, raw))
+                continue
             try:
                 if isinstance(target, int):
                     os.setxattr(target, name, raw)

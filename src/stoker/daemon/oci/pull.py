@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
+from stoker.daemon.imagemgr.owners import OwnerLedger
 from stoker.daemon.imagemgr.safetree import rmtree
 from stoker.daemon.oci.auth import Credential
 from stoker.daemon.oci.cache import BlobCache
@@ -86,6 +87,8 @@ class PulledImage:
     layers: int
     has_systemd: bool
     has_sshd: bool
+    # Set when unpacked by a user that is not root: the real owners, for `build_ext4`.
+    ledger: OwnerLedger | None = None
 
     def discard(self) -> None:
         """Remove the staging directory (after the ext4 is built, or to abandon the pull)."""
@@ -168,7 +171,8 @@ async def pull_image(
     Registries on localhost / 127.0.0.1 / ::1 are spoken to over plain HTTP, those named
     in `insecure_registries` over unverified TLS or plain HTTP, every other one over HTTPS.
     `session_factory` makes the aiohttp session (owned and closed by this call).
-    `allow_devices` defaults to "running as root". `runner` is the daemon's command
+    `allow_devices` defaults to true (a daemon that is not root records device nodes in
+    `PulledImage.ledger` and `build_ext4` makes them in the image). `runner` is the daemon's command
     runner; the native pull path does not need external commands (`build_ext4` takes it
     for mkfs). `max_layer_size` bounds what one layer may decompress to (`LayerTooLarge`
     past it). `credential` authenticates to the reference's registry only; `mirrors`
@@ -345,4 +349,5 @@ async def _unpack(
         layers=len(manifest.layers),
         has_systemd=has_systemd,
         has_sshd=has_sshd,
+        ledger=applier.ledger,
     )
