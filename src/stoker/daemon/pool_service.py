@@ -649,10 +649,12 @@ class PoolService:
                 await self._reap(m.vm_id, f"reconcile: template: {why}")
 
     def status(self) -> list[PoolImageStatus]:
-        """Per image with a pool (configured, or VMs left in it): `pool status`."""
+        """Per image with a pool (configured, or VMs or a template left in it): `pool
+        status`."""
         sizes = self.sizes()
         members = self.store.pool_members()
-        names = list(dict.fromkeys([*sizes, *(m.image for m in members)]))
+        left = [m.image for m in self.store.pool_members(template=True)]
+        names = list(dict.fromkeys([*sizes, *(m.image for m in members), *left]))
         now = time.monotonic()
         out = []
         for name in names:
