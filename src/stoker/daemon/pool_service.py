@@ -150,7 +150,10 @@ class TemplateFill:
     next_try: dict[str, float] = field(default_factory=dict)
 
     def can_fill(self, image: Image) -> str | None:
-        drv = self.pool.vm._driver()
+        try:
+            drv = self.pool.vm._driver()
+        except StokerError as e:  # `pool status` must not fail on it: the fill will say
+            return f"no VMM driver ({e.message})"
         if not drv.supports_fork:
             return f"the {drv.label} driver cannot fork VMs"
         left = self.next_try.get(image.name, 0.0) - time.monotonic()
