@@ -114,6 +114,11 @@ class World:
             assert ref == "snap"
             yield w.vm
 
+        @contextlib.asynccontextmanager
+        async def lock_id(vm_id: str) -> AsyncIterator[VMRecord]:
+            assert vm_id == w.vm.id
+            yield w.vm
+
         async def alive(vm: VMRecord) -> bool:
             return w.handle is not None and w.drv.is_running(w.handle)
 
@@ -127,6 +132,7 @@ class World:
             store=w.store,
             ssh=w.ssh,
             with_vm_lock_by_ref=lock,
+            with_vm_lock_by_id=lock_id,
             is_alive=alive,
             _driver=lambda: w.drv,
             _handle=lambda vm: w.handle,

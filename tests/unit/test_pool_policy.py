@@ -166,3 +166,8 @@ def test_doctor_reports_the_pool(tmp_path: Path) -> None:
     c = run(on, {"pool": [failing]})
     assert c.status == "WARN" and "3 failed fill(s), last: boom" in c.message
     assert "pool status" in c.fix
+    # A template that failed is reported, but the pool still fills (pre-booted): a PASS.
+    fell = {**entry, "strategy": "pre-booted", "fallback": "template failed: disk full"}
+    c = run(on, {"pool": [fell]})
+    assert c.status == "PASS" and "debian-bookworm 1/1 ready (pre-booted)" in c.message
+    assert "not from a template: template failed: disk full" in c.message

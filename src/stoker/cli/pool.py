@@ -14,7 +14,7 @@ def register(sub: Any) -> None:
     psub = p.add_subparsers(dest="pool_command", metavar="POOL_COMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     s = psub.add_parser(
-        "status", help="per image: target size, ready, filling, last error, backoff"
+        "status", help="per image: target size, ready, filling, strategy, last error, backoff"
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=pool_status)
@@ -34,16 +34,21 @@ def pool_status(args: argparse.Namespace) -> int:
         note = p["waiting"] or ""
         if p["last_error"]:
             note = f"{p['failures']} failed: {p['last_error']}"
+        elif p.get("fallback"):
+            note = f"not {p['fallback']}"
         rows.append(
             [
                 p["image"],
                 p["size"],
                 p["ready"],
                 p["filling"],
+                p["strategy"] or "-",
                 f"{p['backoff_s']:g}s" if p["backoff_s"] else "-",
                 f"{p['takes']}/{p['misses']}",
                 note or "-",
             ]
         )
-    table(["IMAGE", "SIZE", "READY", "FILLING", "BACKOFF", "TAKEN/MISSED", "NOTE"], rows)
+    table(
+        ["IMAGE", "SIZE", "READY", "FILLING", "STRATEGY", "BACKOFF", "TAKEN/MISSED", "NOTE"], rows
+    )
     return 0

@@ -2,14 +2,20 @@
 
 `[pool]` in config names a target size per image (`PoolSettings.sizes`). One background
 task (`run`) keeps each pool at its size, filling one VM at a time (a TCG host must not
-boot several guests at once) through a `FillStrategy`; `PreBootedFill` boots a VM with the
-default sizing and network until SSH and the agent's exec answer. Another strategy (a
-template snapshot) plugs in ahead of it: `PoolService.strategies` is tried in order and
-the first that `can_fill` the image fills it.
+boot several guests at once) through a `FillStrategy`. `PoolService.strategies` is tried in
+order: those that `can_fill` the image are tried one after the other until one fills it
+(a failure falls back to the next; the reason is `fallback` in `pool status` and a log
+line). `TemplateFill` (when the driver `supports_fork`) forks each pool VM from a template
+snapshot of the image: one hidden template VM per image, booted with the default sizing,
+snapshotted once (`pool-template`) and then stopped; each fill is a fork of it (its own
+disks, IP, MAC, host key, RNG and machine-id, through `vm_fork`). `PreBootedFill` boots a
+VM with the default sizing and network until SSH and the agent's exec answer.
 
 A pool VM is a VM row plus a `pool_vms` row: hidden from `vm list`/`show`/completion,
 prune, TTL and auto-stop (`Store.list_vms` leaves it out, `resolve` cannot find it), seen
-by the VMM watch, reconcile and the orphan sweep (`Store.list_all_vms`). `take` gives a
+by the VMM watch, reconcile and the orphan sweep (`Store.list_all_vms`). A template VM is
+a pool row with `template` set (`Store.pool_members(template=True)`): hidden the same way,
+never taken, rebuilt when its image changes, removed with a drain. `take` gives a
 ready one the request's identity (name, hostname and /etc/hosts in the guest through the
 agent's exec, known_hosts entries, NAME.vm, the request's network policy, TTL) and turns
 it into the user's VM in one store transaction. Whatever it cannot serve, and any failure,
@@ -23,8 +29,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,7 +39,7 @@ from stoker.daemon.guestssh import add_known_host, remove_known_host
 from stoker.daemon.vm_disks import hosts_file, mac_for
 from stoker.errors import AlreadyExists, StokerError
 from stoker.model.names import generate_name
-from stoker.model.records import Image, VMRecord, VMSpec, VMState
+from stoker.model.records import Image, PoolMember, VMRecord, VMSpec, VMState
 from stoker.model.sizes import parse_size
 from stoker.model.wire import PoolImageStatus
 
@@ -48,6 +55,7 @@ BACKOFF_BASE = 5.0  # seconds after the first failed fill
 BACKOFF_CAP = 300.0  # never longer than this between tries
 TICK = 2.0  # seconds between pool checks when nothing wakes the filler
 IDENTITY_TIMEOUT = 20.0  # the identity command in the guest
+TEMPLATE_SNAPSHOT = "pool-template"  # the template VM's one snapshot
 RECONCILE_AGENT_TIMEOUT = 3.0
 
 # Run by the guest agent (root) in a pool VM being taken: its new name into the kernel,
@@ -127,6 +135,99 @@ class PreBootedFill:
 
 
 @dataclass
+class TemplateFill:
+    """A fork of the image's template snapshot (module docstring). The template is made on
+    the first fill (a boot like `PreBootedFill`'s, a snapshot, then the VM is killed: its
+    snapshot is all a fork needs), kept while its image is unchanged, rebuilt otherwise.
+    A failure (the template's boot or snapshot, or a fork) removes the template, so the
+    next try rebuilds it, and keeps this strategy out for a backoff (`can_fill` says why):
+    those fills are pre-booted."""
+
+    pool: PoolService
+    name: str = "template"
+    failures: dict[str, int] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+    next_try: dict[str, float] = field(default_factory=dict)
+
+    def can_fill(self, image: Image) -> str | None:
+        try:
+            drv = self.pool.vm._driver()
+        except StokerError as e:  # `pool status` must not fail on it: the fill will say
+            return f"no VMM driver ({e.message})"
+        if not drv.supports_fork:
+            return f"the {drv.label} driver cannot fork VMs"
+        left = self.next_try.get(image.name, 0.0) - time.monotonic()
+        if left > 0:
+            return (
+                f"the template failed ({self.last_error.get(image.name, '?')}); "
+                f"next try in {left:.0f}s"
+            )
+        return None
+
+    async def fill(self, image: Image, progress: Progress) -> VMRecord:
+        try:
+            vm = await self._fill(image, progress)
+        except Exception as e:
+            n = self.failures[image.name] = self.failures.get(image.name, 0) + 1
+            self.last_error[image.name] = _message(e)
+            delay = backoff_delay(n, self.pool.backoff_base, self.pool.backoff_cap)
+            self.next_try[image.name] = time.monotonic() + delay
+            for m in self.pool.store.pool_members(image.name, template=True):
+                await self.pool._reap(m.vm_id, f"the template failed: {_message(e)}")
+            raise
+        self.failures.pop(image.name, None)
+        self.last_error.pop(image.name, None)
+        self.next_try.pop(image.name, None)
+        return vm
+
+    async def _fill(self, image: Image, progress: Progress) -> VMRecord:
+        from stoker.daemon import vm_fork
+        from stoker.daemon.vm_service import POOL_NAME_PREFIX
+
+        svc = self.pool.vm
+        tpl = await self.template(image, progress)
+        name = POOL_NAME_PREFIX + uuid.uuid4().hex[:8]
+        vm = await vm_fork.fork_snapshot_by_id(
+            svc, tpl.id, TEMPLATE_SNAPSHOT, name, progress, ready="ssh", pool=image.name
+        )
+        try:
+            await _run_to_end(svc._wait_pool_agent(vm))
+            svc.store.set_pool_ready(vm.id)
+        except BaseException:
+            await _run_to_end(svc.delete_vm_by_id(vm.id, only_pool=True))
+            raise
+        return vm
+
+    async def template(self, image: Image, progress: Progress) -> VMRecord:
+        """The image's template VM (stopped, its snapshot taken), made now if there is
+        none or it is stale."""
+        from stoker.daemon.snapshot_service import snapshot_vm_by_id
+
+        svc, store = self.pool.vm, self.pool.store
+        for m in store.pool_members(image.name, template=True):
+            vm = store.get_vm(m.vm_id)
+            why = self.pool._template_stale(m, image)
+            if why is None and vm is not None:
+                return vm
+            await self.pool._reap(m.vm_id, f"template: {why}")
+        progress("template", f"booting the pool's template VM of {image.name}")
+        t0 = time.monotonic()
+        vm = await svc.create_pool_vm(image, progress, template=True)
+        try:
+            await snapshot_vm_by_id(svc, vm.id, TEMPLATE_SNAPSHOT, progress)
+            async with svc.with_vm_lock_by_id(vm.id) as locked:
+                vm = await svc._stop_locked(locked, force=True)  # the snapshot is the template
+            store.set_pool_ready(vm.id)
+        except BaseException:
+            await _run_to_end(svc.delete_vm_by_id(vm.id, only_pool=True))
+            raise
+        self.pool.log.info(
+            "warm pool of %s: template %s made in %.1fs", image.name, vm.name, time.monotonic() - t0
+        )
+        return vm
+
+
+@dataclass
 class _ImageState:
     """The filler's memory of one image's pool (not persisted: a restart starts afresh)."""
 
@@ -134,6 +235,7 @@ class _ImageState:
     last_error: str | None = None
     next_try: float = 0.0  # monotonic time before which no fill is tried
     strategy: str = ""
+    fallback: str | None = None  # why the last fill did not use the first strategy
     takes: int = 0
     misses: int = 0
 
@@ -146,7 +248,7 @@ class PoolService:
         self.store = store
         self.config = config
         self.log = logger
-        self.strategies: list[FillStrategy] = [PreBootedFill(vm)]
+        self.strategies: list[FillStrategy] = [TemplateFill(self), PreBootedFill(vm)]
         self.backoff_base = BACKOFF_BASE
         self.backoff_cap = BACKOFF_CAP
         self.tick = TICK
@@ -363,24 +465,52 @@ class PoolService:
             image = self.store.get_image(image_name)
             if image is None:
                 continue  # `waiting` in status says so; not a failure
-            strategy = self._strategy(image)
-            if strategy is None:
+            usable, skipped = self._usable(image)
+            if not usable:
                 continue
-            st.strategy = strategy.name
-            await self._fill_one(image, strategy, st)
+            st.strategy, st.fallback = usable[0].name, skipped
+            await self._fill_one(image, usable, st)
             return  # one at a time; the next step looks again
 
-    def _strategy(self, image: Image) -> FillStrategy | None:
+    def _usable(self, image: Image) -> tuple[list[FillStrategy], str | None]:
+        """The strategies that can fill `image`, in order, and why the first one of
+        `strategies` cannot (None: it can)."""
+        usable: list[FillStrategy] = []
+        skipped = None
         for s in self.strategies:
-            if s.can_fill(image) is None:
-                return s
-        return None
+            why = s.can_fill(image)
+            if why is None:
+                usable.append(s)
+            elif not usable and skipped is None:
+                skipped = f"{s.name}: {why}"
+        return usable, skipped
 
-    async def _fill_one(self, image: Image, strategy: FillStrategy, st: _ImageState) -> None:
+    async def _fill_chain(
+        self, image: Image, usable: list[FillStrategy], st: _ImageState, progress: Progress
+    ) -> VMRecord:
+        """Each strategy in turn until one fills; the last one's failure is the fill's."""
+        for s, then in zip(usable, [*usable[1:], None], strict=True):
+            st.strategy = s.name
+            try:
+                return await s.fill(image, progress)
+            except Exception as e:
+                if then is None:
+                    raise
+                st.fallback = f"{s.name} failed: {_message(e)}"
+                self.log.warning(
+                    "warm pool of %s: the %s fill failed, %s instead: %s",
+                    image.name,
+                    s.name,
+                    then.name,
+                    _message(e),
+                )
+        raise StokerError(f"no strategy can fill the pool of {image.name}")
+
+    async def _fill_one(self, image: Image, usable: list[FillStrategy], st: _ImageState) -> None:
         def progress(stage: str, message: str = "", **kw: Any) -> None:
             self.log.debug("pool fill %s: %s %s", image.name, stage, message)
 
-        task = asyncio.ensure_future(strategy.fill(image, progress))
+        task = asyncio.ensure_future(self._fill_chain(image, usable, st, progress))
         self._filling = (image.name, task)
         try:
             vm = await asyncio.shield(task)
@@ -394,7 +524,7 @@ class PoolService:
             st.last_error = None
             return
         except Exception as e:
-            msg = e.message if isinstance(e, StokerError) else f"{type(e).__name__}: {e}"
+            msg = _message(e)
             st.failures += 1
             st.last_error = msg
             delay = backoff_delay(st.failures, self.backoff_base, self.backoff_cap)
@@ -436,6 +566,27 @@ class PoolService:
                     await self._reap(m.vm_id, "more than the pool's size")
                 else:
                     keep += 1
+        for m in self.store.pool_members(template=True):
+            image = self.store.get_image(m.image)
+            if not m.ready:
+                if filling is None:
+                    await self._reap(m.vm_id, "a template half-made and no fill running")
+            elif sizes.get(m.image, 0) <= 0:
+                await self._reap(m.vm_id, f"template: image {m.image} has no pool any more")
+            elif image is not None and (why := self._template_stale(m, image)):
+                await self._reap(m.vm_id, f"template: {why}")
+            elif image is None:
+                await self._reap(m.vm_id, f"template: image {m.image} is gone")
+
+    def _template_stale(self, m: PoolMember, image: Image) -> str | None:
+        """Why template `m` of `image` cannot be forked from (None: it can)."""
+        if not m.ready:
+            return "it was not finished"
+        if image.created_at > m.created_at:
+            return f"image {image.name} changed since it was made"
+        if self.store.get_snapshot(m.vm_id, TEMPLATE_SNAPSHOT) is None:
+            return f"its snapshot {TEMPLATE_SNAPSHOT} is gone"
+        return None
 
     async def _reap(self, vm_id: str, why: str) -> None:
         self.log.info("warm pool: removing pool VM %s: %s", vm_id, why)
@@ -460,6 +611,8 @@ class PoolService:
             for m in self.store.pool_members(image):
                 await self._reap(m.vm_id, f"image {image} is being deleted")
                 n += 1
+            for m in self.store.pool_members(image, template=True):  # its snapshot with it
+                await self._reap(m.vm_id, f"template: image {image} is being deleted")
             return n
         finally:
             self._draining.discard(image)
@@ -484,12 +637,27 @@ class PoolService:
                 self.log.info("reconcile: pool VM %s of %s kept", vm.name, m.image)
             else:
                 await self._reap(m.vm_id, f"reconcile: {why}")
+        for m in self.store.pool_members(template=True):
+            vm, image = self.store.get_vm(m.vm_id), self.store.get_image(m.image)
+            why = (
+                f"image {m.image} is gone"
+                if image is None
+                else "its VM is running (stokerd stopped while it was being made)"
+                if vm is not None and vm.state == VMState.RUNNING
+                else self._template_stale(m, image)
+            )
+            if why is None:
+                self.log.info("reconcile: pool template of %s kept", m.image)
+            else:
+                await self._reap(m.vm_id, f"reconcile: template: {why}")
 
     def status(self) -> list[PoolImageStatus]:
-        """Per image with a pool (configured, or VMs left in it): `pool status`."""
+        """Per image with a pool (configured, or VMs or a template left in it): `pool
+        status`."""
         sizes = self.sizes()
         members = self.store.pool_members()
-        names = list(dict.fromkeys([*sizes, *(m.image for m in members)]))
+        left = [m.image for m in self.store.pool_members(template=True)]
+        names = list(dict.fromkeys([*sizes, *(m.image for m in members), *left]))
         now = time.monotonic()
         out = []
         for name in names:
@@ -505,11 +673,12 @@ class PoolService:
                 waiting = f"image {name} is not here: pull or build it to fill its pool"
             elif not filling and st.next_try > now:
                 waiting = "backing off after failed fills"
-            strategy = st.strategy
+            strategy, fallback = st.strategy, st.fallback
             if not strategy:
                 image = self.store.get_image(name)
-                chosen = self._strategy(image) if image is not None else None
-                strategy = chosen.name if chosen is not None else ""
+                usable, skipped = self._usable(image) if image is not None else ([], None)
+                strategy = usable[0].name if usable else ""
+                fallback = skipped if usable else None
             out.append(
                 PoolImageStatus(
                     image=name,
@@ -517,6 +686,7 @@ class PoolService:
                     ready=sum(1 for m in mine if m.ready),
                     filling=filling,
                     strategy=strategy,
+                    fallback=fallback,
                     failures=st.failures,
                     last_error=st.last_error,
                     backoff_s=round(max(0.0, st.next_try - now), 1),
@@ -526,6 +696,10 @@ class PoolService:
                 )
             )
         return out
+
+
+def _message(e: BaseException) -> str:
+    return e.message if isinstance(e, StokerError) else f"{type(e).__name__}: {e}"
 
 
 async def _run_to_end(coro: Any) -> Any:

@@ -73,7 +73,14 @@ async def snapshot_vm(
 ) -> SnapshotTaken:
     """Snapshot a running VM; on any failure no snapshot (row or files) is left and the
     VM keeps running."""
-    async with svc.with_vm_lock_by_ref(ref) as vm:
+    return await snapshot_vm_by_id(svc, svc.resolve(ref).id, name, progress)
+
+
+async def snapshot_vm_by_id(
+    svc: VMService, vm_id: str, name: str | None, progress: Progress
+) -> SnapshotTaken:
+    """`snapshot_vm` by id: hidden VMs too (the warm pool's template)."""
+    async with svc.with_vm_lock_by_id(vm_id) as vm:
         if vm.state != VMState.RUNNING or not await svc.is_alive(vm):
             raise Conflict(
                 f"VM {vm.name} is not running ({vm.state.value}): a snapshot is taken of a "
@@ -162,9 +169,11 @@ async def _take(
 def list_snapshots(svc: VMService, ref: str | None) -> list[SnapshotInfo]:
     vms = {v.id: v.name for v in svc.store.list_vms()}
     vm_id = svc.resolve(ref).id if ref else None
+    # The user's VMs' snapshots: a hidden VM's (the warm pool's template) are not listed.
     return [
-        SnapshotInfo(**s, vm=vms.get(s["vm_id"], s["vm_id"]))
+        SnapshotInfo(**s, vm=vms[s["vm_id"]])
         for s in svc.store.list_snapshots(vm_id)
+        if s["vm_id"] in vms
     ]
 
 

@@ -74,7 +74,7 @@ def _can_fork(svc: VMService) -> None:
 
 def _free_name(svc: VMService, name: str) -> str:
     validate_name(name)
-    if any(v.name == name for v in svc.store.list_vms()):
+    if any(v.name == name for v in svc.store.list_all_vms()):  # pool VMs' names count
         raise AlreadyExists(
             f"a VM named {name!r} already exists: pick another --name or `stoker vm delete {name}`"
         )
@@ -144,7 +144,12 @@ def resolve_snapshot(svc: VMService, ref: str) -> tuple[VMRecord, str]:
     if sep:
         return svc.resolve(vm_ref), check_name(name)
     check_name(ref)
-    owners = [s["vm_id"] for s in svc.store.list_snapshots(None) if s["name"] == ref]
+    mine = {v.id for v in svc.store.list_vms()}  # not a hidden VM's (the pool's template)
+    owners = [
+        s["vm_id"]
+        for s in svc.store.list_snapshots(None)
+        if s["name"] == ref and s["vm_id"] in mine
+    ]
     if not owners:
         raise NotFound(
             f"no VM has a snapshot named {ref!r} (see `stoker vm snapshot list`; "
@@ -182,9 +187,29 @@ async def fork_from_snapshot(
     """A new running VM `new_name` from snapshot `snapshot` of VM `source_ref` (which may
     be stopped). The daemon-side entry for anything that makes VMs from a template
     snapshot (a warm pool): the snapshot is kept, the new VM is whole or absent."""
+    return await fork_snapshot_by_id(
+        svc, svc.resolve(source_ref).id, snapshot, new_name, progress, ready=ready
+    )
+
+
+async def fork_snapshot_by_id(
+    svc: VMService,
+    source_id: str,
+    snapshot: str,
+    new_name: str,
+    progress: Progress,
+    *,
+    ready: str = "ssh",
+    pool: str | None = None,
+) -> VMRecord:
+    """`fork_from_snapshot` by the source's id (a hidden VM too: the warm pool's
+    template). With `pool`, the new VM is a (not yet ready) pool VM of that image, hidden
+    from the start."""
     _free_name(svc, new_name)
     snapshot = check_name(snapshot)
-    source = svc.resolve(source_ref)
+    source = svc.store.get_vm(source_id)
+    if source is None:
+        raise NotFound(f"VM {source_id!r} (the snapshot's source) was deleted meanwhile")
 
     async def copy(vm_dir: Path) -> tuple[Path, dict[str, Any]]:
         async with svc.with_vm_lock_by_id(source.id) as src:
@@ -208,7 +233,7 @@ async def fork_from_snapshot(
             meta: dict[str, Any] = snap["meta"]
         return vm_dir / FORK_STATE, meta
 
-    return await _fork(svc, source, new_name, progress, ready, copy)
+    return await _fork(svc, source, new_name, progress, ready, copy, pool=pool)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -225,6 +250,7 @@ async def _fork(
     progress: Progress,
     ready: str,
     fill: Fill,
+    pool: str | None = None,
 ) -> VMRecord:
     async with contextlib.AsyncExitStack() as locks, Reverter(svc.log) as revert:
         async with svc.create_vm_lock:
@@ -250,8 +276,9 @@ async def _fork(
                 vm_dir=str(vm_dir),
                 created_at=ts,
                 updated_at=ts,
+                system_image=source.system_image,
             )
-            svc.store.insert_vm(vm)
+            svc.store.insert_vm(vm, pool=pool)
             revert.add(lambda: svc.store.delete_vm(vm_id), "delete the VM record")
             await locks.enter_async_context(svc.vm_locks.hold(vm_id))
         progress("identity", f"{new_name}: {ip}, a host key of its own")
@@ -372,7 +399,7 @@ async def reap_half_forks(svc: VMService) -> list[str]:
     has the `FORKING` mark was being forked when the daemon died. Its VMM (if one was
     spawned) is ended, its tap and rules go, and the VM is deleted whole."""
     reaped: list[str] = []
-    for vm in svc.store.list_vms():
+    for vm in svc.store.list_all_vms():  # a pool fill's fork too
         if not (Path(vm.vm_dir) / FORKING_MARK).exists():
             continue
         errs = await svc._cleanup(vm)

@@ -303,6 +303,7 @@ class VMService:
         revert: Reverter,
         pool: str | None = None,
         system: Image | None = None,
+        template: bool = False,
     ) -> VMRecord:
         """Under `create_vm_lock`: pick or check the name (pool VMs' names count), allocate
         the guest IP, insert the row (with `pool`, as a pool VM of that image); the row's
@@ -333,22 +334,25 @@ class VMService:
                 updated_at=ts,
                 system_image=system.name if system is not None else None,
             )
-            self.store.insert_vm(vm, pool=pool)
+            self.store.insert_vm(vm, pool=pool, template=template)
             revert.add(lambda: self.store.delete_vm(vm_id), "delete the VM record")
             if expires_at is not None:
                 self.store.set_vm_expiry(vm.id, expires_at)
                 vm.expires_at = expires_at
         return vm
 
-    async def create_pool_vm(self, image: Image, progress: Progress) -> VMRecord:
+    async def create_pool_vm(
+        self, image: Image, progress: Progress, *, template: bool = False
+    ) -> VMRecord:
         """The pre-booted fill of the warm pool: a VM of `image` with the default sizing and
         network, booted until both SSH and the agent's exec answer, then marked ready. Any
-        failure (or cancellation) removes it entirely."""
+        failure (or cancellation) removes it entirely. With `template`, the pool's template
+        VM of `image` (`TemplateFill`), left not ready: its snapshot makes it so."""
         spec = self._resolve_spec(None, None, None)
         system = await self._system_image_for(image, progress)
         async with Reverter(self.log) as revert:
             vm = await self._reserve(
-                None, image, spec, None, revert, pool=image.name, system=system
+                None, image, spec, None, revert, pool=image.name, system=system, template=template
             )
             await run_to_end(self._prepare_disks(vm, image, progress, revert))
             revert.success()
@@ -356,7 +360,8 @@ class VMService:
             async with self.with_vm_lock_by_id(vm.id) as locked:
                 vm = await self._start_locked(locked, progress, ready="ssh")
                 await run_to_end(self._wait_pool_agent(vm))
-            self.store.set_pool_ready(vm.id)
+            if not template:
+                self.store.set_pool_ready(vm.id)
             return vm
         except BaseException:
             await run_to_end(self.delete_vm_by_id(vm.id, only_pool=True))

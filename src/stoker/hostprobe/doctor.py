@@ -630,8 +630,12 @@ async def check_pool(ctx: Context) -> Check:
     parts, bad, hint = [], False, ""
     for p in st.get("pool", []):
         part = f"{p['image']} {p['ready']}/{p['size']} ready"
+        if p.get("strategy"):
+            part += f" ({p['strategy']})"
         if p.get("filling"):
             part += ", filling"
+        if p.get("fallback") and "failed" in p["fallback"]:
+            part += f"; not from a template: {p['fallback']}"
         if p.get("waiting"):
             part += f" ({p['waiting']})"
         if p.get("last_error"):

@@ -86,8 +86,10 @@ class Pushed:
 class PoolImageStatus:
     """`pool status`: one image's warm pool. `size` is the configured target, `ready` the
     VMs booted and waiting, `filling` 1 while one boots for it (the filler makes one VM at
-    a time); after a failed fill, `last_error` is why and `backoff_s` how long until the
-    next try (0: none pending), `failures` how many fills failed in a row. `waiting` says
+    a time); `strategy` is how the last (or next) fill is made (`template`: a fork of the
+    image's template snapshot; `pre-booted`), `fallback` why not the first strategy (the
+    template), else null; after a failed fill, `last_error` is why and `backoff_s` how long
+    until the next try (0: none pending), `failures` how many fills failed in a row. `waiting` says
     why nothing is being filled (e.g. the image is not here), else null."""
 
     image: str
@@ -95,6 +97,7 @@ class PoolImageStatus:
     ready: int
     filling: int
     strategy: str
+    fallback: str | None
     failures: int
     last_error: str | None
     backoff_s: float

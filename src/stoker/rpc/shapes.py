@@ -329,6 +329,7 @@ class PoolImageStatus(TypedDict):
     ready: int
     filling: int
     strategy: str
+    fallback: str | None
     failures: int
     last_error: str | None
     backoff_s: float

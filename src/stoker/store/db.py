@@ -175,9 +175,9 @@ class Store:
 
     # --- VMs ---------------------------------------------------------------------------
 
-    def insert_vm(self, vm: VMRecord, pool: str | None = None) -> None:
+    def insert_vm(self, vm: VMRecord, pool: str | None = None, template: bool = False) -> None:
         """Insert a VM; with `pool`, in the same transaction its pool row (a warm VM kept
-        for that image, not ready yet)."""
+        for that image, or with `template` the pool's template VM; not ready yet)."""
         try:
             with self.tx() as c:
                 c.execute(
@@ -188,8 +188,9 @@ class Store:
                 )
                 if pool is not None:
                     c.execute(
-                        "INSERT INTO pool_vms(vm_id, image, ready, created_at) VALUES (?,?,0,?)",
-                        (vm.id, pool, now()),
+                        "INSERT INTO pool_vms(vm_id, image, ready, created_at, template) "
+                        "VALUES (?,?,0,?,?)",
+                        (vm.id, pool, now(), int(template)),
                     )
         except sqlite3.IntegrityError as e:
             msg = str(e)
@@ -262,12 +263,13 @@ class Store:
 
     # --- the warm pool -----------------------------------------------------------------
 
-    def pool_members(self, image: str | None = None) -> list[PoolMember]:
-        """Pool rows (oldest first), of one image or all."""
-        sql = "SELECT vm_id, image, ready, created_at FROM pool_vms"
-        args: tuple[Any, ...] = ()
+    def pool_members(self, image: str | None = None, template: bool = False) -> list[PoolMember]:
+        """Pool rows (oldest first), of one image or all: the warm VMs, or with `template`
+        the template VMs forks are made from (`ready` once its snapshot is taken)."""
+        sql = "SELECT vm_id, image, ready, created_at FROM pool_vms WHERE template=?"
+        args: tuple[Any, ...] = (int(template),)
         if image is not None:
-            sql, args = sql + " WHERE image=?", (image,)
+            sql, args = sql + " AND image=?", (*args, image)
         rows = self._query(sql + " ORDER BY created_at, vm_id", args)
         return [PoolMember(r[0], r[1], bool(r[2]), r[3]) for r in rows]
 

@@ -112,4 +112,9 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     )
     """,
+    # the warm pool's template (issue 13): a pool row with `template` is the hidden VM of
+    # an image whose snapshot the pool forks its VMs from (ready once the snapshot exists)
+    """
+    ALTER TABLE pool_vms ADD COLUMN template INTEGER NOT NULL DEFAULT 0
+    """,
 ]
