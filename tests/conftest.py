@@ -49,6 +49,30 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+def closed_ancestor(path: Path) -> Path | None:
+    """The first directory from / down to `path` that other users cannot enter (no o+x),
+    or None. Tests that run stoker as a plain user (setpriv, a system install's daemon)
+    import it from this checkout, so it must be reachable by them."""
+    for d in [*reversed(path.parents), path]:
+        try:
+            if not d.stat().st_mode & 0o001:
+                return d
+        except OSError:
+            return d
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    closed = closed_ancestor(Path(__file__).resolve().parent.parent)
+    if closed is None:
+        return None
+    return (
+        f"WARNING: {closed} is not enterable by other users (mode "
+        f"{closed.stat().st_mode & 0o777:o}): tests that run stoker as a plain user will "
+        "fail with Permission denied; clone somewhere other users can reach (chmod o+x)"
+    )
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     _VMM_USER_BEFORE.append(_user_exists("stoker-vmm"))
 
