@@ -68,6 +68,24 @@ def machine_meta(
     }
 
 
+async def refuse_if_changed(
+    svc: VMService, drv: VMMDriver, image_name: str, cfg: MachineConfig, recorded: dict[str, Any]
+) -> None:
+    """Conflict naming every difference between what a snapshot recorded and what a
+    restore with `drv` of `cfg` on `image_name` would run (VMM, version, accel, image, shape)."""
+    image = await svc.images.get_image(image_name)
+    current = machine_meta(
+        drv.name,
+        await drv.binary_version(),
+        drv.accelerator(),
+        image.digest or image.created_at,
+        cfg,
+    )
+    why = snapshot_refusal(recorded, current)
+    if why:
+        raise Conflict(why)
+
+
 async def snapshot_vm(
     svc: VMService, ref: str, name: str | None, progress: Progress
 ) -> SnapshotTaken:
@@ -219,17 +237,7 @@ async def start_from_snapshot(svc: VMService, ref: str, name: str, progress: Pro
             )
 
         async def boot(drv: VMMDriver, cfg: MachineConfig) -> VMMHandle:
-            image = await svc.images.get_image(vm.image)
-            current = machine_meta(
-                drv.name,
-                await drv.binary_version(),
-                drv.accelerator(),
-                image.digest or image.created_at,
-                cfg,
-            )
-            why = snapshot_refusal(recorded, current)
-            if why:
-                raise Conflict(why)
+            await refuse_if_changed(svc, drv, vm.image, cfg, recorded)
             progress("restore", f"restoring disks and memory from snapshot {name}")
             put_back = await asyncio.to_thread(_swap_in_disks, cfg, d)
             try:

@@ -39,13 +39,14 @@ from stoker.daemon.agent import AgentClient, GuestIdentity, SerialTransport
 from stoker.daemon.agent.client import FirecrackerVsockTransport
 from stoker.daemon.guestssh import add_known_host, generate_host_key, remove_known_host
 from stoker.daemon.revert import Reverter
-from stoker.daemon.snapshot_files import copy_sparse, snapshot_refusal
+from stoker.daemon.snapshot_files import copy_sparse
 from stoker.daemon.snapshot_service import (
     SNAPSHOTS_DIR,
     STATE_FILE,
     _take,
     check_name,
     machine_meta,
+    refuse_if_changed,
 )
 from stoker.errors import AlreadyExists, Ambiguous, Conflict, InvalidArgument, NotFound
 from stoker.model.names import validate_name
@@ -324,17 +325,7 @@ def _restore_with_identity(
     async def boot(drv: Any, cfg: MachineConfig) -> VMMHandle:
         if not drv.supports_fork:
             raise Conflict(f"the {drv.label} driver cannot fork VMs yet (QEMU can)")
-        image = await svc.images.get_image(vm.image)
-        current = machine_meta(
-            drv.name,
-            await drv.binary_version(),
-            drv.accelerator(),
-            image.digest or image.created_at,
-            cfg,
-        )
-        why = snapshot_refusal(recorded, current)
-        if why:
-            raise Conflict(why)
+        await refuse_if_changed(svc, drv, vm.image, cfg, recorded)
         progress("restore", "restoring the snapshot's memory with the NIC's link down")
         t0 = time.monotonic()
         handle: VMMHandle = await drv.restore(cfg, state, link_down=True)
